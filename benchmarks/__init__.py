@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure edgeopt's stages on this machine and write docs/."""

@@ -1,0 +1,1 @@
+"""INT8 calibration (see the export/calibrate issue)."""

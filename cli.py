@@ -1,0 +1,201 @@
+"""edgeopt command line: ``python cli.py <stage> ...``.
+
+Each subcommand maps its flags onto its stage's config, runs the stage, and prints the result. Errors of
+ours become one line on stderr and exit code 2; Ctrl-C exits 130 and keeps the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from optimize.errors import EdgeoptError
+
+logger = logging.getLogger("edgeopt")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+# -- shared argument groups -------------------------------------------------------------------------------
+
+def add_data_args(parser: argparse.ArgumentParser, *, train: bool = True) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="fashion-mnist",
+                   help="'fashion-mnist' (embedded default) or a folder with train/ and val/, one subfolder per class")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input side in pixels (default: 32 for fashion-mnist, 224 for folders)")
+    if train:
+        g.add_argument("--train-limit", type=int, default=None, metavar="N",
+                       help="use a class-stratified subset of N training images")
+    g.add_argument("--val-limit", type=int, default=None, metavar="N",
+                   help="use a class-stratified subset of N validation images")
+
+
+def add_loop_args(parser: argparse.ArgumentParser) -> None:
+    from optimize.loop import DEVICES, OPTIMIZERS, SCHEDULES
+
+    g = parser.add_argument_group("training loop")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 SGD, 1e-3 AdamW)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    g.add_argument("--step-size", type=int, default=10, help="epochs between decays for --schedule step")
+    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --schedule step")
+    g.add_argument("--patience", type=int, default=0, help="stop after N epochs without val improvement (0: off)")
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--no-amp", action="store_true", help="no float16 autocast on CUDA")
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format on CUDA")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on <= 2 CPU cores)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>.last.pth after a kill")
+
+
+def loop_config(args: argparse.Namespace):
+    from optimize.loop import LoopConfig
+
+    return LoopConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                      step_size=args.step_size, gamma=args.gamma, patience=args.patience,
+                      accumulate=args.accumulate, label_smoothing=args.label_smoothing, device=args.device,
+                      amp=not args.no_amp, channels_last=not args.no_channels_last, seed=args.seed,
+                      workers=args.workers, progress=not args.quiet)
+
+
+def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
+    from optimize.models import ARCHS
+
+    g = parser.add_argument_group("model loading")
+    g.add_argument(flag, required=True, help="edgeopt checkpoint, torchvision ResNet state_dict or TorchScript file")
+    g.add_argument("--arch", choices=ARCHS, default=None,
+                   help="architecture of a plain state_dict (guessed from its keys when omitted)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a pickled whole nn.Module (unpickling runs code from the file)")
+
+
+# -- subcommands --------------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a ResNet (the teacher) on the data; writes the best checkpoint, its manifest and <out>.last.pth."""
+    from optimize import train
+
+    cfg = train.TrainConfig(out=args.out, arch=args.arch, data=args.data, image_size=args.image_size,
+                            stem=args.stem, pretrained=args.pretrained, train_limit=args.train_limit,
+                            val_limit=args.val_limit, resume=args.resume, loop=loop_config(args))
+    artifact = train.run(cfg)
+    if _is_main_process():
+        metrics = artifact.manifest.get("metrics", {})
+        if args.json:
+            print(json.dumps({"out": str(artifact.path), "metrics": metrics}, indent=2))
+        else:
+            print(f"wrote {artifact.path} (best epoch {metrics.get('epoch')}: val top-1 "
+                  f"{metrics.get('val_top1', float('nan')):.2%}, top-5 {metrics.get('val_top5', float('nan')):.2%})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on the val split: top-1, top-5, loss, per-class accuracy, confusion matrix."""
+    from optimize import evaluate
+
+    cfg = evaluate.EvalConfig(model=args.model, data=args.data, arch=args.arch, image_size=args.image_size,
+                              val_limit=args.val_limit, batch_size=args.batch_size, device=args.device,
+                              trust_checkpoint=args.trust_checkpoint, plot=args.plot, progress=not args.quiet)
+    report = evaluate.run(cfg)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    m = report.metrics
+    print(f"{args.model}: top-1 {m.top1:.2%}  top-5 {m.top5:.2%}  loss {m.loss:.4f}  ({m.count} images)")
+    width = max(len(n) for n in report.class_names)
+    print("per-class accuracy:")
+    for name, acc in zip(report.class_names, m.per_class_accuracy):
+        print(f"  {name:<{width}}  {acc:.2%}")
+    print("confusion matrix (rows: true, columns: predicted):")
+    for name, row in zip(report.class_names, m.confusion):
+        print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
+    if report.plot:
+        print(f"wrote {report.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from optimize.models import ARCHS, STEMS
+
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__,
+                           formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("train", cmd_train)
+    p.add_argument("--arch", choices=ARCHS, default="resnet50")
+    p.add_argument("--stem", choices=STEMS, default="imagenet",
+                   help="imagenet: torchvision's 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no pool "
+                        "(better on small images, ~13x slower)")
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (online)")
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. runs/teacher.pth")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_data_args(p)
+    add_loop_args(p)
+
+    p = add("evaluate", cmd_evaluate)
+    add_model_args(p)
+    add_data_args(p, train=False)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also save the confusion matrix as a PNG")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    return parser
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if not _is_main_process():
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+                        stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except EdgeoptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    finally:
+        from optimize.loop import shutdown_distributed
+
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

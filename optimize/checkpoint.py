@@ -1,0 +1,202 @@
+"""Our self-describing checkpoint format, and loading every checkpoint a user may arrive with.
+
+An edgeopt checkpoint is a plain dict of tensors and primitives (so it loads with ``weights_only=True``)::
+
+    {"format": "edgeopt-checkpoint", "version": 1, "arch": "resnet18", "stem": "imagenet",
+     "num_classes": 10, "class_names": [...], "preprocessing": {...}, "state_dict": {...},
+     "metrics": {...}, "train_state": {...}   # only in the resumable "<out>.last.pth"}
+
+:func:`load_checkpoint` also accepts a plain torchvision ResNet state_dict (optionally nested under "model" or
+"state_dict", optionally with DataParallel's "module." prefix), a TorchScript file (forward only), and - only
+with ``trust=True`` - a pickled whole ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .artifacts import atomic_path, read_manifest, sha256_file
+from .errors import CheckpointError
+from .models import guess_arch, model_from_state_dict
+from .preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "edgeopt-checkpoint"
+CHECKPOINT_VERSION = 1
+TRUST_HINT = "--trust-checkpoint"
+
+
+@dataclass
+class LoadedModel:
+    """A model and everything known about it.
+
+    Attributes:
+        model: the module, in eval mode, on the CPU.
+        kind: ``edgeopt``, ``state_dict``, ``torchscript`` or ``pickled-module``.
+        arch / stem: the ResNet it is, when known (None for TorchScript or foreign modules).
+        num_classes / class_names / preprocessing: when recorded (class_names and preprocessing may be None).
+        trainable: False for TorchScript and foreign modules, which can only serve as a teacher.
+    """
+
+    model: nn.Module
+    kind: str
+    path: Path
+    sha256: str
+    arch: str | None = None
+    stem: str | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> bool:
+        return self.arch is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "kind": self.kind, "arch": self.arch}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DistributedDataParallel / DataParallel."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, stem: str, class_names: list[str],
+                    preprocessing: Preprocessing, metrics: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write an edgeopt checkpoint atomically (temp file + rename) and return its path."""
+    state_dict = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": arch,
+        "stem": stem,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "preprocessing": preprocessing.to_dict(),
+        "state_dict": state_dict,
+        "metrics": dict(metrics or {}),
+    }
+    if extra:
+        payload.update(extra)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any("/code/__torch__" in n or n.endswith("constants.pkl") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _read(path: Path, trust: bool) -> Any:
+    """``torch.load`` with our error messages; weights_only unless the user trusts the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects (a whole nn.Module?), and unpickling runs code from the "
+                f"file; re-save it as a state_dict, or pass {TRUST_HINT} if you trust where it came from") from e
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e}); give a .pth written by torch.save") from e
+    except Exception as e:  # noqa: BLE001 - torch.load fails on a damaged file with many error types
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {detail}); "
+                              "copy it again or re-save it") from e
+
+
+def _fold_prune_masks(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn torch.nn.utils.prune leftovers (``w_orig`` + ``w_mask``) into plain weights."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("_orig") and key[:-5] + "_mask" in sd:
+            out[key[:-5]] = value * sd[key[:-5] + "_mask"]
+        elif not (key.endswith("_mask") and key[:-5] + "_orig" in sd):
+            out[key] = value
+    return out
+
+
+def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The tensor dict inside ``obj`` (plain, or nested under "model" / "state_dict"), prefix stripped."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                return _as_state_dict(obj[key])
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = {k.removeprefix("module."): v for k, v in obj.items()}
+            return _fold_prune_masks(sd)
+    return None
+
+
+def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
+    """Load any checkpoint edgeopt accepts; the model comes back on the CPU in eval mode.
+
+    Args:
+        path: the file.
+        arch: for a plain state_dict, the expected ResNet (guessed from the keys when None). Checked against
+            what an edgeopt checkpoint records.
+        trust: allow unpickling arbitrary objects (a whole pickled ``nn.Module``).
+
+    Raises:
+        CheckpointError: missing, truncated, foreign or untrusted file; an ``arch`` that does not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (train one with 'cli.py train')")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty; copy it again or re-save it")
+    digest = sha256_file(path)
+    manifest = read_manifest(path) or {}
+
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} looks like TorchScript but does not load: {str(e).splitlines()[0]}") from e
+        pre = manifest.get("preprocessing")
+        return LoadedModel(module.eval(), "torchscript", path, digest, class_names=manifest.get("class_names"),
+                           preprocessing=Preprocessing.from_dict(pre) if pre else None)
+
+    obj = _read(path, trust)
+    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        if arch and arch != obj["arch"]:
+            raise CheckpointError(f"{path} holds a {obj['arch']}, not --arch {arch}; drop --arch or fix it")
+        model, _, _ = model_from_state_dict(obj["state_dict"], arch=obj["arch"], stem=obj["stem"], source=str(path))
+        extra = {k: v for k, v in obj.items() if k not in {"format", "version", "arch", "stem", "num_classes",
+                                                            "class_names", "preprocessing", "state_dict", "metrics"}}
+        return LoadedModel(model.eval(), "edgeopt", path, digest, obj["arch"], obj["stem"], obj["num_classes"],
+                           list(obj["class_names"]), Preprocessing.from_dict(obj["preprocessing"]),
+                           dict(obj.get("metrics") or {}), extra)
+
+    if isinstance(obj, nn.Module):  # only reachable with trust=True
+        sd = _as_state_dict(obj.state_dict())
+        if sd is not None and guess_arch(sd) is not None:
+            model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
+            return LoadedModel(model.eval(), "pickled-module", path, digest, found_arch, stem,
+                               model.fc.out_features)
+        logger.warning("%s is a %s, not a torchvision ResNet: usable forward-only (as a teacher)", path,
+                       type(obj).__name__)
+        return LoadedModel(obj.eval(), "pickled-module", path, digest)
+
+    sd = _as_state_dict(obj)
+    if sd is None:
+        raise CheckpointError(f"{path} is a PyTorch file but holds no model weights (found {type(obj).__name__}); "
+                              "give an edgeopt checkpoint, a ResNet state_dict or a TorchScript file")
+    model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
+    pre = manifest.get("preprocessing")
+    return LoadedModel(model.eval(), "state_dict", path, digest, found_arch, stem, model.fc.out_features,
+                       manifest.get("class_names"), Preprocessing.from_dict(pre) if pre else None)

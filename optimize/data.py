@@ -1,0 +1,281 @@
+"""Data sets: the embedded Fashion-MNIST default and user folders in ImageFolder form.
+
+``--data fashion-mnist`` reads Debian's ``dataset-fashion-mnist`` files from
+``/usr/share/datasets/fashion-mnist/`` (or ``$EDGEOPT_FASHION_MNIST``); when they are absent it downloads the
+same files with torchvision for users who are online. ``--data DIR`` reads ``DIR/train/<class>/*`` and
+``DIR/val/<class>/*``. ``train_limit`` / ``val_limit`` take a deterministic, class-stratified subset.
+
+Both return a :class:`DataSplits` whose datasets yield ``(tensor, label)`` with the transforms of one
+:class:`~optimize.preprocess.Preprocessing`, so every stage sees the same tensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .preprocess import Preprocessing, fashion_mnist_preset, folder_preset, load_image
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass
+class DataSplits:
+    """The two splits of a data set, with what later stages need to know about it.
+
+    Attributes:
+        train: training split (training transform applied when built with ``augment=True``).
+        val: validation split (eval transform).
+        class_names: index -> name, shared by both splits.
+        name: ``fashion-mnist`` or the folder's path, as recorded in manifests.
+        fingerprint: sha256 identifying the data (file contents for Fashion-MNIST, the file listing for a
+            folder) and the subset taken.
+    """
+
+    train: "LabeledImages"
+    val: "LabeledImages"
+    class_names: list[str]
+    name: str
+    fingerprint: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict:
+        return {"data": self.name, "sha256": self.fingerprint, "train_images": len(self.train),
+                "val_images": len(self.val), "num_classes": self.num_classes}
+
+
+class LabeledImages(Dataset):
+    """Images with integer labels; ``source`` loads item ``i`` as a PIL image (any mode)."""
+
+    def __init__(self, source: Callable[[int], Image.Image], labels: Sequence[int], ids: Sequence[str],
+                 transform: Callable | None = None):
+        self._source = source
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = list(ids)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self._source(i)
+        if img is None:  # an image that could not be decoded; dropped by skip_unreadable_collate
+            return None
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+    def subset(self, indices: Sequence[int]) -> "LabeledImages":
+        indices = list(indices)
+        source = self._source
+        return LabeledImages(lambda j: source(indices[j]), self.labels[indices],
+                             [self.ids[i] for i in indices], self.transform)
+
+
+def skip_unreadable_collate(batch):
+    """Default collate, minus items an unreadable image turned into ``None`` (already warned about)."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+def stratified_indices(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
+    """A deterministic, class-stratified subset of ``limit`` indices (all of them when ``limit`` is None).
+
+    Each class is shuffled with ``seed``; classes are then taken round-robin, so every class gets
+    ``limit // num_classes`` items (one more for the first ``limit % num_classes``) while it has them.
+    """
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    if limit <= 0:
+        raise DataError(f"a limit of {limit} images selects nothing; use a positive number")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order: list[int] = []
+    for rank in range(max(len(p) for p in per_class)):
+        order.extend(p[rank] for p in per_class if rank < len(p))
+        if len(order) >= limit:
+            break
+    return np.sort(np.asarray(order[:limit], dtype=np.int64))
+
+
+# -- Fashion-MNIST --------------------------------------------------------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), validating its header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}; reinstall the data (apt-get install --reinstall "
+                        "dataset-fashion-mnist)") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data, found "
+                        f"{len(raw) - offset}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fashion_mnist_dir(download: bool = True) -> Path:
+    """Folder holding the four Fashion-MNIST IDX files; downloads them when absent and allowed."""
+    folder = Path(os.environ.get("EDGEOPT_FASHION_MNIST", FASHION_MNIST_DIR))
+    wanted = [s for pair in _FMNIST_FILES.values() for s in pair]
+    if all(_find_idx(folder, s) for s in wanted):
+        return folder
+    cache = Path(os.environ.get("EDGEOPT_CACHE", Path.home() / ".cache" / "edgeopt")) / "FashionMNIST" / "raw"
+    if all(_find_idx(cache, s) for s in wanted):
+        return cache
+    if not download or os.environ.get("EDGEOPT_OFFLINE"):
+        reason = "downloading is switched off (EDGEOPT_OFFLINE)" if download else "downloading was not asked for"
+    else:
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            logger.info("Fashion-MNIST not found in %s; downloading it to %s", folder, cache.parent.parent)
+            FashionMNIST(root=str(cache.parent.parent), train=True, download=True)
+            FashionMNIST(root=str(cache.parent.parent), train=False, download=True)
+            return cache
+        except Exception as e:  # noqa: BLE001 - any network or disk failure ends in the same advice
+            reason = f"the download failed ({type(e).__name__}: {e})"
+    raise DataError(
+        f"Fashion-MNIST is not in {folder} and {reason}; install it with 'apt-get install dataset-fashion-mnist' "
+        "(Debian/Ubuntu), set EDGEOPT_FASHION_MNIST to a folder holding the four *-ubyte.gz files, or go online")
+
+
+def load_fashion_mnist(preprocessing: Preprocessing, *, train_limit: int | None = None,
+                       val_limit: int | None = None, augment: bool = True) -> DataSplits:
+    folder = fashion_mnist_dir()
+    digest = hashlib.sha256()
+    splits = {}
+    for split, (img_stem, lbl_stem) in _FMNIST_FILES.items():
+        img_path, lbl_path = _find_idx(folder, img_stem), _find_idx(folder, lbl_stem)
+        images, labels = _read_idx(img_path), _read_idx(lbl_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{img_path} and {lbl_path} do not belong together ({images.shape} vs {labels.shape})")
+        digest.update(hashlib.sha256(images.tobytes()).digest() + hashlib.sha256(labels.tobytes()).digest())
+        limit = train_limit if split == "train" else val_limit
+        keep = stratified_indices(labels, limit)
+        digest.update(f"{split}:{len(keep)}".encode())
+        transform = (preprocessing.train_transform() if (split == "train" and augment)
+                     else preprocessing.eval_transform())
+        imgs = images[keep]
+        splits[split] = LabeledImages(lambda i, a=imgs: Image.fromarray(a[i], mode="L"), labels[keep],
+                                      [f"{split}/{i}" for i in keep], transform)
+    return DataSplits(splits["train"], splits["val"], list(FASHION_MNIST_CLASSES), FASHION_MNIST,
+                      digest.hexdigest())
+
+
+# -- ImageFolder-style folders -------------------------------------------------------------------------
+
+def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} is missing; a data folder needs train/ and val/ subfolders with one "
+                        "folder of images per class")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/")
+    if class_names is not None and classes != class_names:
+        extra, missing = set(classes) - set(class_names), set(class_names) - set(classes)
+        raise DataError(f"{split_dir} has other classes than train/: extra {sorted(extra)}, missing "
+                        f"{sorted(missing)}; give both splits the same class folders")
+    paths, labels, unreadable = [], [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        good = []
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+                good.append(path)
+            except Exception:  # noqa: BLE001 - PIL raises many types for a bad file; all mean "skip it"
+                unreadable.append(path)
+        if not good:
+            raise DataError(f"class folder {split_dir / name} has no readable images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            "add images or remove the folder")
+        paths += good
+        labels += [label] * len(good)
+    if unreadable:
+        logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(unreadable), split_dir, unreadable[0])
+    return classes, paths, labels
+
+
+def _safe_loader(paths: list[Path]) -> Callable[[int], Image.Image | None]:
+    def load(i: int) -> Image.Image | None:
+        try:
+            return load_image(paths[i])
+        except Exception as e:  # noqa: BLE001 - a truncated file passes verify() and fails on decode
+            logger.warning("skipping unreadable image %s: %s", paths[i], e)
+            return None
+    return load
+
+
+def load_folder(root: Path, preprocessing: Preprocessing, *, train_limit: int | None = None,
+                val_limit: int | None = None, augment: bool = True) -> DataSplits:
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass 'fashion-mnist' or a folder with train/ and val/")
+    classes, train_paths, train_labels = _scan_split(root / "train", None)
+    _, val_paths, val_labels = _scan_split(root / "val", classes)
+    digest = hashlib.sha256()
+    splits = {}
+    for split, paths, labels, limit in (("train", train_paths, train_labels, train_limit),
+                                        ("val", val_paths, val_labels, val_limit)):
+        keep = stratified_indices(np.asarray(labels), limit)
+        paths = [paths[i] for i in keep]
+        for p in paths:
+            digest.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
+        transform = (preprocessing.train_transform() if (split == "train" and augment)
+                     else preprocessing.eval_transform())
+        splits[split] = LabeledImages(_safe_loader(paths), np.asarray(labels)[keep],
+                                      [str(p.relative_to(root)) for p in paths], transform)
+    return DataSplits(splits["train"], splits["val"], classes, str(root), digest.hexdigest())
+
+
+def default_preprocessing(data: str, image_size: int | None = None) -> Preprocessing:
+    """The preset for a data source: 32 px Fashion-MNIST statistics, or 224 px ImageNet statistics."""
+    if data == FASHION_MNIST:
+        return fashion_mnist_preset(image_size=image_size or 32)
+    return folder_preset(image_size=image_size or 224)
+
+
+def load_data(data: str, preprocessing: Preprocessing, *, train_limit: int | None = None,
+              val_limit: int | None = None, augment: bool = True) -> DataSplits:
+    """Load ``fashion-mnist`` or an ImageFolder-style folder with ``preprocessing``'s transforms."""
+    if data == FASHION_MNIST:
+        return load_fashion_mnist(preprocessing, train_limit=train_limit, val_limit=val_limit, augment=augment)
+    return load_folder(Path(data), preprocessing, train_limit=train_limit, val_limit=val_limit, augment=augment)

@@ -1,0 +1,451 @@
+"""The one training loop: ``train_one_epoch``, ``evaluate`` and ``fit``.
+
+Teacher training, distillation and fine-tuning all run through :func:`fit`; they differ only in the loss
+they plug in. A loss is any callable ``loss_fn(logits, targets, images) -> scalar tensor``: plain
+cross-entropy ignores ``images``, distillation runs its teacher on them.
+
+Example::
+
+    cfg = LoopConfig(epochs=3, lr=0.05)
+    result = fit(model, splits, cfg, writer=writer)   # writer saves best and resumable checkpoints
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`fit` runs DistributedDataParallel: gloo on the CPU, nccl on
+CUDA, a DistributedSampler for training and a sharded, all-reduced evaluation, so every rank agrees on the
+metrics and on early stopping; only rank 0 writes files or shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from .checkpoint import unwrap
+from .data import DataSplits, LabeledImages, skip_unreadable_collate
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "plateau", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Options of the shared loop (the same flags for train, distill and fine-tuning).
+
+    Attributes:
+        epochs: passes over the training split (>= 1).
+        batch_size: images per step per process.
+        optimizer: ``sgd`` (momentum, nesterov) or ``adamw``.
+        lr: peak learning rate; None picks 0.05 for SGD and 1e-3 for AdamW.
+        momentum: SGD momentum.
+        weight_decay: L2 / decoupled weight decay.
+        schedule: ``cosine`` (to 0 over ``epochs``), ``step`` (x ``gamma`` every ``step_size`` epochs),
+            ``plateau`` (x 0.1 when val top-1 stalls) or ``none``.
+        step_size: epochs between decays for ``step``.
+        gamma: decay factor for ``step``.
+        patience: stop when val top-1 has not improved for this many epochs (0: never stop early).
+        accumulate: micro-batches per optimizer step (gradient accumulation).
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: float16 autocast + grad scaling on CUDA (ignored on the CPU).
+        channels_last: NHWC memory format on CUDA (ignored on the CPU).
+        seed: seeds weights, shuffling and augmentation; a resumed run continues the same sequence.
+        workers: DataLoader worker processes; None: 0 on a CPU of 2 cores or fewer (workers would steal the
+            cores the model needs), else up to 8.
+        progress: show tqdm progress bars.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.1
+    patience: int = 0
+    accumulate: int = 1
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    workers: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
+            (self.step_size >= 1, "--step-size must be at least 1"),
+            (self.patience >= 0, "--patience must be 0 (off) or more"),
+            (self.accumulate >= 1, f"--accumulate must be at least 1 (got {self.accumulate})"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.device in DEVICES, f"--device must be one of {DEVICES}"),
+            (self.workers is None or self.workers >= 0, "--workers must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+
+
+# -- processes and devices ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank 0 of 1 unless started by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA device; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the process group torchrun set up (env://); a single process needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not tdist.is_initialized():
+        backend = "nccl" if resolve_device(device, local_rank).type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        tdist.init_process_group(backend=backend)
+        logger.info("DDP rank %d/%d on %s", rank, world, backend)
+    return DistContext(rank, world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Shard(Sampler[int]):
+    """Every ``world``-th index from ``rank``: a split of an eval set with no padding or repeats."""
+
+    def __init__(self, n: int, ctx: DistContext):
+        self.indices = list(range(ctx.rank, n, ctx.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and cores <= 2:
+        return 0
+    return min(8, max(1, cores // 2))
+
+
+def make_loader(dataset: LabeledImages, *, batch_size: int, shuffle: bool, device: torch.device,
+                ctx: DistContext = DistContext(), workers: int | None = None, seed: int = 0) -> DataLoader:
+    """The DataLoader every stage uses: sharded under DDP, skipping unreadable images."""
+    workers = default_workers(device) if workers is None else workers
+    if shuffle:
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
+            if ctx.enabled else None
+    else:
+        sampler = _Shard(len(dataset), ctx) if ctx.enabled else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
+                      collate_fn=skip_unreadable_collate, generator=generator,
+                      persistent_workers=False)
+
+
+# -- one epoch --------------------------------------------------------------------------------------
+
+@dataclass
+class EvalMetrics:
+    """Metrics of one pass over a labelled split."""
+
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    confusion: np.ndarray  # rows: true class, columns: predicted class
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(axis=1)
+        return [float(self.confusion[i, i] / t) if t else float("nan") for i, t in enumerate(totals)]
+
+    def summary(self) -> dict[str, float]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count}
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _all_reduce(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        values = values.clone()
+        tdist.all_reduce(values)
+    return values
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
+                    device: torch.device, scaler: torch.amp.GradScaler, cfg: LoopConfig,
+                    ctx: DistContext = DistContext(), desc: str = "train") -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss and top-1 of the training batches (all ranks)."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    optimizer.zero_grad(set_to_none=True)
+    steps = len(loader)
+    bar = tqdm(loader, desc=desc, disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True,
+               mininterval=1.0)
+    for i, (x, y) in enumerate(bar):
+        if len(y) == 0:
+            continue
+        x, y = _to_device(x, y, device, cfg.channels_last)
+        boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == steps
+        sync = contextlib.nullcontext() if boundary or not isinstance(model, nn.parallel.DistributedDataParallel) \
+            else model.no_sync()
+        with sync:
+            with _autocast(device, cfg.amp):
+                logits = model(x)
+                loss = loss_fn(logits, y, x)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()} at step {i}; lower --lr")
+            scaler.scale(loss / cfg.accumulate).backward()
+        if boundary:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        n = len(y)
+        sums += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
+    sums = _all_reduce(sums, ctx)
+    n = max(sums[2].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: torch.device,
+             amp: bool = True, channels_last: bool = True, ctx: DistContext = DistContext(),
+             progress: bool = False, desc: str = "eval") -> EvalMetrics:
+    """Top-1, top-5, mean cross-entropy and the confusion matrix over ``loader`` (all-reduced under DDP)."""
+    model.eval()
+    k = min(5, num_classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    sums = torch.zeros(2, dtype=torch.float64)  # loss * n, top-k hits
+    for x, y in tqdm(loader, desc=desc, disable=not (progress and ctx.is_main), leave=False, mininterval=1.0):
+        if len(y) == 0:
+            continue
+        x, y = _to_device(x, y, device, channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        if logits.shape[1] != num_classes:
+            raise ConfigError(f"the model has {logits.shape[1]} outputs but the data has {num_classes} classes")
+        sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        sums[1] += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
+        confusion += torch.bincount(y.cpu() * num_classes + logits.argmax(1).cpu(),
+                                    minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    confusion = _all_reduce(confusion, ctx)
+    sums = _all_reduce(sums, ctx)
+    count = int(confusion.sum())
+    n = max(count, 1)
+    return EvalMetrics(loss=sums[0].item() / n, top1=float(confusion.diag().sum()) / n,
+                       top5=sums[1].item() / n, count=count, confusion=confusion.numpy())
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+
+class RunWriter(Protocol):
+    """Where :func:`fit` puts its results (rank 0 only)."""
+
+    def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None: ...
+
+    def save_last(self, model: nn.Module, train_state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return lambda logits, targets, images: ce(logits, targets)
+
+
+def _make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    # no weight decay on biases and batch-norm parameters, as in torchvision's reference recipes
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
+                                                          patience=max(1, cfg.patience // 2))
+    return None
+
+
+def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossFn | None = None,
+        writer: RunWriter | None = None, resume_state: dict[str, Any] | None = None,
+        ctx: DistContext | None = None) -> FitResult:
+    """Train ``model`` on ``splits.train``, evaluating on ``splits.val`` after every epoch.
+
+    Args:
+        model: the bare module (wrapped in DDP here when running under torchrun).
+        splits: the data; ``splits.train`` carries the training transform.
+        cfg: loop options.
+        loss_fn: ``loss_fn(logits, targets, images)``; cross-entropy with ``cfg.label_smoothing`` when None.
+        writer: receives the best model (by val top-1) and, every epoch, the resumable state.
+        resume_state: a ``train_state`` saved by a previous run: training continues after its last epoch.
+        ctx: the process group; read from torchrun's environment when None.
+
+    Returns:
+        the per-epoch history, the best epoch's metrics, and whether early stopping ended the run.
+    """
+    ctx = ctx or init_distributed(cfg.device)
+    device = resolve_device(cfg.device, ctx.local_rank)
+    seed_everything(cfg.seed)
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = _make_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    result = FitResult()
+    best_top1, since_best, start = -1.0, 0, 0
+
+    if resume_state:
+        unwrap(model).load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scheduler is not None and resume_state.get("scheduler"):
+            scheduler.load_state_dict(resume_state["scheduler"])
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        start = int(resume_state["epoch"])
+        result.history = list(resume_state.get("history", []))
+        result.best = dict(resume_state.get("best", {}))
+        best_top1 = float(result.best.get("val_top1", -1.0))
+        since_best = int(resume_state.get("since_best", 0))
+        logger.info("resuming after epoch %d of %d (best val top-1 so far %.4f)", start, cfg.epochs, best_top1)
+
+    train_model = model
+    if ctx.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    val_loader = make_loader(splits.val, batch_size=cfg.batch_size * 2, shuffle=False, device=device, ctx=ctx,
+                             workers=cfg.workers)
+    for epoch in range(start, cfg.epochs):
+        if cfg.patience and since_best >= cfg.patience:
+            result.stopped_early = True
+            logger.info("early stop: val top-1 has not improved for %d epoch(s)", since_best)
+            break
+        torch.manual_seed(cfg.seed + epoch)  # augmentation draws: the same sequence after a resume
+        train_loader = make_loader(splits.train, batch_size=cfg.batch_size, shuffle=True, device=device, ctx=ctx,
+                                   workers=cfg.workers, seed=cfg.seed + epoch)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+                                cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        val = evaluate(model, val_loader, num_classes=splits.num_classes, device=device, amp=cfg.amp,
+                       channels_last=cfg.channels_last, ctx=ctx)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val.top1)
+        elif scheduler is not None:
+            scheduler.step()
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
+               "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5}
+        result.history.append(row)
+        logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
+                    epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
+        if not math.isfinite(train["loss"]):
+            raise FloatingPointError("training diverged; lower --lr")
+        improved = val.top1 > best_top1
+        if improved:
+            best_top1, since_best = val.top1, 0
+            result.best = dict(row)
+            if writer and ctx.is_main:
+                writer.save_best(model, dict(row))
+        else:
+            since_best += 1
+        if writer and ctx.is_main:
+            writer.save_last(model, {
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "scaler": scaler.state_dict(), "history": result.history, "best": result.best,
+                "since_best": since_best})
+        if ctx.enabled:
+            tdist.barrier()
+    result.epochs_run = len(result.history)
+    return result
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,147 @@
+"""The one preprocessing definition of edgeopt.
+
+Training, evaluation, calibration, benchmarking and inference all turn an image into a tensor here. A
+:class:`Preprocessing` is recorded in every checkpoint and manifest, so a later stage rebuilds exactly the
+transform the model was trained with instead of asking the user again.
+
+Eval transform: any image mode -> RGB (grayscale replicated to 3 channels, 16-bit scaled to 8-bit, alpha and
+CMYK converted) -> resize the shorter side to ``resize_size`` -> center crop ``image_size`` -> float in [0, 1]
+-> normalize with ``mean``/``std``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Fashion-MNIST's own pixel statistics over the 60k training images, replicated to the 3 channels.
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+
+AUGMENTS = ("crop-flip", "random-resized-crop", "none")
+_INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+                   "nearest": T.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor (``3 x image_size x image_size``, float32, NCHW).
+
+    Attributes:
+        image_size: side of the square crop the model sees.
+        resize_size: the shorter side is resized to this before the center crop (``>= image_size``).
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel standard deviation divided by after subtracting the mean.
+        interpolation: resampling filter for the resize.
+        train_augment: training-time augmentation: ``crop-flip`` (pad-and-crop + horizontal flip, for small
+            images), ``random-resized-crop`` (+ flip, for photos) or ``none``.
+    """
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    train_augment: str = "random-resized-crop"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"image size {self.image_size} is too small; use at least 8 pixels")
+        if self.resize_size < self.image_size:
+            raise ConfigError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("mean and std need 3 values each, std > 0")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ConfigError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
+        if self.train_augment not in AUGMENTS:
+            raise ConfigError(f"train_augment must be one of {AUGMENTS}")
+
+    # -- recording -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["channels"] = 3
+        d["layout"] = "NCHW"
+        d["color"] = "RGB"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(x) for x in kwargs[key])
+        return cls(**kwargs)
+
+    # -- transforms ------------------------------------------------------------------------------------
+    def eval_transform(self) -> T.Compose:
+        """PIL image (any mode) -> normalized float tensor, deterministic."""
+        return T.Compose([
+            T.Lambda(to_rgb),
+            T.Resize(self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True),
+            T.CenterCrop(self.image_size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def train_transform(self) -> T.Compose:
+        """PIL image (any mode) -> normalized float tensor with the recorded augmentation."""
+        interp = _INTERPOLATIONS[self.interpolation]
+        if self.train_augment == "random-resized-crop":
+            geometric = [T.RandomResizedCrop(self.image_size, interpolation=interp, antialias=True),
+                         T.RandomHorizontalFlip()]
+        elif self.train_augment == "crop-flip":
+            geometric = [T.Resize(self.resize_size, interpolation=interp, antialias=True),
+                         T.CenterCrop(self.image_size),
+                         T.RandomCrop(self.image_size, padding=max(1, self.image_size // 8)),
+                         T.RandomHorizontalFlip()]
+        else:
+            geometric = [T.Resize(self.resize_size, interpolation=interp, antialias=True),
+                         T.CenterCrop(self.image_size)]
+        return T.Compose([T.Lambda(to_rgb), *geometric, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+
+def fashion_mnist_preset(*, image_size: int = 32) -> Preprocessing:
+    """28x28 grayscale clothing: upscale to ``image_size``, no crop margin, pad-and-crop augmentation."""
+    return Preprocessing(image_size=image_size, resize_size=image_size, mean=FASHION_MNIST_MEAN,
+                         std=FASHION_MNIST_STD, train_augment="crop-flip")
+
+
+def folder_preset(*, image_size: int = 224) -> Preprocessing:
+    """Photos: ImageNet statistics, resize to image_size/0.875 then center crop (torchvision's eval preset)."""
+    return Preprocessing(image_size=image_size, resize_size=int(round(image_size / 0.875)),
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment="random-resized-crop")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return ``img`` as 8-bit RGB whatever its mode: L/P/LA/RGBA/CMYK/YCbCr and 16-bit or float grayscale."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file fully decoded as RGB, honouring its EXIF orientation."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return to_rgb(img)
+

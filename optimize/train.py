@@ -1,0 +1,151 @@
+"""Stage ``train``: train a ResNet (usually the teacher) from scratch or from torchvision's ImageNet weights.
+
+Writes ``out`` (the best epoch by val top-1, an edgeopt checkpoint), its manifest ``out.json``, and
+``<out stem>.last.pth``: the last finished epoch with optimizer and scheduler state, which ``resume=True``
+continues from after a kill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import Artifact, prepare_output, write_manifest
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataSplits, default_preprocessing, load_data
+from .errors import CheckpointError, ConfigError
+from .loop import FitResult, LoopConfig, fit
+from .models import ARCHS, STEMS, build_resnet
+from .preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+# options that may differ between a run and its resumption without changing what is trained
+_RESUME_FREE = {"resume", "progress", "workers", "device"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of ``cli.py train``.
+
+    Attributes:
+        out: checkpoint to write (its folder is created).
+        arch: torchvision ResNet to train.
+        data: ``fashion-mnist`` or a folder with ``train/`` and ``val/``.
+        image_size: input side; None: 32 for Fashion-MNIST, 224 for folders.
+        stem: ``imagenet`` (torchvision's) or ``cifar`` (3x3, no pool: better on small images, ~13x slower).
+        pretrained: start from torchvision's ImageNet weights (needs the network).
+        train_limit / val_limit: class-stratified subsets, for quick runs.
+        resume: continue from ``<out>.last.pth``.
+        loop: options of the shared training loop.
+    """
+
+    out: str
+    arch: str = "resnet50"
+    data: str = "fashion-mnist"
+    image_size: int | None = None
+    stem: str = "imagenet"
+    pretrained: bool = False
+    train_limit: int | None = None
+    val_limit: int | None = None
+    resume: bool = False
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
+        if self.stem not in STEMS:
+            raise ConfigError(f"--stem must be one of {', '.join(STEMS)} (got {self.stem!r})")
+
+
+def last_path(out: str | Path) -> Path:
+    """The resumable checkpoint beside ``out``: ``runs/teacher.pth`` -> ``runs/teacher.last.pth``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.last{out.suffix or '.pth'}")
+
+
+class CheckpointWriter:
+    """Writes a run's best checkpoint (+ manifest) and its resumable last state; used by every training stage.
+
+    Args:
+        out: the best checkpoint's path.
+        stage: recorded in the manifest (``train``, ``distill``, ``prune``...).
+        arch / stem / class_names / preprocessing: what the checkpoint records.
+        config: the stage's config (recorded in both files; compared on resume).
+        inputs: identities (sha256) of what the stage read, for the manifest.
+    """
+
+    def __init__(self, out: Path, *, stage: str, arch: str, stem: str, class_names: list[str],
+                 preprocessing: Preprocessing, config: Any, inputs: dict[str, Any]):
+        self.out, self.last = Path(out), last_path(out)
+        self.stage, self.arch, self.stem = stage, arch, stem
+        self.class_names, self.preprocessing = class_names, preprocessing
+        self.config = dataclasses.asdict(config)
+        self.inputs = inputs
+        self.extra_metrics: dict[str, Any] = {}
+
+    def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        metrics = {**metrics, **self.extra_metrics}
+        save_checkpoint(self.out, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
+                        preprocessing=self.preprocessing, metrics=metrics)
+        write_manifest(self.out, stage=self.stage, config=self.config, inputs=self.inputs,
+                       preprocessing=self.preprocessing.to_dict(), class_names=self.class_names, metrics=metrics,
+                       extra={"arch": self.arch, "stem": self.stem})
+
+    def save_last(self, model: nn.Module, train_state: dict[str, Any]) -> None:
+        save_checkpoint(self.last, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
+                        preprocessing=self.preprocessing, metrics=train_state.get("best"),
+                        extra={"train_state": train_state, "run_config": self.config})
+
+    def load_last(self) -> dict[str, Any]:
+        """The train_state to resume from, checked against this run's config."""
+        if not self.last.exists():
+            raise CheckpointError(f"nothing to resume: {self.last} does not exist; run without --resume")
+        loaded = load_checkpoint(self.last)
+        saved = loaded.extra.get("run_config") or {}
+        diff = sorted(k for k in set(saved) | set(self.config)
+                      if k not in _RESUME_FREE and _strip(saved.get(k)) != _strip(self.config.get(k)))
+        if diff:
+            raise ConfigError(f"{self.last} was made with other options ({', '.join(diff)}); resume with the same "
+                              "options, or start afresh without --resume")
+        state = dict(loaded.extra["train_state"])
+        state["model"] = loaded.model.state_dict()
+        return state
+
+
+def _strip(value: Any) -> Any:
+    """Config values compared on resume, minus the loop options that do not change the result."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in _RESUME_FREE}
+    return value
+
+
+def train_model(model: nn.Module, splits: DataSplits, loop: LoopConfig, writer: CheckpointWriter, resume: bool,
+                **fit_kwargs: Any) -> FitResult:
+    """Run the shared loop for a training stage, resuming from the writer's last state when asked."""
+    resume_state = writer.load_last() if resume else None
+    result = fit(model, splits, loop, writer=writer, resume_state=resume_state, **fit_kwargs)
+    if not result.history:
+        raise ConfigError("no epoch was run")
+    return result
+
+
+def run(cfg: TrainConfig) -> Artifact:
+    """Train ``cfg.arch`` on ``cfg.data`` and return the best checkpoint written."""
+    out = prepare_output(cfg.out)
+    preprocessing = default_preprocessing(cfg.data, cfg.image_size)
+    splits = load_data(cfg.data, preprocessing, train_limit=cfg.train_limit, val_limit=cfg.val_limit)
+    torch.manual_seed(cfg.loop.seed)
+    model = build_resnet(cfg.arch, splits.num_classes, stem=cfg.stem, pretrained=cfg.pretrained)
+    writer = CheckpointWriter(out, stage="train", arch=cfg.arch, stem=cfg.stem, class_names=splits.class_names,
+                              preprocessing=preprocessing, config=cfg, inputs={"data": splits.describe()})
+    result = train_model(model, splits, cfg.loop, writer, cfg.resume)
+    logger.info("best val top-1 %.4f at epoch %d of %d%s", result.best.get("val_top1", float("nan")),
+                result.best.get("epoch", 0), result.epochs_run, " (stopped early)" if result.stopped_early else "")
+    return Artifact.of(out)
