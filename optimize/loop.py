@@ -239,6 +239,13 @@ def _all_reduce(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values
 
 
+def _broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's buffers: BatchNorm statistics drift apart between DDP ranks while training."""
+    if ctx.enabled:
+        for buffer in model.buffers():
+            tdist.broadcast(buffer, src=0)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                     device: torch.device, scaler: torch.amp.GradScaler, cfg: LoopConfig,
                     ctx: DistContext = DistContext(), desc: str = "train") -> dict[str, float]:
@@ -413,6 +420,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
                                 cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        _broadcast_buffers(model, ctx)  # every rank evaluates (and rank 0 saves) the same BN statistics
         val = evaluate(model, val_loader, num_classes=splits.num_classes, device=device, amp=cfg.amp,
                        channels_last=cfg.channels_last, ctx=ctx)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

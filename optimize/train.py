@@ -108,9 +108,9 @@ class CheckpointWriter:
         if not self.last.exists():
             raise CheckpointError(f"nothing to resume: {self.last} does not exist; run without --resume")
         loaded = load_checkpoint(self.last)
-        saved = loaded.extra.get("run_config") or {}
-        diff = sorted(k for k in set(saved) | set(self.config)
-                      if k not in _RESUME_FREE and _strip(saved.get(k)) != _strip(self.config.get(k)))
+        saved, current = _flatten(loaded.extra.get("run_config") or {}), _flatten(self.config)
+        diff = sorted(k for k in set(saved) | set(current)
+                      if k.rpartition(".")[2] not in _RESUME_FREE and saved.get(k) != current.get(k))
         if diff:
             raise ConfigError(f"{self.last} was made with other options ({', '.join(diff)}); resume with the same "
                               "options, or start afresh without --resume")
@@ -119,11 +119,15 @@ class CheckpointWriter:
         return state
 
 
-def _strip(value: Any) -> Any:
-    """Config values compared on resume, minus the loop options that do not change the result."""
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if k not in _RESUME_FREE}
-    return value
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loop": {"lr": 1}}`` -> ``{"loop.lr": 1}``, so a refused resume names the very option."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def train_model(model: nn.Module, splits: DataSplits, loop: LoopConfig, writer: CheckpointWriter, resume: bool,

@@ -1,0 +1,84 @@
+"""Shared fixtures: run the real CLI, a tiny trained checkpoint, and a small ImageFolder-style data set."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path(os.environ.get("EDGEOPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+# Tiny but real: a ResNet-18 at 16x16 on a 512-image slice trains an epoch in a few seconds on 2 cores.
+TINY = ["--arch", "resnet18", "--image-size", "16", "--train-limit", "512", "--val-limit", "256",
+        "--batch-size", "64", "--epochs", "1"]
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool | None = None, cwd: Path = ROOT,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` as a user would; returns the completed process (text output)."""
+    full_env = {**os.environ, "EDGEOPT_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "cli.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    if check is True and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one-line error the CLI prints, asserting there is exactly one and no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_data():
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.exit(f"Fashion-MNIST is missing in {FMNIST}: run 'make test' (installs dataset-fashion-mnist)", 2)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A ResNet-18 trained for 1 epoch on the 512-image slice, via the CLI."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    run_cli("-q", "train", *TINY, "--out", out, check=True)
+    return out
+
+
+def fashion_arrays(split: str = "train"):
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(FMNIST / f"{prefix}-images-idx3-ubyte.gz") as fh:
+        images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FMNIST / f"{prefix}-labels-idx1-ubyte.gz") as fh:
+        labels = np.frombuffer(fh.read(), np.uint8, offset=8)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Three Fashion-MNIST classes as PNG folders (train 40 / val 12 per class), plus awkward files:
+    a CMYK JPEG, an RGBA PNG, a 16-bit PNG (all to be converted) and a corrupt file (to be skipped)."""
+    root = tmp_path_factory.mktemp("folder")
+    images, labels = fashion_arrays("train")
+    names = {0: "tshirt", 1: "trouser", 7: "sneaker"}
+    for split, (start, count) in {"train": (0, 40), "val": (40, 12)}.items():
+        for label, name in names.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k, idx in enumerate(np.flatnonzero(labels == label)[start:start + count]):
+                Image.fromarray(images[idx], "L").save(folder / f"{k:03d}.png")
+    odd = root / "train" / "tshirt"
+    base = Image.fromarray(images[np.flatnonzero(labels == 0)[0]], "L")
+    base.convert("CMYK").save(odd / "cmyk.jpg")
+    base.convert("RGBA").save(odd / "rgba.png")
+    Image.fromarray(np.asarray(base, np.uint16) * 257).save(odd / "deep16.png")
+    (odd / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return root
