@@ -7,6 +7,7 @@ ours become one line on stderr and exit code 2; Ctrl-C exits 130 and keeps the l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,12 +25,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 # -- shared argument groups -------------------------------------------------------------------------------
 
-def add_data_args(parser: argparse.ArgumentParser, *, train: bool = True) -> None:
+def add_data_args(parser: argparse.ArgumentParser, *, train: bool = True, image_size: bool = True) -> None:
+    """Data flags; ``image_size=False`` for stages that take the model's recorded preprocessing."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist' (embedded default) or a folder with train/ and val/, one subfolder per class")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="input side in pixels (default: 32 for fashion-mnist, 224 for folders)")
+    if image_size:
+        g.add_argument("--image-size", type=int, default=None,
+                       help="input side in pixels (default: 32 for fashion-mnist, 224 for folders)")
     if train:
         g.add_argument("--train-limit", type=int, default=None, metavar="N",
                        help="use a class-stratified subset of N training images")
@@ -37,16 +40,18 @@ def add_data_args(parser: argparse.ArgumentParser, *, train: bool = True) -> Non
                    help="use a class-stratified subset of N validation images")
 
 
-def add_loop_args(parser: argparse.ArgumentParser) -> None:
+def add_loop_args(parser: argparse.ArgumentParser, *, finetune: bool = False) -> None:
+    """The shared loop's flags; ``finetune``: without --epochs (the stage has its own) and --resume."""
     from optimize.loop import DEVICES, OPTIMIZERS, SCHEDULES
 
     g = parser.add_argument_group("training loop")
-    g.add_argument("--epochs", type=int, default=10)
+    if not finetune:
+        g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 SGD, 1e-3 AdamW)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 AdamW, 0.05 SGD)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=None, help="default: 0.05 AdamW, 5e-4 SGD")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     g.add_argument("--step-size", type=int, default=10, help="epochs between decays for --schedule step")
     g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --schedule step")
@@ -58,13 +63,14 @@ def add_loop_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format on CUDA")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on <= 2 CPU cores)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>.last.pth after a kill")
+    if not finetune:
+        g.add_argument("--resume", action="store_true", help="continue from <out>.last.pth after a kill")
 
 
 def loop_config(args: argparse.Namespace):
     from optimize.loop import LoopConfig
 
-    return LoopConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+    return LoopConfig(epochs=getattr(args, "epochs", 1), batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                       step_size=args.step_size, gamma=args.gamma, patience=args.patience,
                       accumulate=args.accumulate, label_smoothing=args.label_smoothing, device=args.device,
@@ -128,6 +134,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_artifact(artifact, as_json: bool, summary: str) -> None:
+    if not _is_main_process():
+        return
+    if as_json:
+        print(json.dumps({"out": str(artifact.path), "metrics": artifact.manifest.get("metrics", {})}, indent=2))
+    else:
+        print(f"wrote {artifact.path} ({summary})")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distill a teacher into a ResNet-18/34 student through the shared training loop (logit KD)."""
+    from optimize import distill
+
+    cfg = distill.DistillConfig(teacher=args.teacher, out=args.out, student=args.student,
+                                teacher_arch=args.teacher_arch, trust_checkpoint=args.trust_checkpoint,
+                                student_init=args.student_init, temperature=args.temperature, alpha=args.alpha,
+                                data=args.data, image_size=args.image_size, stem=args.stem,
+                                train_limit=args.train_limit, val_limit=args.val_limit, resume=args.resume,
+                                loop=loop_config(args))
+    artifact = distill.run(cfg)
+    m = artifact.manifest.get("metrics", {})
+    _print_artifact(artifact, args.json, f"best epoch {m.get('epoch')}: val top-1 {m.get('val_top1', 0):.2%}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a ResNet globally by L1 magnitude (unstructured, channel or 2:4) and fine-tune it."""
+    from optimize import prune
+
+    loop = loop_config(args)
+    if args.lr is None:  # fine-tuning starts from trained weights: a fifth of the training default
+        loop = dataclasses.replace(loop, lr=0.01 if args.optimizer == "sgd" else 2e-4)
+    cfg = prune.PruneConfig(model=args.model, out=args.out, method=args.method, amount=args.amount,
+                            finetune_epochs=args.finetune_epochs, steps=args.steps, teacher=args.teacher,
+                            temperature=args.temperature, alpha=args.alpha, round_to=args.round_to,
+                            include_stem_and_fc=args.include_stem_and_fc, arch=args.arch,
+                            trust_checkpoint=args.trust_checkpoint, data=args.data, train_limit=args.train_limit,
+                            val_limit=args.val_limit, loop=loop)
+    artifact = prune.run(cfg)
+    m = artifact.manifest.get("metrics", {})
+    _print_artifact(artifact, args.json,
+                    f"{m['method']}: sparsity {m['sparsity']:.1%}, MACs {m['macs_before'] / 1e6:.1f}M -> "
+                    f"{m['macs_after'] / 1e6:.1f}M, params {m['params_before'] / 1e6:.2f}M -> "
+                    f"{m['params_after'] / 1e6:.2f}M, top-1 {m['top1_before']:.2%} -> {m['top1_pruned']:.2%} pruned "
+                    f"-> {m['top1_after']:.2%} fine-tuned")
+    return 0
+
+
+def add_kd_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
+    g.add_argument("--alpha", type=float, default=0.9, help="weight of the teacher term (1 - alpha: labels)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from optimize.models import ARCHS, STEMS
 
@@ -152,6 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_data_args(p)
     add_loop_args(p)
+
+    p = add("distill", cmd_distill)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (any format evaluate accepts)")
+    p.add_argument("--teacher-arch", choices=ARCHS, default=None, help="architecture of a plain state_dict teacher")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow a pickled whole nn.Module teacher")
+    p.add_argument("--student", choices=("resnet18", "resnet34"), default="resnet18")
+    p.add_argument("--student-init", default=None, help="start the student from this checkpoint")
+    p.add_argument("--stem", choices=STEMS, default=None, help="student stem (default: the teacher's)")
+    p.add_argument("--out", required=True, help="student checkpoint to write, e.g. runs/student.pth")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_kd_args(p)
+    add_data_args(p)
+    add_loop_args(p)
+
+    from optimize.prune import METHODS
+
+    p = add("prune", cmd_prune)
+    add_model_args(p)
+    p.add_argument("--method", choices=METHODS, default="l1-unstructured")
+    p.add_argument("--amount", type=float, default=None,
+                   help="fraction of weights (unstructured) or channels (channel) to remove (default 0.5; "
+                        "not for 2:4)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after each round")
+    p.add_argument("--steps", type=int, default=1, help="reach --amount in this many prune + fine-tune rounds")
+    p.add_argument("--teacher", default=None, help="distil from this checkpoint while fine-tuning")
+    p.add_argument("--round-to", type=int, default=8, help="l1-channel: keep channel counts multiples of this")
+    p.add_argument("--include-stem-and-fc", action="store_true",
+                   help="l1-unstructured: also prune the first conv and the classifier")
+    p.add_argument("--out", required=True, help="pruned checkpoint to write, e.g. runs/pruned.pth")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    add_kd_args(p)
+    add_data_args(p, image_size=False)
+    add_loop_args(p, finetune=True)
 
     p = add("evaluate", cmd_evaluate)
     add_model_args(p)

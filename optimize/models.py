@@ -65,6 +65,8 @@ def build_resnet(arch: str, num_classes: int, *, stem: str = "imagenet", pretrai
         if stem == "cifar":
             logger.warning("the cifar stem replaces the pretrained first convolution; it starts untrained")
     else:
+        # no zero_init_residual: on the short CPU budgets measured here it cost accuracy (ResNet-50, 6k images,
+        # 1 epoch, AdamW: 50.9% with it, 66.1% without)
         model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
     if stem == "cifar":
         _use_cifar_stem(model)

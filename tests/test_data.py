@@ -124,6 +124,7 @@ def test_bad_options_and_outputs(tmp_path):
         assert proc.returncode == 2 and "cannot write" in error_line(proc)
 
     nested = tmp_path / "new" / "deeper" / "m.pth"
-    run_cli("-q", "train", *TINY, "--out", nested, check=True)
+    run_cli("-q", "train", *TINY, "--optimizer", "sgd", "--schedule", "step", "--step-size", "1", "--out", nested,
+            check=True)
     assert nested.exists() and nested.with_name("m.pth.json").exists()
     assert sorted(p.name for p in nested.parent.iterdir()) == ["m.last.pth", "m.pth", "m.pth.json"]

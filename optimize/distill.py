@@ -1,0 +1,148 @@
+"""Stage ``distill``: train a ResNet-18 (or -34) student from a teacher's logits.
+
+Loss (Hinton et al., 2015)::
+
+    alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student_logits, labels)
+    with p = softmax(logits / T), KL averaged over the batch
+
+The teacher's softened distribution is the target, as in the paper; the ``T^2`` factor keeps the soft
+term's gradients on the scale of the hard term's as ``T`` changes. The student goes through the shared loop
+(:func:`optimize.loop.fit`) with this loss plugged in; the teacher runs in eval mode under ``no_grad`` (and
+under the loop's AMP autocast on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import Artifact, prepare_output
+from .checkpoint import load_checkpoint
+from .data import default_preprocessing, load_data
+from .errors import CheckpointError, ConfigError
+from .evaluate import check_model_fits_data
+from .loop import LoopConfig, LossFn
+from .models import build_resnet
+from .train import CheckpointWriter, train_model
+
+logger = logging.getLogger(__name__)
+
+STUDENTS = ("resnet18", "resnet34")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """The distillation loss of one batch (see the module docstring)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student_logits.float(), targets)
+    return alpha * t * t * soft + (1.0 - alpha) * hard
+
+
+def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float) -> LossFn:
+    """A loss for :func:`optimize.loop.fit` that runs ``teacher`` on each batch's images.
+
+    Example::
+
+        fit(student, splits, cfg, loss_fn=distillation_loss(teacher, temperature=4, alpha=0.9))
+    """
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss(student_logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if next(iter(teacher.parameters()), images).device != images.device:
+            teacher.to(images.device)
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        return kd_loss(student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha)
+
+    return loss
+
+
+def check_distillation_params(temperature: float, alpha: float) -> None:
+    if temperature <= 0:
+        raise ConfigError(f"--temperature must be positive (got {temperature})")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"--alpha must be in [0, 1] (got {alpha})")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Options of ``cli.py distill``.
+
+    Attributes:
+        teacher: teacher checkpoint (edgeopt, torchvision state_dict, TorchScript, trusted pickle).
+        out: student checkpoint to write.
+        student: ``resnet18`` or ``resnet34``.
+        teacher_arch: the teacher's ResNet when it is a plain state_dict (guessed when None).
+        trust_checkpoint: allow a pickled whole nn.Module as the teacher.
+        student_init: start the student from this checkpoint instead of from scratch.
+        temperature: softening temperature T.
+        alpha: weight of the soft (teacher) term; 1 - alpha weighs the label term.
+        data / image_size / train_limit / val_limit: as for ``train``; the teacher's recorded preprocessing
+            wins over ``image_size``.
+        stem: the student's stem; None takes the teacher's (or ``imagenet``).
+        resume: continue from ``<out>.last.pth``.
+        loop: options of the shared training loop.
+    """
+
+    teacher: str
+    out: str
+    student: str = "resnet18"
+    teacher_arch: str | None = None
+    trust_checkpoint: bool = False
+    student_init: str | None = None
+    temperature: float = 4.0
+    alpha: float = 0.9
+    data: str = "fashion-mnist"
+    image_size: int | None = None
+    stem: str | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
+    resume: bool = False
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if self.student not in STUDENTS:
+            raise ConfigError(f"--student must be one of {', '.join(STUDENTS)} (got {self.student!r})")
+        check_distillation_params(self.temperature, self.alpha)
+
+
+def run(cfg: DistillConfig) -> Artifact:
+    """Distill ``cfg.teacher`` into a fresh (or ``student_init``) student; return the best checkpoint."""
+    out = prepare_output(cfg.out)
+    # any checkpoint the foundation loads can teach (TorchScript too): it only has to run forward
+    teacher = load_checkpoint(cfg.teacher, arch=cfg.teacher_arch, trust=cfg.trust_checkpoint)
+    preprocessing = teacher.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
+    splits = load_data(cfg.data, preprocessing, train_limit=cfg.train_limit, val_limit=cfg.val_limit)
+    check_model_fits_data(teacher, splits)
+    stem = cfg.stem or teacher.stem or "imagenet"
+
+    torch.manual_seed(cfg.loop.seed)
+    if cfg.student_init:
+        init = load_checkpoint(cfg.student_init)
+        if init.arch != cfg.student:
+            raise CheckpointError(f"--student-init {cfg.student_init} holds a {init.arch}, not --student "
+                                  f"{cfg.student}; pass --student {init.arch}")
+        check_model_fits_data(init, splits)
+        student, stem = init.model, init.stem or stem
+    else:
+        student = build_resnet(cfg.student, splits.num_classes, stem=stem)
+
+    inputs = {"data": splits.describe(), "teacher": teacher.describe()}
+    if cfg.student_init:
+        inputs["student_init"] = {"path": cfg.student_init, "sha256": init.sha256}
+    writer = CheckpointWriter(out, stage="distill", arch=cfg.student, stem=stem, class_names=splits.class_names,
+                              preprocessing=preprocessing, config=cfg, inputs=inputs)
+    loss = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha)
+    result = train_model(student, splits, cfg.loop, writer, cfg.resume, loss_fn=loss)
+    logger.info("student best val top-1 %.4f at epoch %d", result.best.get("val_top1", float("nan")),
+                result.best.get("epoch", 0))
+    return Artifact.of(out)
+

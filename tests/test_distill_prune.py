@@ -1,0 +1,166 @@
+"""distill and prune, run through the real CLI on tiny ResNets and a Fashion-MNIST slice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import error_line, run_cli
+from optimize.checkpoint import load_checkpoint
+from optimize.distill import kd_loss
+from optimize.prune import count_macs_params, prunable_layers, two_four_mask
+
+SLICE = ["--train-limit", "512", "--val-limit", "256", "--batch-size", "64"]  # 16 px comes from the model
+
+
+def test_kd_loss_matches_a_hand_computation():
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    t = torch.tensor([[1.0, 1.5, 0.0], [-2.0, 0.5, 2.5]])
+    y = torch.tensor([0, 2])
+    T, alpha = 4.0, 0.9
+    expected = 0.0
+    for i in range(2):
+        ps = [float(v) for v in torch.softmax(s[i] / T, 0)]
+        pt = [float(v) for v in torch.softmax(t[i] / T, 0)]
+        kl = sum(p * (torch.log(torch.tensor(p)) - torch.log(torch.tensor(q))).item() for p, q in zip(pt, ps))
+        ce = -torch.log_softmax(s[i], 0)[y[i]].item()
+        expected += (alpha * T * T * kl + (1 - alpha) * ce) / 2
+    assert kd_loss(s, t, y, temperature=T, alpha=alpha).item() == pytest.approx(expected, rel=1e-5)
+    # alpha 0 is plain cross-entropy; identical logits leave only the label term
+    assert kd_loss(s, t, y, temperature=T, alpha=0.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert kd_loss(s, s, y, temperature=T, alpha=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def student(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student") / "student.pth"
+    proc = run_cli("-q", "distill", "--teacher", trained, "--student", "resnet18", *SLICE, "--epochs", "1",
+                   "--out", out, "--json", check=True)
+    assert json.loads(proc.stdout)["metrics"]["epoch"] == 1
+    return out
+
+
+def test_distill_records_teacher_and_evaluates(student, trained):
+    manifest = json.loads(student.with_name("student.pth.json").read_text())
+    assert manifest["stage"] == "distill"
+    assert manifest["inputs"]["teacher"]["sha256"] == load_checkpoint(trained).sha256
+    assert manifest["config"]["temperature"] == 4.0 and manifest["config"]["alpha"] == 0.9
+    teacher_manifest = json.loads(trained.with_name("teacher.pth.json").read_text())
+    assert manifest["preprocessing"] == teacher_manifest["preprocessing"]  # the teacher's, not a default
+    report = json.loads(run_cli("-q", "evaluate", "--model", student, "--val-limit", "256", "--json",
+                                check=True).stdout)
+    assert report["top1"] == pytest.approx(manifest["metrics"]["val_top1"])
+
+
+def test_distill_from_a_torchscript_teacher(trained, tmp_path):
+    scripted = tmp_path / "teacher.ts"
+    torch.jit.trace(load_checkpoint(trained).model, torch.randn(1, 3, 16, 16)).save(str(scripted))
+    out = tmp_path / "s.pth"
+    run_cli("-q", "distill", "--teacher", scripted, *SLICE, "--image-size", "16", "--epochs", "1", "--out", out,
+            check=True)
+    assert load_checkpoint(out).arch == "resnet18"
+
+
+def test_distill_teacher_with_other_classes(trained, image_folder, tmp_path):
+    proc = run_cli("-q", "distill", "--teacher", trained, "--data", image_folder, "--epochs", "1",
+                   "--out", tmp_path / "s.pth")
+    assert proc.returncode == 2 and "classes" in error_line(proc)
+    assert not (tmp_path / "s.pth").exists()
+
+
+def _prune(student, out, *args):
+    proc = run_cli("-q", "prune", "--model", student, *SLICE, "--out", out, "--json", *args, check=True)
+    return json.loads(proc.stdout)["metrics"]
+
+
+def test_l1_unstructured_zeroes_exactly_half_and_keeps_them_zero(student, tmp_path):
+    out = tmp_path / "unstructured.pth"
+    m = _prune(student, out, "--method", "l1-unstructured", "--amount", "0.5", "--finetune-epochs", "1")
+    payload = torch.load(out, weights_only=True)
+    assert not [k for k in payload["state_dict"] if k.endswith(("_orig", "_mask"))]
+    model = load_checkpoint(out).model
+    layers = prunable_layers(model)
+    total = sum(mod.weight.numel() for _, mod in layers)
+    zeros = sum(int((mod.weight == 0).sum()) for _, mod in layers)
+    assert zeros == round(0.5 * total)  # exactly half, after a fine-tuning epoch
+    assert int((model.conv1.weight == 0).sum()) == 0 and int((model.fc.weight == 0).sum()) == 0
+    assert m["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert set(m["sparsity_per_layer"]) == {name for name, _ in layers}
+    assert {"top1_before", "top1_pruned", "top1_after", "macs_before", "macs_after"} <= set(m)
+    report = json.loads(run_cli("-q", "evaluate", "--model", out, "--val-limit", "256", "--json", check=True).stdout)
+    assert report["top1"] == pytest.approx(m["top1_after"])
+
+
+def test_iterative_unstructured_reaches_the_amount(student, tmp_path):
+    out = tmp_path / "steps.pth"
+    m = _prune(student, out, "--amount", "0.6", "--steps", "2", "--finetune-epochs", "1", "--teacher", student)
+    assert len(m["rounds"]) == 2 and m["sparsity"] == pytest.approx(0.6, abs=1e-6)
+
+
+def test_l1_channel_shrinks_macs_and_keeps_outputs(student, tmp_path):
+    out = tmp_path / "channel.pth"
+    m = _prune(student, out, "--method", "l1-channel", "--amount", "0.5", "--finetune-epochs", "1")
+    before, after = load_checkpoint(student).model, load_checkpoint(out).model  # weights_only reload
+    assert m["macs_after"] < m["macs_before"] / 2 and m["params_after"] < m["params_before"]
+    assert count_macs_params(after, 16)[0] == m["macs_after"]
+    x = torch.randn(2, 3, 16, 16)
+    assert after(x).shape == before(x).shape == (2, 10)
+    widths = [mod.out_channels for name, mod in after.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths) and after.conv1.out_channels == 64
+    run_cli("-q", "evaluate", "--model", out, "--val-limit", "64", check=True)
+
+
+def test_two_four_pattern_in_every_eligible_conv(student, tmp_path):
+    out = tmp_path / "24.pth"
+    _prune(student, out, "--method", "2:4", "--finetune-epochs", "1")
+    model = load_checkpoint(out).model
+    eligible = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels % 4 == 0]
+    assert len(eligible) == 19  # every ResNet-18 conv but the 3-channel stem
+    for conv in eligible:
+        groups = conv.weight.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+        assert ((groups != 0).sum(dim=1) <= 2).all()
+    assert (model.conv1.weight != 0).all()
+
+
+def test_two_four_mask_keeps_the_two_largest():
+    w = torch.tensor([0.1, -0.9, 0.5, 0.2, 3.0, -4.0, 0.0, 1.0]).reshape(1, 8, 1, 1)
+    assert two_four_mask(w).flatten().tolist() == [0, 1, 1, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--amount", "1.0"], "--amount"),
+    (["--amount", "-0.1"], "--amount"),
+    (["--method", "2:4", "--amount", "0.5"], "drop --amount"),
+])
+def test_prune_bad_options(student, tmp_path, args, expect):
+    proc = run_cli("-q", "prune", "--model", student, *SLICE, "--out", tmp_path / "p.pth", *args)
+    assert proc.returncode == 2 and expect in error_line(proc)
+    assert not (tmp_path / "p.pth").exists()
+
+
+def test_prune_refuses_a_model_pruned_otherwise(student, tmp_path):
+    first = tmp_path / "first.pth"
+    _prune(student, first, "--method", "2:4")
+    proc = run_cli("-q", "prune", "--model", first, *SLICE, "--method", "l1-channel", "--out", tmp_path / "again.pth")
+    assert proc.returncode == 2 and "already pruned with 2:4" in error_line(proc)
+
+
+def test_prune_refuses_a_teacher_with_other_classes(student, image_folder, tmp_path):
+    other = tmp_path / "other.pth"
+    run_cli("-q", "train", "--data", image_folder, "--arch", "resnet18", "--image-size", "16", "--epochs", "1",
+            "--out", other, check=True)
+    proc = run_cli("-q", "prune", "--model", student, *SLICE, "--teacher", other, "--finetune-epochs", "1",
+                   "--out", tmp_path / "p.pth")
+    assert proc.returncode == 2 and "classes" in error_line(proc)
+
+
+def test_channel_pruning_needs_a_resnet(trained, tmp_path):
+    scripted = tmp_path / "m.ts"
+    torch.jit.trace(load_checkpoint(trained).model, torch.randn(1, 3, 16, 16)).save(str(scripted))
+    proc = run_cli("-q", "prune", "--model", scripted, *SLICE, "--method", "l1-channel", "--out", tmp_path / "p.pth")
+    assert proc.returncode == 2 and str(scripted) in error_line(proc)
+
+
