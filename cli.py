@@ -182,6 +182,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint to ONNX (symbolic batch axis), verified against PyTorch at batch 1, 7 and 32."""
+    from optimize import export
+
+    cfg = export.ExportConfig(model=args.model, out=args.out, opset=args.opset, atol=args.atol, data=args.data,
+                              image_size=args.image_size, torchscript=args.torchscript, arch=args.arch,
+                              trust_checkpoint=args.trust_checkpoint)
+    artifact = export.run(cfg)
+    v = artifact.manifest["metrics"]["verification"]
+    summary = (f"opset {args.opset}, batch axis '{export.BATCH_DIM}'; vs PyTorch at batch "
+               f"{'/'.join(map(str, export.VERIFY_BATCHES))}: max abs diff {v['max_abs_diff']:.1e}, "
+               f"top-1 agreement {v['top1_agreement']:.0%}")
+    if artifact.manifest.get("torchscript"):
+        summary += f"; also wrote {artifact.path.with_name(artifact.manifest['torchscript'])}"
+    _print_artifact(artifact, args.json, summary)
+    return 0
+
+
 def add_kd_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distillation")
     g.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
@@ -245,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_kd_args(p)
     add_data_args(p, image_size=False)
     add_loop_args(p, finetune=True)
+
+    p = add("export", cmd_export)
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="ONNX file to write, e.g. runs/model.onnx")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference ONNX vs PyTorch accepted")
+    p.add_argument("--torchscript", action="store_true", help="also write a traced <out>.torchscript.pt")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_data_args(p, train=False)
 
     p = add("evaluate", cmd_evaluate)
     add_model_args(p)
