@@ -200,6 +200,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate an ONNX model to INT8: Q/DQ for TensorRT, or the fastest measured form for the CPU."""
+    from calib import calibrate
+
+    cfg = calibrate.CalibConfig(onnx=args.onnx, out=args.out, data=args.data, num_images=args.num_images,
+                                method=args.method, target=args.target, cache=args.cache, val_limit=args.val_limit,
+                                batch_size=args.batch_size)
+    artifact = calibrate.run(cfg)
+    m = artifact.manifest["metrics"]
+    summary = (f"{m['target']}, {m['form']}: top-1 {m['top1_int8']:.2%} vs FP32 {m['top1_fp32']:.2%} "
+               f"({m['top1_drop_pt']:+.2f} pt drop), agreement {m['agreement_with_fp32']:.2%}")
+    if m["target"] == "cpu":
+        summary += "; img/s at batch 8: FP32 %.0f, " % m["fp32"]["img_per_s_b8"] + ", ".join(
+            f"{form} {c['img_per_s_b8']:.0f} ({c['speedup_vs_fp32']:.2f}x)" for form, c in m["candidates"].items())
+    _print_artifact(artifact, args.json, summary + f"; cache {artifact.path.with_name(artifact.manifest['calibration_cache'])}")
+    return 0
+
+
 def add_kd_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distillation")
     g.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
@@ -272,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action="store_true", help="also write a traced <out>.torchscript.pt")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_data_args(p, train=False)
+
+    from calib.calibrate import METHODS as CALIB_METHODS, TARGETS
+
+    p = add("calibrate", cmd_calibrate)
+    p.add_argument("--onnx", required=True, help="FP32 ONNX model written by export")
+    p.add_argument("--out", required=True, help="INT8 ONNX model to write, e.g. runs/model.int8.onnx")
+    p.add_argument("--num-images", type=int, default=512, help="class-stratified calibration images")
+    p.add_argument("--method", choices=CALIB_METHODS, default="entropy")
+    p.add_argument("--target", choices=TARGETS, default="tensorrt")
+    p.add_argument("--cache", default=None, help="calibration cache to reuse, or to write if missing "
+                                                 "(default: <out stem>.calib.json)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    add_data_args(p, train=False, image_size=False)
 
     p = add("evaluate", cmd_evaluate)
     add_model_args(p)

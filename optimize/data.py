@@ -87,12 +87,6 @@ class LabeledImages(Dataset):
             return None
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
-    def subset(self, indices: Sequence[int]) -> "LabeledImages":
-        indices = list(indices)
-        source = self._source
-        return LabeledImages(lambda j: source(indices[j]), self.labels[indices],
-                             [self.ids[i] for i in indices], self.transform)
-
 
 def skip_unreadable_collate(batch):
     """Default collate, minus items an unreadable image turned into ``None`` (already warned about)."""

@@ -157,7 +157,3 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, arch: str |
         first = str(e).splitlines()[:3]
         raise CheckpointError(f"{source} does not fit {arch}: {' '.join(first)}") from e
     return model, arch, stem
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

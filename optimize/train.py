@@ -88,10 +88,8 @@ class CheckpointWriter:
         self.class_names, self.preprocessing = class_names, preprocessing
         self.config = dataclasses.asdict(config)
         self.inputs = inputs
-        self.extra_metrics: dict[str, Any] = {}
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
-        metrics = {**metrics, **self.extra_metrics}
         save_checkpoint(self.out, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
                         preprocessing=self.preprocessing, metrics=metrics)
         write_manifest(self.out, stage=self.stage, config=self.config, inputs=self.inputs,

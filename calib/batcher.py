@@ -1,0 +1,69 @@
+"""One batcher for calibration and ONNX inference: numpy batches in the model's input shape.
+
+Example::
+
+    batcher = ImageBatcher(splits.val, batch_size=32, image_size=onnx_input_size(model_path))
+    for batch, labels in batcher:        # float32 [n, 3, S, S], int64 [n]
+        logits = session.run(None, {"input": batch})[0]
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from optimize.data import LabeledImages
+from optimize.errors import EdgeoptError
+
+
+class ModelInputError(EdgeoptError):
+    """An ONNX model's input is not what edgeopt's batcher can feed."""
+
+
+def onnx_input(path: str) -> tuple[str, int, bool]:
+    """The ONNX model's single image input: ``(name, side, batch axis is symbolic)``.
+
+    Raises:
+        ModelInputError: not ``[batch, 3, S, S]``.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i for i in model.graph.input if i.name not in {init.name for init in model.graph.initializer}]
+    if len(inputs) != 1:
+        raise ModelInputError(f"{path} has {len(inputs)} inputs; edgeopt handles one image input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or dims[1].dim_value != 3 or dims[2].dim_value != dims[3].dim_value or not dims[2].dim_value:
+        shape = [d.dim_param or d.dim_value for d in dims]
+        raise ModelInputError(f"{path} takes input {shape}; edgeopt needs [batch, 3, S, S]")
+    return inputs[0].name, dims[2].dim_value, bool(dims[0].dim_param)
+
+
+class ImageBatcher:
+    """Iterate a dataset as ``(float32 [n, 3, S, S], int64 labels [n])`` batches.
+
+    Args:
+        dataset: items ``(tensor [3, S, S], label)`` from the shared preprocessing.
+        batch_size: images per batch (the last one may be smaller).
+        image_size: the model's input side; a dataset of another size is refused.
+        limit: stop after this many images (None: all).
+    """
+
+    def __init__(self, dataset: LabeledImages, *, batch_size: int, image_size: int, limit: int | None = None):
+        self.dataset, self.batch_size, self.image_size = dataset, batch_size, image_size
+        self.count = len(dataset) if limit is None else min(limit, len(dataset))
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, self.count, self.batch_size):
+            items = [self.dataset[i] for i in range(start, min(start + self.batch_size, self.count))]
+            items = [it for it in items if it is not None]
+            if not items:
+                continue
+            batch = np.stack([x.numpy() for x, _ in items]).astype(np.float32, copy=False)
+            if batch.shape[1:] != (3, self.image_size, self.image_size):
+                raise ModelInputError(f"preprocessing gives {batch.shape[1:]} but the model takes "
+                                      f"(3, {self.image_size}, {self.image_size})")
+            yield batch, np.asarray([y for _, y in items], dtype=np.int64)

@@ -1,0 +1,294 @@
+"""Stage ``calibrate``: an FP32 ONNX model to INT8, calibrated on a class-stratified sample of training images.
+
+Targets:
+    ``tensorrt``: explicit quantization as TensorRT wants it: symmetric INT8 activations and weights, per-channel
+        weights, zero points 0, biases left in float, Q/DQ nodes in the graph (ONNX Runtime's ``quantize_static``
+        in QDQ form), then the residual Adds' conv-branch Q/DQ removed so conv + add fuse (:mod:`calib.qdq`).
+    ``cpu``: whichever INT8 form runs fastest on this CPU under ONNX Runtime, *measured*: U8S8 in QOperator form
+        (reduce_range, as ONNX Runtime advises for AVX2 without VNNI) against S8S8 in QDQ form. Both are
+        written and timed against the FP32 model at batch 8; the faster becomes ``out``. INT8 is not assumed to
+        be faster: the manifest says which form won and by how much.
+
+The calibration cache (``<out stem>.calib.json``, or ``cache``) holds ONNX Runtime's per-tensor ranges with the
+method, image count, the FP32 ONNX's sha256 and the preprocessing, so another machine (a Jetson) can
+re-quantize without the data; a cache made for another ONNX file or preprocessing is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from optimize.artifacts import Artifact, atomic_path, prepare_output, read_manifest, sha256_file, write_json, \
+    write_manifest
+from optimize.data import load_data
+from optimize.errors import EdgeoptError
+from optimize.preprocess import Preprocessing
+
+from .batcher import ImageBatcher, onnx_input
+from .qdq import place_residual_qdq
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("entropy", "minmax", "percentile")
+TARGETS = ("tensorrt", "cpu")
+CACHE_FORMAT = "edgeopt-calibration-cache"
+
+
+class CalibrationError(EdgeoptError):
+    """Calibration cannot run or its cache does not fit the model."""
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Options of ``cli.py calibrate``.
+
+    Attributes:
+        onnx: FP32 ONNX model written by ``export`` (its metadata gives the preprocessing).
+        out: INT8 ONNX model to write.
+        data: calibration images come from its training split, accuracy from its val split.
+        num_images: size of the class-stratified calibration sample.
+        method: ``entropy`` (KL), ``minmax`` or ``percentile`` (99.999th).
+        target: ``tensorrt`` (symmetric S8S8 Q/DQ) or ``cpu`` (the faster measured form).
+        cache: calibration cache to reuse (no data read) or, if missing, to write; None: ``<out stem>.calib.json``.
+        val_limit: val images for the accuracy figures (None: the whole split).
+        batch_size: images per calibration / evaluation batch.
+        timing_seconds: how long each model is timed when the ``cpu`` target compares forms.
+    """
+
+    onnx: str
+    out: str
+    data: str = "fashion-mnist"
+    num_images: int = 512
+    method: str = "entropy"
+    target: str = "tensorrt"
+    cache: str | None = None
+    val_limit: int | None = None
+    batch_size: int = 32
+    timing_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CalibrationError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.target not in TARGETS:
+            raise CalibrationError(f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})")
+        if self.num_images < 1 or self.batch_size < 1:
+            raise CalibrationError("--num-images and --batch-size must be at least 1")
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def session(path: str | Path):
+    """An ONNX Runtime CPU session using every core (the same threads for every model compared)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def throughput(path: str | Path, image_size: int, *, batch: int = 8, seconds: float = 2.0) -> float:
+    """Images per second of ``path`` on ONNX Runtime CPU at ``batch`` (input preallocated, after warm-up)."""
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    for _ in range(3):
+        sess.run(None, {name: x})
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 3:
+        sess.run(None, {name: x})
+        runs += 1
+    return runs * batch / (time.perf_counter() - start)
+
+
+def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 predictions of ``path`` over ``batcher`` and the labels."""
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    preds, labels = [], []
+    for batch, y in batcher:
+        preds.append(sess.run(None, {name: batch})[0].argmax(1))
+        labels.append(y)
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def model_preprocessing(path: str | Path) -> tuple[Preprocessing, list[str]]:
+    """Preprocessing and class names recorded by ``export`` (ONNX metadata, else the manifest)."""
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if "edgeopt.preprocessing" in props:
+        return (Preprocessing.from_dict(json.loads(props["edgeopt.preprocessing"])),
+                json.loads(props["edgeopt.class_names"]))
+    manifest = read_manifest(path) or {}
+    if manifest.get("preprocessing"):
+        return Preprocessing.from_dict(manifest["preprocessing"]), manifest.get("class_names")
+    raise CalibrationError(f"{path} records no preprocessing; export it with 'cli.py export' first")
+
+
+def _load_onnx_checked(path: Path) -> None:
+    if not path.is_file():
+        raise CalibrationError(f"ONNX model {path} does not exist; write one with 'cli.py export'")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf and checker errors alike mean "not a usable ONNX file"
+        raise CalibrationError(f"{path} is not a valid ONNX model ({type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0]}); export it again") from e
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader face over our batcher."""
+
+    def __init__(self, batcher: ImageBatcher, input_name: str):
+        self._batches = (batch for batch, _ in batcher)
+        self._name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self._name: batch}
+
+    def rewind(self) -> None:  # pragma: no cover - ORT calls it only for some calibrators
+        raise CalibrationError("calibration data can be read once")
+
+
+def _read_cache(path: Path, onnx_sha: str, preprocessing: Preprocessing, method: str) -> dict[str, Any]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"calibration cache {path} is unreadable ({e}); delete it to recalibrate") from e
+    if cache.get("format") != CACHE_FORMAT:
+        raise CalibrationError(f"{path} is not an edgeopt calibration cache")
+    if cache.get("onnx_sha256") != onnx_sha:
+        raise CalibrationError(f"calibration cache {path} was made for another ONNX file (sha256 "
+                               f"{str(cache.get('onnx_sha256'))[:12]}...); recalibrate with --data, or give the "
+                               "matching model")
+    if cache.get("preprocessing") != preprocessing.to_dict():
+        raise CalibrationError(f"calibration cache {path} was made with other preprocessing; recalibrate with --data")
+    if cache.get("method") != method:
+        raise CalibrationError(f"calibration cache {path} holds {cache.get('method')} ranges, not --method {method}")
+    return cache
+
+
+def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path, reader: _Reader | None, *,
+              float_bias: bool = False) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+             "percentile": CalibrationMethod.Percentile}[method]
+    if form == "qdq-s8s8":
+        kwargs = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                      per_channel=True, reduce_range=False,
+                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                     "QuantizeBias": not float_bias})
+    else:  # qoperator-u8s8
+        kwargs = dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                      weight_type=QuantType.QInt8, per_channel=True, reduce_range=True, extra_options={})
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):  # ORT's calibrators print() histogram sizes; keep stdout for us
+        quantize_static(str(src), str(dst), reader, calibrate_method=calib, calibration_cache_path=str(ort_cache),
+                        **kwargs)
+    if chatter.getvalue().strip():
+        logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+
+
+def run(cfg: CalibConfig) -> Artifact:
+    """Calibrate and quantize ``cfg.onnx``; returns the INT8 model written, with figures in its manifest."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = Path(cfg.onnx)
+    _load_onnx_checked(src)
+    out = prepare_output(cfg.out)
+    input_name, size, dynamic = onnx_input(str(src))
+    if not dynamic:
+        raise CalibrationError(f"{src} has a fixed batch size; export it with 'cli.py export' (symbolic batch axis)")
+    preprocessing, class_names = model_preprocessing(src)
+    onnx_sha = sha256_file(src)
+    cache_path = Path(cfg.cache) if cfg.cache else out.with_name(f"{out.stem}.calib.json")
+    cache = _read_cache(cache_path, onnx_sha, preprocessing, cfg.method) if cfg.cache and cache_path.exists() else None
+
+    splits = load_data(cfg.data, preprocessing, train_limit=1 if cache else cfg.num_images,
+                       val_limit=cfg.val_limit, augment=False)
+    if class_names and class_names != splits.class_names:
+        raise CalibrationError(f"{src} predicts {len(class_names)} classes {class_names[:3]}... but {splits.name} "
+                               f"has {splits.class_names[:3]}...; calibrate with the model's own data")
+    val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=size)
+
+    with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        prepared = tmp / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared))
+        ort_cache = tmp / "ort-cache.json"
+        reader = None
+        if cache:
+            ort_cache.write_text(json.dumps(cache["ort"]))
+            logger.info("reusing calibration cache %s (%d images, %s)", cache_path, cache["num_images"], cfg.method)
+        else:
+            reader = _Reader(ImageBatcher(splits.train, batch_size=cfg.batch_size, image_size=size), input_name)
+            logger.info("calibrating on %d training images (%s)", len(splits.train), cfg.method)
+
+        forms = ["qdq-s8s8"] if cfg.target == "tensorrt" else ["qoperator-u8s8", "qdq-s8s8"]
+        candidates: dict[str, dict[str, Any]] = {}
+        for form in forms:
+            dst = tmp / f"{form}.onnx"
+            _quantize(prepared, dst, form, cfg.method, ort_cache, reader, float_bias=cfg.target == "tensorrt")
+            reader = None  # the ranges are in ort_cache now: later forms reuse them
+            if cfg.target == "tensorrt":
+                model = onnx.load(str(dst))
+                place_residual_qdq(model)
+                onnx.save(model, str(dst))
+            candidates[form] = {"path": dst}
+
+        fp32_pred, labels = predictions(src, val)
+        figures: dict[str, Any] = {"fp32": {"top1": float((fp32_pred == labels).mean())}}
+        if cfg.target == "cpu":
+            figures["fp32"]["img_per_s_b8"] = throughput(src, size, seconds=cfg.timing_seconds)
+        for form, c in candidates.items():
+            pred, _ = predictions(c["path"], val)
+            c.update(top1=float((pred == labels).mean()), agreement_with_fp32=float((pred == fp32_pred).mean()))
+            if cfg.target == "cpu":
+                c["img_per_s_b8"] = throughput(c["path"], size, seconds=cfg.timing_seconds)
+                c["speedup_vs_fp32"] = c["img_per_s_b8"] / figures["fp32"]["img_per_s_b8"]
+        chosen = max(candidates, key=lambda f: candidates[f].get("img_per_s_b8", 0.0))
+        chosen_model = onnx.load(str(candidates[chosen]["path"]))
+        onnx.helper.set_model_props(chosen_model, {p.key: p.value for p in
+                                                   onnx.load(str(src), load_external_data=False).metadata_props})
+        with atomic_path(out) as final:
+            onnx.save(chosen_model, str(final))
+        if not cache:
+            write_json(cache_path, {"format": CACHE_FORMAT, "version": 1, "method": cfg.method,
+                                    "num_images": len(splits.train), "onnx": src.name, "onnx_sha256": onnx_sha,
+                                    "preprocessing": preprocessing.to_dict(),
+                                    "ort": json.loads(ort_cache.read_text())})
+
+    for c in candidates.values():
+        c.pop("path")
+    best = candidates[chosen]
+    if cfg.target == "cpu" and best["speedup_vs_fp32"] < 1.0:
+        logger.warning("no INT8 form beats FP32 on this CPU (best: %s at %.2fx); keep the FP32 model for speed",
+                       chosen, best["speedup_vs_fp32"])
+    metrics = {"target": cfg.target, "form": chosen, "top1_fp32": figures["fp32"]["top1"], "top1_int8": best["top1"],
+               "top1_drop_pt": 100 * (figures["fp32"]["top1"] - best["top1"]),
+               "agreement_with_fp32": best["agreement_with_fp32"], "val_images": int(len(labels)),
+               "candidates": candidates, "fp32": figures["fp32"], "threads": os.cpu_count()}
+    if cfg.target == "cpu":
+        metrics["int8_faster_than_fp32"] = best["speedup_vs_fp32"] > 1.0
+    logger.info("INT8 (%s, %s): top-1 %.4f vs FP32 %.4f, agreement %.4f", cfg.target, chosen, best["top1"],
+                figures["fp32"]["top1"], best["agreement_with_fp32"])
+    write_manifest(out, stage="calibrate", config=cfg, inputs={"onnx": {"path": str(src), "sha256": onnx_sha},
+                                                               "cache": str(cache_path)},
+                   preprocessing=preprocessing.to_dict(), class_names=class_names, metrics=metrics,
+                   extra={"calibration_cache": cache_path.name, "input": input_name})
+    return Artifact.of(out)
