@@ -209,12 +209,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size)
     artifact = calibrate.run(cfg)
     m = artifact.manifest["metrics"]
-    summary = (f"{m['target']}, {m['form']}: top-1 {m['top1_int8']:.2%} vs FP32 {m['top1_fp32']:.2%} "
-               f"({m['top1_drop_pt']:+.2f} pt drop), agreement {m['agreement_with_fp32']:.2%}")
+    summary = f"{m['target']}, {m['form']}"
+    if m["top1_int8"] is not None:
+        summary += (f": top-1 {m['top1_int8']:.2%} vs FP32 {m['top1_fp32']:.2%} ({m['top1_drop_pt']:+.2f} pt drop), "
+                    f"agreement {m['agreement_with_fp32']:.2%}")
     if m["target"] == "cpu":
         summary += "; img/s at batch 8: FP32 %.0f, " % m["fp32"]["img_per_s_b8"] + ", ".join(
             f"{form} {c['img_per_s_b8']:.0f} ({c['speedup_vs_fp32']:.2f}x)" for form, c in m["candidates"].items())
     _print_artifact(artifact, args.json, summary + f"; cache {artifact.path.with_name(artifact.manifest['calibration_cache'])}")
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """Build an inference engine: ONNX Runtime (CPU, fp32/int8) or TensorRT 8.6/10/11 (fp32/fp16/int8)."""
+    from optimize import build_engine
+
+    cfg = build_engine.BuildConfig(onnx=args.onnx, out=args.out, backend=args.backend, precision=args.precision,
+                                   calib_data=args.calib_data, calib_cache=args.calib_cache,
+                                   calib_method=args.calib_method, num_images=args.num_images,
+                                   min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                                   workspace=args.workspace, timing_cache=args.timing_cache,
+                                   sparse_weights=args.sparse_weights, dla_core=args.dla_core)
+    artifact = build_engine.run(cfg)
+    e = artifact.manifest["engine"]
+    where = f"TensorRT {e['tensorrt']} on {e['gpu']}" if e["backend"] == "tensorrt" else f"ONNX Runtime {e['onnxruntime']}"
+    _print_artifact(artifact, args.json, f"{where}, {e['precision']}, batch {e['profile']['min_batch']}/"
+                                         f"{e['profile']['opt_batch']}/{e['profile']['max_batch']}")
     return 0
 
 
@@ -304,6 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     add_data_args(p, train=False, image_size=False)
+
+    from optimize.build_engine import BACKENDS, PRECISIONS
+
+    p = add("build-engine", cmd_build_engine)
+    p.add_argument("--onnx", required=True, help="ONNX model from export (or an INT8 one from calibrate)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--calib-data", default=None, help="int8: calibration data ('fashion-mnist' or a folder)")
+    p.add_argument("--calib-cache", default=None, help="int8: calibration cache to reuse or write")
+    p.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy")
+    p.add_argument("--num-images", type=int, default=512, help="int8: calibration images")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--workspace", default="2G", help="TensorRT workspace limit")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache to load and update")
+    p.add_argument("--sparse-weights", action="store_true", help="TensorRT: use 2:4 sparse tensor cores")
+    p.add_argument("--dla-core", type=int, default=None, help="TensorRT: build for this DLA core (Jetson)")
+    p.add_argument("--out", required=True, help="engine to write: runs/model.engine (TensorRT), "
+                                                "runs/model.ort.onnx (ONNX Runtime)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = add("evaluate", cmd_evaluate)
     add_model_args(p)

@@ -57,7 +57,8 @@ class CalibConfig:
     Attributes:
         onnx: FP32 ONNX model written by ``export`` (its metadata gives the preprocessing).
         out: INT8 ONNX model to write.
-        data: calibration images come from its training split, accuracy from its val split.
+        data: calibration images come from its training split, accuracy from its val split; None with an
+            existing ``cache``: quantize from the cache alone, without accuracy figures.
         num_images: size of the class-stratified calibration sample.
         method: ``entropy`` (KL), ``minmax`` or ``percentile`` (99.999th).
         target: ``tensorrt`` (symmetric S8S8 Q/DQ) or ``cpu`` (the faster measured form).
@@ -69,7 +70,7 @@ class CalibConfig:
 
     onnx: str
     out: str
-    data: str = "fashion-mnist"
+    data: str | None = "fashion-mnist"
     num_images: int = 512
     method: str = "entropy"
     target: str = "tensorrt"
@@ -139,7 +140,8 @@ def model_preprocessing(path: str | Path) -> tuple[Preprocessing, list[str]]:
     raise CalibrationError(f"{path} records no preprocessing; export it with 'cli.py export' first")
 
 
-def _load_onnx_checked(path: Path) -> None:
+def check_onnx_file(path: Path) -> None:
+    """Refuse a missing or invalid ONNX file with a one-line reason."""
     if not path.is_file():
         raise CalibrationError(f"ONNX model {path} does not exist; write one with 'cli.py export'")
     try:
@@ -209,7 +211,7 @@ def run(cfg: CalibConfig) -> Artifact:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src = Path(cfg.onnx)
-    _load_onnx_checked(src)
+    check_onnx_file(src)
     out = prepare_output(cfg.out)
     input_name, size, dynamic = onnx_input(str(src))
     if not dynamic:
@@ -219,12 +221,17 @@ def run(cfg: CalibConfig) -> Artifact:
     cache_path = Path(cfg.cache) if cfg.cache else out.with_name(f"{out.stem}.calib.json")
     cache = _read_cache(cache_path, onnx_sha, preprocessing, cfg.method) if cfg.cache and cache_path.exists() else None
 
-    splits = load_data(cfg.data, preprocessing, train_limit=1 if cache else cfg.num_images,
-                       val_limit=cfg.val_limit, augment=False)
-    if class_names and class_names != splits.class_names:
-        raise CalibrationError(f"{src} predicts {len(class_names)} classes {class_names[:3]}... but {splits.name} "
-                               f"has {splits.class_names[:3]}...; calibrate with the model's own data")
-    val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=size)
+    if cfg.data is None and not cache:
+        raise CalibrationError("INT8 needs calibration data or an existing calibration cache; pass --calib-data "
+                               "(or --data) or --calib-cache")
+    splits, val = None, None
+    if cfg.data is not None:
+        splits = load_data(cfg.data, preprocessing, train_limit=1 if cache else cfg.num_images,
+                           val_limit=cfg.val_limit, augment=False)
+        if class_names and class_names != splits.class_names:
+            raise CalibrationError(f"{src} predicts {len(class_names)} classes {class_names[:3]}... but "
+                                   f"{splits.name} has {splits.class_names[:3]}...; calibrate with the model's data")
+        val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=size)
 
     with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -251,13 +258,18 @@ def run(cfg: CalibConfig) -> Artifact:
                 onnx.save(model, str(dst))
             candidates[form] = {"path": dst}
 
-        fp32_pred, labels = predictions(src, val)
-        figures: dict[str, Any] = {"fp32": {"top1": float((fp32_pred == labels).mean())}}
+        figures: dict[str, Any] = {"fp32": {"top1": None}}
+        labels = np.zeros(0)
+        if val is not None:
+            fp32_pred, labels = predictions(src, val)
+            figures["fp32"]["top1"] = float((fp32_pred == labels).mean())
         if cfg.target == "cpu":
             figures["fp32"]["img_per_s_b8"] = throughput(src, size, seconds=cfg.timing_seconds)
         for form, c in candidates.items():
-            pred, _ = predictions(c["path"], val)
-            c.update(top1=float((pred == labels).mean()), agreement_with_fp32=float((pred == fp32_pred).mean()))
+            c.update(top1=None, agreement_with_fp32=None)
+            if val is not None:
+                pred, _ = predictions(c["path"], val)
+                c.update(top1=float((pred == labels).mean()), agreement_with_fp32=float((pred == fp32_pred).mean()))
             if cfg.target == "cpu":
                 c["img_per_s_b8"] = throughput(c["path"], size, seconds=cfg.timing_seconds)
                 c["speedup_vs_fp32"] = c["img_per_s_b8"] / figures["fp32"]["img_per_s_b8"]
@@ -269,7 +281,7 @@ def run(cfg: CalibConfig) -> Artifact:
             onnx.save(chosen_model, str(final))
         if not cache:
             write_json(cache_path, {"format": CACHE_FORMAT, "version": 1, "method": cfg.method,
-                                    "num_images": len(splits.train), "onnx": src.name, "onnx_sha256": onnx_sha,
+                                    "num_images": len(splits.train),  # no cache: splits were loaded "onnx": src.name, "onnx_sha256": onnx_sha,
                                     "preprocessing": preprocessing.to_dict(),
                                     "ort": json.loads(ort_cache.read_text())})
 
@@ -279,14 +291,16 @@ def run(cfg: CalibConfig) -> Artifact:
     if cfg.target == "cpu" and best["speedup_vs_fp32"] < 1.0:
         logger.warning("no INT8 form beats FP32 on this CPU (best: %s at %.2fx); keep the FP32 model for speed",
                        chosen, best["speedup_vs_fp32"])
+    measured = best["top1"] is not None
     metrics = {"target": cfg.target, "form": chosen, "top1_fp32": figures["fp32"]["top1"], "top1_int8": best["top1"],
-               "top1_drop_pt": 100 * (figures["fp32"]["top1"] - best["top1"]),
+               "top1_drop_pt": 100 * (figures["fp32"]["top1"] - best["top1"]) if measured else None,
                "agreement_with_fp32": best["agreement_with_fp32"], "val_images": int(len(labels)),
                "candidates": candidates, "fp32": figures["fp32"], "threads": os.cpu_count()}
     if cfg.target == "cpu":
         metrics["int8_faster_than_fp32"] = best["speedup_vs_fp32"] > 1.0
-    logger.info("INT8 (%s, %s): top-1 %.4f vs FP32 %.4f, agreement %.4f", cfg.target, chosen, best["top1"],
-                figures["fp32"]["top1"], best["agreement_with_fp32"])
+    if measured:
+        logger.info("INT8 (%s, %s): top-1 %.4f vs FP32 %.4f, agreement %.4f", cfg.target, chosen, best["top1"],
+                    figures["fp32"]["top1"], best["agreement_with_fp32"])
     write_manifest(out, stage="calibrate", config=cfg, inputs={"onnx": {"path": str(src), "sha256": onnx_sha},
                                                                "cache": str(cache_path)},
                    preprocessing=preprocessing.to_dict(), class_names=class_names, metrics=metrics,

@@ -1,0 +1,74 @@
+"""build-engine with the ONNX Runtime backend (TensorRT is checked by test_tensorrt_api.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import error_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "model.onnx"
+    run_cli("-q", "export", "--model", trained, "--out", out, check=True)
+    return out
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_onnxruntime_fp32_engine_matches_the_onnx(fp32_onnx, tmp_path):
+    out = tmp_path / "model.ort.onnx"
+    proc = run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--backend", "onnxruntime", "--precision", "fp32",
+                   "--min-batch", "1", "--opt-batch", "4", "--max-batch", "16", "--out", out, "--json", check=True)
+    manifest = json.loads((tmp_path / "model.ort.onnx.json").read_text())
+    engine = manifest["engine"]
+    assert engine["backend"] == "onnxruntime" and engine["precision"] == "fp32"
+    assert engine["profile"] == {"min_batch": 1, "opt_batch": 4, "max_batch": 16}
+    assert manifest["inputs"]["onnx"]["sha256"] == json.loads((fp32_onnx.parent / "model.onnx.json").read_text())["sha256"]
+    assert json.loads(proc.stdout)["out"] == str(out)
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(fp32_onnx, x), atol=1e-4)
+
+
+def test_onnxruntime_int8_engine_from_calibration_data(fp32_onnx, tmp_path):
+    out = tmp_path / "model.int8.ort.onnx"
+    run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--precision", "int8", "--calib-data", "fashion-mnist",
+            "--num-images", "64", "--out", out, check=True)
+    manifest = json.loads((tmp_path / "model.int8.ort.onnx.json").read_text())
+    calibration = manifest["metrics"]["calibration"]
+    assert calibration["target"] == "cpu" and calibration["form"] in calibration["candidates"]
+    assert (tmp_path / "model.int8.ort.calib.json").exists()
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    assert _run(out, x).shape == (3, 10)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--precision", "int8"], "--calib-data"),
+    (["--min-batch", "8", "--opt-batch", "4"], "--min-batch"),
+    (["--precision", "fp16"], "fp16"),
+    (["--sparse-weights"], "TensorRT options"),
+    (["--max-batch", "100000"], "--max-batch"),
+])
+def test_build_engine_bad_options(fp32_onnx, tmp_path, args, expect):
+    out = tmp_path / "x.onnx"
+    proc = run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--out", out, *args)
+    assert proc.returncode == 2 and expect in error_line(proc)
+    assert not out.exists()
+
+
+def test_build_engine_bad_models(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not onnx")
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 16, 16),), str(fixed), dynamo=False,
+                      input_names=["input"])
+    for path, expect in ((junk, "not a valid ONNX"), (fixed, "fixed batch")):
+        proc = run_cli("-q", "build-engine", "--onnx", path, "--out", tmp_path / "x.onnx")
+        assert proc.returncode == 2 and expect in error_line(proc)
