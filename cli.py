@@ -206,7 +206,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     cfg = calibrate.CalibConfig(onnx=args.onnx, out=args.out, data=args.data, num_images=args.num_images,
                                 method=args.method, target=args.target, cache=args.cache, val_limit=args.val_limit,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, timing_seconds=args.timing_seconds)
     artifact = calibrate.run(cfg)
     m = artifact.manifest["metrics"]
     summary = f"{m['target']}, {m['form']}"
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="calibration cache to reuse, or to write if missing "
                                                  "(default: <out stem>.calib.json)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--timing-seconds", type=float, default=2.0,
+                   help="cpu target: time each model this long at batch 1 and 8")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     add_data_args(p, train=False, image_size=False)
 

@@ -83,10 +83,11 @@ def test_cache_is_reused_and_refused_for_another_model(fp32_onnx, trained, tmp_p
 
 def test_cpu_target_measures_both_forms_and_keeps_the_faster(fp32_onnx, tmp_path):
     out = tmp_path / "cpu.int8.onnx"
-    m = _calibrate(fp32_onnx, out, "--target", "cpu", "--method", "percentile")
+    m = _calibrate(fp32_onnx, out, "--target", "cpu", "--method", "percentile", "--timing-seconds", "0.3")
     assert set(m["candidates"]) == {"qoperator-u8s8", "qdq-s8s8"}
     speeds = {form: c["img_per_s_b8"] for form, c in m["candidates"].items()}
     assert m["form"] == max(speeds, key=speeds.get)
+    assert all(c["img_per_s_b1"] > 0 for c in m["candidates"].values()) and m["fp32"]["img_per_s_b1"] > 0
     assert m["fp32"]["img_per_s_b8"] > 0 and m["int8_faster_than_fp32"] == (m["candidates"][m["form"]]["speedup_vs_fp32"] > 1)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ("QLinearConv" in ops) if m["form"] == "qoperator-u8s8" else ("QuantizeLinear" in ops)
