@@ -47,11 +47,15 @@ class ImageBatcher:
         batch_size: images per batch (the last one may be smaller).
         image_size: the model's input side; a dataset of another size is refused.
         limit: stop after this many images (None: all).
+        drop_last: only full batches (ONNX Runtime's calibrators stack batches, so they must be equal).
     """
 
-    def __init__(self, dataset: LabeledImages, *, batch_size: int, image_size: int, limit: int | None = None):
+    def __init__(self, dataset: LabeledImages, *, batch_size: int, image_size: int, limit: int | None = None,
+                 drop_last: bool = False):
         self.dataset, self.batch_size, self.image_size = dataset, batch_size, image_size
         self.count = len(dataset) if limit is None else min(limit, len(dataset))
+        if drop_last:
+            self.count -= self.count % batch_size
 
     def __len__(self) -> int:
         return -(-self.count // self.batch_size)

@@ -233,6 +233,12 @@ def run(cfg: CalibConfig) -> Artifact:
             raise CalibrationError(f"{src} predicts {len(class_names)} classes {class_names[:3]}... but "
                                    f"{splits.name} has {splits.class_names[:3]}...; calibrate with the model's data")
         val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=size)
+        if not cache and len(splits.train) < cfg.num_images:
+            if len(splits.train) < cfg.batch_size:
+                raise CalibrationError(f"{splits.name} has {len(splits.train)} training images, less than one batch "
+                                       f"of {cfg.batch_size}; add images or lower --batch-size")
+            logger.warning("%s has only %d training images: calibrating on those (in full batches of %d), not %d",
+                           splits.name, len(splits.train), cfg.batch_size, cfg.num_images)
 
     with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -244,8 +250,9 @@ def run(cfg: CalibConfig) -> Artifact:
             ort_cache.write_text(json.dumps(cache["ort"]))
             logger.info("reusing calibration cache %s (%d images, %s)", cache_path, cache["num_images"], cfg.method)
         else:
-            reader = _Reader(ImageBatcher(splits.train, batch_size=cfg.batch_size, image_size=size), input_name)
-            logger.info("calibrating on %d training images (%s)", len(splits.train), cfg.method)
+            batcher = ImageBatcher(splits.train, batch_size=cfg.batch_size, image_size=size, drop_last=True)
+            reader = _Reader(batcher, input_name)
+            logger.info("calibrating on %d training images (%s)", batcher.count, cfg.method)
 
         forms = ["qdq-s8s8"] if cfg.target == "tensorrt" else ["qoperator-u8s8", "qdq-s8s8"]
         candidates: dict[str, dict[str, Any]] = {}
@@ -285,7 +292,7 @@ def run(cfg: CalibConfig) -> Artifact:
             onnx.save(chosen_model, str(final))
         if not cache:
             write_json(cache_path, {"format": CACHE_FORMAT, "version": 1, "method": cfg.method,
-                                    "num_images": len(splits.train),  # no cache: splits were loaded "onnx": src.name, "onnx_sha256": onnx_sha,
+                                    "num_images": batcher.count,  # no cache: the batcher was made "onnx": src.name, "onnx_sha256": onnx_sha,
                                     "preprocessing": preprocessing.to_dict(),
                                     "ort": json.loads(ort_cache.read_text())})
 

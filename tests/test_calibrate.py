@@ -103,3 +103,18 @@ def test_calibrate_bad_inputs(fp32_onnx, tmp_path):
         proc = run_cli("-q", "calibrate", "--onnx", path, "--out", tmp_path / "x.onnx", *CALIB)
         assert proc.returncode == 2 and expect in error_line(proc), proc.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_calibration_folder_with_fewer_images_than_asked(image_folder, tmp_path):
+    ckpt = tmp_path / "folder.pth"
+    run_cli("-q", "train", "--data", image_folder, "--arch", "resnet18", "--image-size", "16", "--epochs", "1",
+            "--out", ckpt, check=True)
+    fp32 = tmp_path / "folder.onnx"
+    run_cli("-q", "export", "--model", ckpt, "--data", image_folder, "--out", fp32, check=True)
+    proc = run_cli("calibrate", "--onnx", fp32, "--data", image_folder, "--num-images", "500", "--out",
+                   tmp_path / "a.onnx", check=True)
+    assert "only 123 training images" in proc.stderr
+    proc = run_cli("-q", "calibrate", "--onnx", fp32, "--data", image_folder, "--num-images", "500",
+                   "--batch-size", "200", "--out", tmp_path / "b.onnx")
+    assert proc.returncode == 2 and "less than one batch" in error_line(proc)
+    assert not (tmp_path / "b.onnx").exists()
