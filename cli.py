@@ -16,8 +16,6 @@ from typing import Callable, Sequence
 
 from optimize.errors import EdgeoptError
 
-logger = logging.getLogger("edgeopt")
-
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
@@ -99,13 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                             stem=args.stem, pretrained=args.pretrained, train_limit=args.train_limit,
                             val_limit=args.val_limit, resume=args.resume, loop=loop_config(args))
     artifact = train.run(cfg)
-    if _is_main_process():
-        metrics = artifact.manifest.get("metrics", {})
-        if args.json:
-            print(json.dumps({"out": str(artifact.path), "metrics": metrics}, indent=2))
-        else:
-            print(f"wrote {artifact.path} (best epoch {metrics.get('epoch')}: val top-1 "
-                  f"{metrics.get('val_top1', float('nan')):.2%}, top-5 {metrics.get('val_top5', float('nan')):.2%})")
+    m = artifact.manifest.get("metrics", {})
+    _print_artifact(artifact, args.json, f"best epoch {m.get('epoch')}: val top-1 {m.get('val_top1', 0):.2%}, "
+                                         f"top-5 {m.get('val_top5', 0):.2%}")
     return 0
 
 
