@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         rows.append({"row": label, "top1_before": None, "top1": m["val_top1"], "macs": macs, "params": params,
                      "nonzero": params, "budget": f"{args.epochs} ep"})
 
-    ft_loop = dataclasses.replace(loop, epochs=1, lr=0.01)
+    ft_loop = dataclasses.replace(loop, epochs=1, lr=2e-4)  # the CLI's fine-tuning default for AdamW
     configs = [(method, amount) for method in ("l1-unstructured", "l1-channel") for amount in AMOUNTS]
     configs.append(("2:4", None))
     pruned = {}
