@@ -292,7 +292,7 @@ def run(cfg: CalibConfig) -> Artifact:
             onnx.save(chosen_model, str(final))
         if not cache:
             write_json(cache_path, {"format": CACHE_FORMAT, "version": 1, "method": cfg.method,
-                                    "num_images": batcher.count,  # no cache: the batcher was made "onnx": src.name, "onnx_sha256": onnx_sha,
+                                    "num_images": batcher.count, "onnx": src.name, "onnx_sha256": onnx_sha,
                                     "preprocessing": preprocessing.to_dict(),
                                     "ort": json.loads(ort_cache.read_text())})
 
