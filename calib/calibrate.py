@@ -227,8 +227,8 @@ def run(cfg: CalibConfig) -> Artifact:
                                "(or --data) or --calib-cache")
     splits, val = None, None
     if cfg.data is not None:
-        splits = load_data(cfg.data, preprocessing, train_limit=1 if cache else cfg.num_images,
-                           val_limit=cfg.val_limit, augment=False)
+        splits = load_data(cfg.data, preprocessing, train_limit=cfg.num_images, val_limit=cfg.val_limit,
+                           augment=False, val_only=cache is not None)
         if class_names and class_names != splits.class_names:
             raise CalibrationError(f"{src} predicts {len(class_names)} classes {class_names[:3]}... but "
                                    f"{splits.name} has {splits.class_names[:3]}...; calibrate with the model's data")

@@ -171,12 +171,18 @@ def fashion_mnist_dir(download: bool = True) -> Path:
         "(Debian/Ubuntu), set EDGEOPT_FASHION_MNIST to a folder holding the four *-ubyte.gz files, or go online")
 
 
+def _empty_split() -> LabeledImages:
+    return LabeledImages(lambda i: None, [], [])
+
+
 def load_fashion_mnist(preprocessing: Preprocessing, *, train_limit: int | None = None,
-                       val_limit: int | None = None, augment: bool = True) -> DataSplits:
+                       val_limit: int | None = None, augment: bool = True, val_only: bool = False) -> DataSplits:
     folder = fashion_mnist_dir()
     digest = hashlib.sha256()
-    splits = {}
+    splits = {"train": _empty_split()}
     for split, (img_stem, lbl_stem) in _FMNIST_FILES.items():
+        if val_only and split == "train":
+            continue
         img_path, lbl_path = _find_idx(folder, img_stem), _find_idx(folder, lbl_stem)
         images, labels = _read_idx(img_path), _read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -196,13 +202,19 @@ def load_fashion_mnist(preprocessing: Preprocessing, *, train_limit: int | None 
 
 # -- ImageFolder-style folders -------------------------------------------------------------------------
 
-def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+def _list_classes(split_dir: Path) -> list[str]:
+    """The class folder names of one split, sorted (their order is the label order)."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir} is missing; a data folder needs train/ and val/ subfolders with one "
                         "folder of images per class")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/")
+    return classes
+
+
+def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+    classes = _list_classes(split_dir)
     if class_names is not None and classes != class_names:
         extra, missing = set(classes) - set(class_names), set(class_names) - set(classes)
         raise DataError(f"{split_dir} has other classes than train/: extra {sorted(extra)}, missing "
@@ -240,15 +252,20 @@ def _safe_loader(paths: list[Path]) -> Callable[[int], Image.Image | None]:
 
 
 def load_folder(root: Path, preprocessing: Preprocessing, *, train_limit: int | None = None,
-                val_limit: int | None = None, augment: bool = True) -> DataSplits:
+                val_limit: int | None = None, augment: bool = True, val_only: bool = False) -> DataSplits:
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; pass 'fashion-mnist' or a folder with train/ and val/")
-    classes, train_paths, train_labels = _scan_split(root / "train", None)
+    if val_only:  # class names (and their order) still come from train/, but its images are not read
+        classes, train_paths, train_labels = _list_classes(root / "train"), [], []
+    else:
+        classes, train_paths, train_labels = _scan_split(root / "train", None)
     _, val_paths, val_labels = _scan_split(root / "val", classes)
     digest = hashlib.sha256()
-    splits = {}
+    splits = {"train": _empty_split()}
     for split, paths, labels, limit in (("train", train_paths, train_labels, train_limit),
                                         ("val", val_paths, val_labels, val_limit)):
+        if val_only and split == "train":
+            continue
         keep = stratified_indices(np.asarray(labels), limit)
         paths = [paths[i] for i in keep]
         for p in paths:
@@ -268,8 +285,12 @@ def default_preprocessing(data: str, image_size: int | None = None) -> Preproces
 
 
 def load_data(data: str, preprocessing: Preprocessing, *, train_limit: int | None = None,
-              val_limit: int | None = None, augment: bool = True) -> DataSplits:
-    """Load ``fashion-mnist`` or an ImageFolder-style folder with ``preprocessing``'s transforms."""
+              val_limit: int | None = None, augment: bool = True, val_only: bool = False) -> DataSplits:
+    """Load ``fashion-mnist`` or an ImageFolder-style folder with ``preprocessing``'s transforms.
+
+    ``val_only``: leave the training split empty (evaluation, export checks, accuracy figures).
+    """
+    kwargs = dict(train_limit=train_limit, val_limit=val_limit, augment=augment, val_only=val_only)
     if data == FASHION_MNIST:
-        return load_fashion_mnist(preprocessing, train_limit=train_limit, val_limit=val_limit, augment=augment)
-    return load_folder(Path(data), preprocessing, train_limit=train_limit, val_limit=val_limit, augment=augment)
+        return load_fashion_mnist(preprocessing, **kwargs)
+    return load_folder(Path(data), preprocessing, **kwargs)

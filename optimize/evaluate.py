@@ -114,8 +114,7 @@ def run(cfg: EvalConfig) -> EvalReport:
     if loaded.preprocessing and cfg.image_size and cfg.image_size != loaded.preprocessing.image_size:
         logger.warning("--image-size %d ignored: %s records its own preprocessing (%d px)", cfg.image_size,
                        cfg.model, loaded.preprocessing.image_size)
-    # only the val split is used: take a 1-image train split rather than decoding the whole of it
-    splits = load_data(cfg.data, preprocessing, train_limit=1, val_limit=cfg.val_limit, augment=False)
+    splits = load_data(cfg.data, preprocessing, val_limit=cfg.val_limit, augment=False, val_only=True)
     check_model_fits_data(loaded, splits)
     device = resolve_device(cfg.device)
     loader = make_loader(splits.val, batch_size=cfg.batch_size, shuffle=False, device=device)

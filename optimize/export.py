@@ -125,7 +125,7 @@ def run(cfg: ExportConfig) -> Artifact:
     out = prepare_output(cfg.out)
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
     preprocessing = loaded.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
-    splits = load_data(cfg.data, preprocessing, train_limit=1, val_limit=max(VERIFY_BATCHES), augment=False)
+    splits = load_data(cfg.data, preprocessing, val_limit=max(VERIFY_BATCHES), augment=False, val_only=True)
     check_model_fits_data(loaded, splits)
     class_names = loaded.class_names or splits.class_names
     model = loaded.model.eval()

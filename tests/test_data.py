@@ -128,3 +128,12 @@ def test_bad_options_and_outputs(tmp_path):
             check=True)
     assert nested.exists() and nested.with_name("m.pth.json").exists()
     assert sorted(p.name for p in nested.parent.iterdir()) == ["m.last.pth", "m.pth", "m.pth.json"]
+
+
+def test_val_only_reads_no_training_images(image_folder, caplog):
+    splits = load_data(str(image_folder), folder_preset(image_size=32), augment=False, val_only=True)
+    assert len(splits.train) == 0 and len(splits.val) == 36
+    assert splits.class_names == ["sneaker", "trouser", "tshirt"]  # still train/'s folders, in train/'s order
+    assert "unreadable" not in caplog.text  # the corrupt file lies in train/, which was not scanned
+    fm = load_data("fashion-mnist", fashion_mnist_preset(), val_limit=20, augment=False, val_only=True)
+    assert len(fm.train) == 0 and len(fm.val) == 20
