@@ -128,10 +128,14 @@ def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np
     return np.concatenate(preds), np.concatenate(labels)
 
 
+def metadata_props(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` (where ``export`` records classes and preprocessing) as a dict."""
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def model_preprocessing(path: str | Path) -> tuple[Preprocessing, list[str]]:
     """Preprocessing and class names recorded by ``export`` (ONNX metadata, else the manifest)."""
-    model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
+    props = metadata_props(path)
     if "edgeopt.preprocessing" in props:
         return (Preprocessing.from_dict(json.loads(props["edgeopt.preprocessing"])),
                 json.loads(props["edgeopt.class_names"]))
@@ -286,8 +290,7 @@ def run(cfg: CalibConfig) -> Artifact:
                 c["speedup_vs_fp32"] = c["img_per_s_b8"] / figures["fp32"]["img_per_s_b8"]
         chosen = max(candidates, key=lambda f: candidates[f].get("img_per_s_b8", 0.0))
         chosen_model = onnx.load(str(candidates[chosen]["path"]))
-        onnx.helper.set_model_props(chosen_model, {p.key: p.value for p in
-                                                   onnx.load(str(src), load_external_data=False).metadata_props})
+        onnx.helper.set_model_props(chosen_model, metadata_props(src))
         with atomic_path(out) as final:
             onnx.save(chosen_model, str(final))
         if not cache:

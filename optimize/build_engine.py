@@ -123,9 +123,8 @@ def _build_onnxruntime(cfg: BuildConfig, src: Path, out: Path) -> dict[str, Any]
     with atomic_path(out) as tmp:
         opts.optimized_model_filepath = str(tmp)
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-        props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
         optimized = onnx.load(str(tmp))
-        onnx.helper.set_model_props(optimized, props)
+        onnx.helper.set_model_props(optimized, calibrate.metadata_props(src))
         onnx.save(optimized, str(tmp))
     return {"onnxruntime": ort.__version__, "optimization": "ORT_ENABLE_EXTENDED", "provider": "CPUExecutionProvider"}
 
