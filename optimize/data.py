@@ -81,6 +81,10 @@ class LabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def without_transform(self) -> "LabeledImages":
+        """The same images and labels yielding decoded PIL images (end-to-end timing, raw access)."""
+        return LabeledImages(self._source, self.labels, self.ids, None)
+
     def __getitem__(self, i: int):
         img = self._source(i)
         if img is None:  # an image that could not be decoded; dropped by skip_unreadable_collate

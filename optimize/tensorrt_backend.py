@@ -233,6 +233,13 @@ class _DeviceBuffer:
             _check(self._cuda.cudaMemcpy(host.ctypes.data, self.ptr, host.nbytes,
                                          self._cuda.cudaMemcpyKind.cudaMemcpyDeviceToHost))
 
+    def synchronize(self) -> None:
+        """Wait for all work queued on the device."""
+        if self._kind == "pycuda":
+            self._cuda.Context.synchronize()
+        else:
+            _check(self._cuda.cudaDeviceSynchronize())
+
     def __del__(self):
         if getattr(self, "_kind", None) == "cuda-python":
             self._cuda.cudaFree(self.ptr)
@@ -276,6 +283,22 @@ class TensorRTRunner:
 
     def output_spec(self) -> tuple[str, tuple, np.dtype]:
         return self.output_name, (-1, self.classes), np.dtype(np.float32)
+
+    def prepare(self, batch: np.ndarray) -> int:
+        """Copy ``batch`` into the engine's input buffer once (for timing ``run``); returns its size."""
+        if len(batch) > self.max_batch:
+            raise EngineError(f"batch of {len(batch)} is above the engine's --max-batch {self.max_batch}")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self.context.set_input_shape(self.input_name, tuple(batch.shape))
+        self._in.upload(batch)
+        return len(batch)
+
+    def run(self, prepared: int) -> int:
+        """Execute on the input ``prepare`` left in device memory and wait for it to finish."""
+        if not self.context.execute_async_v3(0):
+            raise EngineError("TensorRT execution failed")
+        self._in.synchronize()
+        return prepared
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) > self.max_batch:

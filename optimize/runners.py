@@ -1,0 +1,296 @@
+"""One inference wrapper per backend, all with the same face, picked from the artifact's file and manifest.
+
+- ``.pth`` / ``.pt`` (any checkpoint ``evaluate`` accepts): PyTorch eager, FP32 on the CPU; FP16 / BF16 and
+  channels_last on CUDA.
+- ``.onnx``: ONNX Runtime, CPU (or CUDA when onnxruntime-gpu is installed and ``device="cuda"``).
+- ``.engine`` / ``.plan``: TensorRT (:class:`optimize.tensorrt_backend.TensorRTRunner`).
+
+Every runner offers ``infer(batch) -> logits`` (numpy in, numpy out) for inference, and ``prepare(batch)`` +
+``run(prepared)`` for timing: ``prepare`` puts the input where the backend wants it (device memory, bound
+buffers) once, and ``run`` executes and waits for the result (CUDA synchronised), so what is timed is the model,
+not the copy or the loader.
+
+Example::
+
+    runner = open_runner("runs/model.onnx", threads=2)
+    logits = runner.infer(batch)                  # float32 [n, 3, S, S] -> float32 [n, classes]
+    x = runner.prepare(batch); runner.run(x)      # timing loop body
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import read_manifest
+from .errors import EdgeoptError
+from .preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class RunnerError(EdgeoptError):
+    """The artifact cannot be run with the backend or device asked for."""
+
+
+def backend_of(path: str | Path) -> str:
+    """``torch``, ``onnxruntime`` or ``tensorrt`` from the file name (the manifest confirms engines)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    if suffix in ONNX_SUFFIXES:
+        return "onnxruntime"
+    if suffix in ENGINE_SUFFIXES:
+        return "tensorrt"
+    raise RunnerError(f"{path}: cannot tell the model format from '{suffix}'; give a .pth/.pt checkpoint, an .onnx "
+                      "model or a TensorRT .engine/.plan")
+
+
+def default_threads() -> int:
+    """CPU threads every backend gets unless told otherwise: all the cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Runner:
+    """What every backend's runner knows about its model; subclasses implement the three methods.
+
+    Attributes:
+        path: the artifact.
+        backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
+        precision: ``fp32``, ``fp16``, ``bf16`` or ``int8``.
+        device: ``cpu`` or ``cuda``.
+        image_size: input side S of ``[n, 3, S, S]``.
+        preprocessing / class_names: as recorded by the artifact (None when it records none).
+        max_batch: largest batch accepted (None: any).
+        threads: CPU threads (None on GPU backends).
+        manifest: the artifact's manifest (empty when absent).
+    """
+
+    path: Path
+    backend: str
+    precision: str
+    device: str
+    image_size: int
+    preprocessing: Preprocessing | None = None
+    class_names: list[str] | None = None
+    max_batch: int | None = None
+    threads: int | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``torch fp16 cuda``-style name of how this runner runs its model."""
+        return f"{self.backend} {self.precision} {self.device}"
+
+    def prepare(self, batch: np.ndarray) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, prepared: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    """PyTorch eager. FP32 on the CPU; on CUDA also FP16 / BF16 weights and inputs, channels_last."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 channels_last: bool = False, trust: bool = False, image_size: int | None = None):
+        import torch
+
+        from .checkpoint import load_checkpoint
+
+        if precision not in TORCH_PRECISIONS:
+            raise RunnerError(f"PyTorch precision must be one of {', '.join(TORCH_PRECISIONS)}")
+        if device == "cpu" and precision != "fp32":
+            raise RunnerError(f"PyTorch {precision} is only offered on CUDA (CPU kernels have no speed-up)")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RunnerError("--device cuda asked for, but PyTorch sees no CUDA device")
+        loaded = load_checkpoint(path, trust=trust)
+        if device == "cpu":
+            threads = threads or default_threads()
+            torch.set_num_threads(threads)
+        size = image_size or (loaded.preprocessing.image_size if loaded.preprocessing else None)
+        if size is None:
+            raise RunnerError(f"{path} records no preprocessing, so its input size is unknown; give the image size")
+        super().__init__(Path(path), "torch", precision, device, size, loaded.preprocessing, loaded.class_names,
+                         None, threads if device == "cpu" else None, read_manifest(path) or {})
+        self.loaded = loaded
+        self._torch = torch
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self._format = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = channels_last
+        self.model = loaded.model.to(device=device, dtype=self._dtype, memory_format=self._format).eval()
+
+    @property
+    def label(self) -> str:
+        return super().label + (" channels_last" if self.channels_last else "")
+
+    def prepare(self, batch: np.ndarray):
+        x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        return x.to(device=self.device, dtype=self._dtype, memory_format=self._format)
+
+    def run(self, prepared):
+        with self._torch.inference_mode():
+            out = self.model(prepared)
+        if self.device == "cuda":
+            self._torch.cuda.synchronize()
+        return out
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(self.prepare(batch)).float().cpu().numpy()
+
+
+def onnx_precision(path: str | Path) -> str:
+    """``int8`` (quantized ops), ``fp16`` (FP16 initializers) or ``fp32``, read from the graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    quant = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+    if any(n.op_type in quant for n in model.graph.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def onnx_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str] | None]:
+    """Preprocessing and class names ``export`` recorded for an ONNX model (None, None when it records none)."""
+    from calib.calibrate import CalibrationError, model_preprocessing
+
+    try:
+        return model_preprocessing(path)
+    except CalibrationError:
+        return None, None
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime on the CPU (``threads`` intra-op threads), or CUDA with inputs bound in device memory."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise RunnerError(f"ONNX model {path} does not exist")
+        opts = ort.SessionOptions()
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RunnerError("ONNX Runtime has no CUDA provider here; install onnxruntime-gpu for --device cuda")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            threads = threads or default_threads()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors for unreadable models
+            raise RunnerError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
+        inp = self.session.get_inputs()[0]
+        side = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
+        preprocessing, class_names = onnx_preprocessing(path)
+        size = side or (preprocessing.image_size if preprocessing else None)
+        if size is None:
+            raise RunnerError(f"{path} has no fixed input size and records no preprocessing")
+        super().__init__(path, "onnxruntime", onnx_precision(path), device, size, preprocessing, class_names,
+                         None, threads if device == "cpu" else None, read_manifest(path) or {})
+        self.input_name = inp.name
+        self.output_name = self.session.get_outputs()[0].name
+        self._ort = ort
+
+    def prepare(self, batch: np.ndarray):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.device == "cpu":
+            return batch
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, self._ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
+        binding.bind_output(self.output_name, "cuda")
+        return binding
+
+    def run(self, prepared):
+        if self.device == "cpu":
+            return self.session.run([self.output_name], {self.input_name: prepared})[0]
+        self.session.run_with_iobinding(prepared)  # synchronises the CUDA stream before returning
+        return prepared
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.device == "cpu":
+            return self.run(self.prepare(batch))
+        return self.run(self.prepare(batch)).copy_outputs_to_cpu()[0]
+
+
+class TensorRTEngineRunner(Runner):
+    """A serialized TensorRT engine; the manifest (written by ``build-engine``) must match this GPU and TRT."""
+
+    def __init__(self, path: str | Path, *, device: str = "cuda"):
+        from .tensorrt_backend import TensorRTRunner
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        if not manifest or "engine" not in manifest:
+            raise RunnerError(f"{path} has no build-engine manifest ({path.name}.json) telling its TensorRT version, "
+                              "GPU and profile; build it with 'cli.py build-engine'")
+        if device != "cuda":
+            raise RunnerError(f"{path} is a TensorRT engine: it runs on CUDA only (use --device cuda)")
+        self.trt_runner = TensorRTRunner(path, manifest)
+        pre = manifest.get("preprocessing")
+        super().__init__(path, "tensorrt", manifest["engine"].get("precision", "fp32"), "cuda",
+                         int(self.trt_runner.chw[-1]), Preprocessing.from_dict(pre) if pre else None,
+                         manifest.get("class_names"), self.trt_runner.max_batch, None, manifest)
+
+    def prepare(self, batch: np.ndarray):
+        return self.trt_runner.prepare(batch)
+
+    def run(self, prepared):
+        return self.trt_runner.run(prepared)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.trt_runner.infer(batch)
+
+
+def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None = None, threads: int | None = None,
+                channels_last: bool = False, trust: bool = False, image_size: int | None = None) -> Runner:
+    """The runner for ``path`` on ``device``.
+
+    Args:
+        path: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
+        device: ``cpu`` or ``cuda``.
+        precision: PyTorch only: ``fp32`` (default), ``fp16`` or ``bf16`` (CUDA). Other formats carry their own.
+        threads: CPU threads (default: every core this process may use).
+        channels_last: PyTorch only: NHWC memory format.
+        trust: allow a pickled whole ``nn.Module`` checkpoint.
+        image_size: PyTorch only: input side when the checkpoint records no preprocessing.
+
+    Raises:
+        RunnerError: unknown format, missing backend or device, a precision the format does not take.
+    """
+    if device not in ("cpu", "cuda"):
+        raise RunnerError(f"device must be cpu or cuda, not {device!r}")
+    backend = backend_of(path)
+    if not Path(path).is_file():
+        raise RunnerError(f"model {path} does not exist; check the path")
+    if backend != "torch" and precision is not None:
+        raise RunnerError(f"{path}: an ONNX model's or engine's precision is in the file; a precision applies to "
+                          ".pth checkpoints only")
+    if backend == "torch":
+        return TorchRunner(path, device=device, precision=precision or "fp32", threads=threads,
+                           channels_last=channels_last, trust=trust, image_size=image_size)
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(path, device=device, threads=threads)
+    return TensorRTEngineRunner(path, device=device)
