@@ -19,9 +19,10 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 
+from benchmarks.report import cpu_name
+from benchmarks.results_doc import write_section
 from optimize import distill, prune, train
 from optimize.artifacts import Artifact, library_versions, read_manifest
 from optimize.checkpoint import load_checkpoint
@@ -42,16 +43,6 @@ def _reuse_or_run(stage_run, cfg) -> Artifact:
         logger.info("reusing %s", cfg.out)
         return Artifact.of(cfg.out)
     return stage_run(cfg)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -127,7 +118,7 @@ def main(argv=None) -> int:
         f"Data: {args.data}, {teacher.manifest['inputs']['data']['train_images']} training images (class-stratified), "
         f"top-1 on {teacher.manifest['inputs']['data']['val_images']} val images, "
         f"{teacher.manifest['preprocessing']['image_size']}x{teacher.manifest['preprocessing']['image_size']} input. "
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, CPU only; torch {library_versions().get('torch')}.",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, CPU only; torch {library_versions().get('torch')}.",
         "Pruned rows start from the distilled ResNet-18 (alpha=0.9) and fine-tune with the teacher (KD, T=4, "
         "alpha=0.9); Δ is against that student.",
         "MACs are dense multiply-accumulates per image (unstructured and 2:4 zeros still count: only sparse-aware "
@@ -157,19 +148,6 @@ def main(argv=None) -> int:
     write_section(Path(args.doc), "distill-prune", "\n".join(lines))
     logger.info("wrote %s:\n%s", args.doc, "\n".join(lines))
     return 0
-
-
-def write_section(doc: Path, name: str, body: str) -> None:
-    """Replace (or append) the part of ``doc`` between this section's markers, keeping the rest."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.exists() else "# Results\n\nFigures measured by the scripts in benchmarks/.\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from optimize.data import FASHION_MNIST_CLASSES
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
 
-from .distill_prune import _cpu_name, write_section
+from .report import cpu_name
+from .results_doc import write_section
 
 logger = logging.getLogger("benchmarks.int8_cpu")
 GOAL_SPEEDUP, GOAL_DROP_PT = 1.8, 0.5
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
 
     lines = ["## ONNX Runtime INT8 on this CPU (`benchmarks/int8_cpu.py`)", "",
              f"Made on {dt.date.today().isoformat()} with `python -m benchmarks.int8_cpu --model {args.model}`; "
-             f"{_cpu_name()}, {os.cpu_count()} threads for every model; img/s with inputs preallocated, "
+             f"{cpu_name()}, {os.cpu_count()} threads for every model; img/s with inputs preallocated, "
              f"{args.seconds:g} s per figure after warm-up; ratios are to FP32 in the same run.", ""]
     verdicts = []
     for t in tables:

@@ -1,0 +1,76 @@
+"""benchmark: a tiny checkpoint and its ONNX export on a val slice, through the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.report import onnx_graph_stats, pareto_front
+from conftest import error_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, trained, exported_onnx):
+    out = tmp_path_factory.mktemp("bench") / "report"
+    run_cli("-q", "benchmark", "--baseline", trained, "--models", exported_onnx, "--val-limit", "128",
+            "--batch-sizes", "1", "4", "--seconds", "0.1", "--warmup", "1", "--threads", "2", "--out", out,
+            check=True)
+    return out
+
+
+def test_report_holds_every_figure(report_dir, trained, exported_onnx):
+    report = json.loads((report_dir / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    base, onnx_row = rows[trained.name], rows[exported_onnx.name]
+    assert base["role"] == "baseline" and base["backend"] == "torch" and onnx_row["backend"] == "onnxruntime"
+    for row in (base, onnx_row):
+        assert row["precision"] == "fp32" and row["file_bytes"] > 0 and row["val_images"] == 128
+        assert row["params"] > 1e6 and row["macs"] > 1e6 and 0 <= row["sparsity"] < 0.01
+        assert 0 <= row["top1"] <= row["top5"] <= 1
+        assert set(row["throughput"]) == {"1", "4"} and all(v > 0 for v in row["throughput"].values())
+        assert row["latency_ms_b1"]["p50"] <= row["latency_ms_b1"]["p90"] <= row["latency_ms_b1"]["p99"]
+        assert row["e2e_img_per_s"] > 0
+    assert base["speedup"]["4"] == pytest.approx(1.0)
+    assert base["agreement"] == 1.0
+    # the export was verified against PyTorch: the same predictions, the same counts (BN folded into the convs)
+    assert onnx_row["agreement"] > 0.98 and abs(onnx_row["top1"] - base["top1"]) < 0.02
+    assert onnx_row["macs"] == pytest.approx(base["macs"], rel=0.02)
+    assert onnx_row["params"] == pytest.approx(base["params"], rel=0.02)
+    assert report["environment"]["threads"] == 2 and report["environment"]["cpu"]
+    assert any(r["pareto"] for r in report["rows"])
+    assert report["goals"] and report["goals"][0]["artifact"] == exported_onnx.name
+
+
+def test_report_markdown_and_plots_are_written(report_dir, exported_onnx):
+    md = (report_dir / "report.md").read_text()
+    assert exported_onnx.name in md and "| model |" in md and "## Environment" in md and "## Goals" in md
+    for png in ("accuracy_vs_throughput.png", "latency_vs_batch.png"):
+        data = (report_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_speed_only_run_at_another_input_size(tmp_path, trained, exported_onnx):
+    out = tmp_path / "r32"
+    run_cli("-q", "benchmark", "--baseline", trained, "--models", exported_onnx, "--input-size", "32",
+            "--batch-sizes", "2", "--seconds", "0.05", "--warmup", "0", "--out", out, check=True)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["input_size"] for r in report["rows"]] == [32, 32]
+    assert all(r["top1"] is None and r["throughput"]["2"] > 0 for r in report["rows"])
+    # MACs are counted at the new size: the resized ONNX graph agrees with Torch-Pruning's count at 32 px
+    assert report["rows"][1]["macs"] == pytest.approx(report["rows"][0]["macs"], rel=0.02)
+    assert report["rows"][1]["macs"] > 2 * onnx_graph_stats(exported_onnx)["macs"]
+    assert "speed only" in (out / "report.md").read_text()
+
+
+def test_missing_model_is_one_line_error(tmp_path, trained):
+    proc = run_cli("benchmark", "--baseline", trained, "--models", tmp_path / "nope.onnx", "--out", tmp_path / "r")
+    assert proc.returncode == 2 and "nope.onnx does not exist" in error_line(proc)
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_pareto_front_marks_undominated_points():
+    assert pareto_front([(1.0, 0.9), (2.0, 0.8), (0.5, 0.85), (2.0, 0.9)]) == [False, False, False, True]
+    assert pareto_front([(1.0, 0.9), (2.0, 0.8)]) == [True, True]
+    assert not np.any(pareto_front([(1.0, 0.5), (1.0, 0.6)])[:1])
