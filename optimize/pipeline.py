@@ -1,0 +1,402 @@
+"""Stage ``pipeline``: teacher -> distill -> prune -> export -> calibrate -> build-engine -> benchmark, from a recipe.
+
+A recipe is YAML (or the ``quick`` / ``standard`` preset) naming the data and each stage's options::
+
+    data: fashion-mnist
+    train_limit: 20000
+    stages:
+      teacher: {arch: resnet50, epochs: 3}
+      distill: {student: resnet18, epochs: 4, alpha: 0.5}
+      prune: {method: l1-channel, amount: 0.5, finetune_epochs: 2}
+      export: {opset: 17}
+      calibrate: {target: cpu, num_images: 512}
+      build-engine: {onnxruntime: [fp32, int8], tensorrt: [fp16, int8]}
+      benchmark: {batch_sizes: [1, 8, 32], seconds: 2.0, input_sizes: [224]}
+
+Keys of a stage are the fields of that stage's config (and of the shared training loop's); a stage set to
+``false`` is left out (``prune: false`` exports the distilled student). A recipe file is merged over the preset,
+so it only needs what differs.
+
+Each stage's config and the sha256 of the files it reads are recorded in ``<out>/pipeline.json``; a stage whose
+record matches and whose outputs are intact is skipped. A stage killed while running is marked so, and the next
+run resumes it (training stages from their ``.last.pth``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .artifacts import Artifact, prepare_output, sha256_file, write_json
+from .errors import ConfigError, EdgeoptError
+from .loop import LoopConfig
+from .train import last_path
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("teacher", "distill", "prune", "export", "calibrate", "build-engine", "benchmark")
+STATE_FILE = "pipeline.json"
+
+_COMMON = {"data": "fashion-mnist", "image_size": None, "train_limit": None, "val_limit": None, "device": "auto",
+           "teacher": None}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # about 3 minutes on 2 CPU cores: every stage runs, on a slice
+    "quick": {
+        "train_limit": 2000, "val_limit": 1000,
+        "stages": {
+            "teacher": {"arch": "resnet50", "epochs": 1},
+            "distill": {"student": "resnet18", "epochs": 1, "alpha": 0.5},
+            "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 1, "lr": 2e-4},
+            "export": {"opset": 17},
+            "calibrate": {"target": "cpu", "num_images": 256, "timing_seconds": 0.5},
+            "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp16", "int8"], "max_batch": 64},
+            "benchmark": {"batch_sizes": [1, 8, 32], "seconds": 0.5, "warmup": 1, "input_sizes": [224]},
+        },
+    },
+    # about 25 minutes on 2 CPU cores: 20k training images, the full 10k val split
+    "standard": {
+        "train_limit": 20000,
+        "stages": {
+            "teacher": {"arch": "resnet50", "epochs": 3},
+            "distill": {"student": "resnet18", "epochs": 4, "alpha": 0.5},
+            "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 2, "lr": 2e-4},
+            "export": {"opset": 17},
+            "calibrate": {"target": "cpu", "num_images": 512, "timing_seconds": 1.0},
+            "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp16", "int8"], "max_batch": 64},
+            "benchmark": {"batch_sizes": [1, 8, 32], "seconds": 2.0, "input_sizes": [224]},
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Options of ``cli.py pipeline``.
+
+    Attributes:
+        out: folder for every artifact, the reports and ``pipeline.json``.
+        preset: ``quick`` or ``standard``: the recipe a recipe file is merged over.
+        recipe: YAML recipe file (None: the preset as is).
+        overrides: top-level recipe keys given on the command line (``data``, ``teacher``, ``train_limit``...).
+        force: rerun every stage even when unchanged.
+        progress: progress bars in the stages.
+    """
+
+    out: str
+    preset: str = "standard"
+    recipe: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_recipe(cfg: PipelineConfig) -> dict[str, Any]:
+    """The recipe the pipeline will run: preset, then the recipe file, then command-line overrides."""
+    recipe = _merge(_COMMON, PRESETS[cfg.preset])
+    if cfg.recipe:
+        path = Path(cfg.recipe)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a mapping with 'stages:' (see 'cli.py pipeline --dry-run')")
+        recipe = _merge(recipe, loaded)
+    recipe = _merge(recipe, {k: v for k, v in cfg.overrides if v is not None})
+    unknown = sorted(set(recipe) - set(_COMMON) - {"stages"})
+    if unknown:
+        raise ConfigError(f"unknown recipe key(s) {', '.join(unknown)}; top-level keys are "
+                          f"{', '.join(sorted(_COMMON))} and stages")
+    stages = recipe.get("stages") or {}
+    bad = sorted(set(stages) - set(STAGES))
+    if bad:
+        raise ConfigError(f"unknown stage(s) {', '.join(bad)} in the recipe; stages are {', '.join(STAGES)}")
+    for name in ("export", "benchmark"):
+        if stages.get(name) is False:
+            raise ConfigError(f"the {name} stage cannot be left out of a pipeline")
+    if recipe["teacher"] is not None:
+        stages["teacher"] = False
+    return recipe
+
+
+# -- turning recipe entries into stage configs ------------------------------------------------------------------
+
+_LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
+
+
+def _stage_config(config_cls: type, stage: str, options: dict[str, Any] | None, fixed: dict[str, Any], *,
+                  progress: bool, device: str = "auto") -> Any:
+    """``config_cls`` from a recipe stage's options plus what the pipeline wires in; unknown keys are refused.
+
+    Options naming a field of the shared training loop go into the stage's ``loop`` (training stages only).
+    """
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    options = dict(options or {})
+    loop_opts = {k: options.pop(k) for k in list(options) if k in _LOOP_FIELDS and k not in fields}
+    trains = "loop" in fields
+    unknown = sorted(set(options) - fields | (set(loop_opts) if not trains else set()))
+    if unknown:
+        allowed = sorted((fields | (_LOOP_FIELDS if trains else set())) - set(fixed) - {"loop", "progress"})
+        raise ConfigError(f"recipe stage '{stage}' has unknown option(s) {', '.join(unknown)}; it takes "
+                          f"{', '.join(allowed)}")
+    kwargs = {**options, **fixed}
+    if trains:
+        kwargs["loop"] = LoopConfig(**{"device": device, **loop_opts, "progress": progress})
+    if "progress" in fields:
+        kwargs["progress"] = progress
+    try:
+        return config_cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"recipe stage '{stage}': {e}") from e
+
+
+def _data_identity(data: str) -> str:
+    """A cheap fingerprint of the data: the name for Fashion-MNIST, the file listing (size, mtime) for a folder."""
+    root = Path(data)
+    if not root.is_dir():
+        return data
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Step:
+    """One unit of work: a stage (or one engine of build-engine) with its config, inputs and outputs."""
+
+    name: str
+    stage: str
+    config: Any
+    inputs: list[Path]
+    outputs: list[Path]
+    action: Callable[[bool], Any]
+    resumable: bool = False
+
+
+class _Planner:
+    """Builds the steps of a resolved recipe, each wired to the artifacts of the ones before."""
+
+    def __init__(self, recipe: dict[str, Any], out: Path, progress: bool):
+        self.r, self.out, self.progress = recipe, out, progress
+        self.stages = recipe.get("stages") or {}
+        self.data = {"data": recipe["data"], "train_limit": recipe["train_limit"], "val_limit": recipe["val_limit"]}
+
+    def options(self, stage: str) -> dict[str, Any] | None:
+        opts = self.stages.get(stage, {})
+        return None if opts is False else dict(opts or {})
+
+    def steps(self) -> list[_Step]:
+        from benchmarks import report
+        from calib import calibrate
+
+        from . import distill, export, prune, train
+
+        steps: list[_Step] = []
+        progress, device = self.progress, self.r["device"]
+        teacher = Path(self.r["teacher"]) if self.r["teacher"] else self.out / "teacher.pth"
+        if self.r["teacher"] and not teacher.is_file():
+            raise ConfigError(f"--teacher {teacher} does not exist; give a checkpoint or drop --teacher to train one")
+        model = teacher
+        if (opts := self.options("teacher")) is not None:
+            fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
+            tcfg = _stage_config(train.TrainConfig, "teacher", opts, fixed, progress=progress, device=device)
+            steps.append(_Step("teacher", "teacher", tcfg, [], [teacher],
+                               lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True))
+        if (opts := self.options("distill")) is not None:
+            student = self.out / "student.pth"
+            fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
+            dcfg = _stage_config(distill.DistillConfig, "distill", opts, fixed, progress=progress, device=device)
+            steps.append(_Step("distill", "distill", dcfg, [teacher], [student],
+                               lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True))
+            model = student
+        if (opts := self.options("prune")) is not None:
+            pruned = self.out / "pruned.pth"
+            use_teacher = opts.pop("teacher", True)
+            fixed = {"model": str(model), "out": str(pruned), **self.data,
+                     "teacher": str(teacher) if use_teacher else None}
+            pcfg = _stage_config(prune.PruneConfig, "prune", opts, fixed, progress=progress, device=device)
+            steps.append(_Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
+                               lambda resume, c=pcfg: prune.run(c)))
+            model = pruned
+        onnx_path = self.out / "model.onnx"
+        ecfg = _stage_config(export.ExportConfig, "export", self.options("export"),
+                             {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
+        steps.append(_Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c)))
+
+        int8_path = None
+        if (opts := self.options("calibrate")) is not None:
+            int8_path = self.out / "model.int8.onnx"
+            fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
+                     "val_limit": self.r["val_limit"]}
+            ccfg = _stage_config(calibrate.CalibConfig, "calibrate", opts, fixed, progress=progress)
+            steps.append(_Step("calibrate", "calibrate", ccfg, [onnx_path],
+                               [int8_path, int8_path.with_name("model.int8.calib.json")],
+                               lambda resume, c=ccfg: calibrate.run(c)))
+        engines = self._engine_steps(steps, onnx_path, int8_path)
+
+        bopts = self.options("benchmark")
+        input_sizes = bopts.pop("input_sizes", [])
+        val_limit = bopts.pop("val_limit", self.r["val_limit"])
+        bopts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bopts.items()}
+        models = [p for s in steps if s.stage in ("distill", "prune", "export", "calibrate")
+                  for p in s.outputs if p.suffix in (".pth", ".onnx")] + engines
+        for size in [None, *input_sizes]:
+            folder = self.out / ("report" if size is None else f"report-{size}")
+            fixed = {"baseline": str(teacher), "models": tuple(str(m) for m in models), "out": str(folder),
+                     "data": self.r["data"], "input_size": size, "val_limit": val_limit,
+                     "device": "cuda" if device == "cuda" else "cpu"}
+            bcfg = _stage_config(report.BenchmarkConfig, "benchmark", bopts, fixed, progress=progress)
+            steps.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
+                               [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
+                               lambda resume, c=bcfg: report.run(c)))
+        return steps
+
+    def _engine_steps(self, steps: list[_Step], onnx_path: Path, int8_path: Path | None) -> list[Path]:
+        from . import build_engine
+        from .tensorrt_backend import import_tensorrt
+
+        opts = self.options("build-engine")
+        if opts is None:
+            return []
+        plan = {"onnxruntime": list(opts.pop("onnxruntime", ["fp32", "int8"])),
+                "tensorrt": list(opts.pop("tensorrt", ["fp16", "int8"]))}
+        try:
+            import_tensorrt()
+        except EdgeoptError:
+            if plan["tensorrt"]:
+                logger.info("TensorRT is not installed: no TensorRT engines (%s) in this run",
+                            ", ".join(plan["tensorrt"]))
+            plan["tensorrt"] = []
+        engines = []
+        for backend, precisions in plan.items():
+            for precision in precisions:
+                suffix = ".ort.onnx" if backend == "onnxruntime" else ".engine"
+                name = "model" + ("" if precision == "fp32" else f".{precision}") + suffix
+                out = self.out / name
+                src = onnx_path
+                fixed = {"out": str(out), "backend": backend, "precision": precision}
+                if precision == "int8" and backend == "onnxruntime" and int8_path is not None:
+                    src = int8_path  # the CPU-target INT8 model the calibrate stage measured
+                elif precision == "int8":
+                    fixed.update(calib_data=self.r["data"], calib_cache=str(out.with_suffix(".calib.json")))
+                fixed["onnx"] = str(src)
+                bcfg = _stage_config(build_engine.BuildConfig, "build-engine", opts, fixed, progress=self.progress)
+                steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, [src], [out],
+                                   lambda resume, c=bcfg: build_engine.run(c)))
+                engines.append(out)
+        return engines
+
+
+def _key(step: _Step, recipe: dict[str, Any]) -> dict[str, Any]:
+    config = dataclasses.asdict(step.config)
+    for noise in ("progress",):
+        config.pop(noise, None)
+        if isinstance(config.get("loop"), dict):
+            config["loop"].pop(noise, None)
+    key = {"config": config, "data": _data_identity(recipe["data"]),
+           "inputs": {str(p): sha256_file(p) for p in step.inputs}}
+    return json.loads(json.dumps(key, default=str))  # as pipeline.json will hold it (tuples become lists)
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # ran | skipped
+    seconds: float
+    outputs: list[str]
+
+
+def plan(cfg: PipelineConfig) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """The resolved recipe and the steps it makes, ``(name, stage config)``, checked but not run (``--dry-run``)."""
+    recipe = resolve_recipe(cfg)
+    return recipe, [(s.name, s.config) for s in _Planner(recipe, Path(cfg.out), cfg.progress).steps()]
+
+
+def run(cfg: PipelineConfig, *, on_step: Callable[[int, int, str, str], None] | None = None) -> Artifact:
+    """Run the recipe's stages in order, skipping unchanged ones; returns ``<out>/pipeline.json``.
+
+    Args:
+        cfg: the pipeline's options.
+        on_step: called as ``on_step(index, total, name, event)`` with event ``start``, ``skip`` or ``done``
+            (the CLI prints progress from it).
+    """
+    recipe = resolve_recipe(cfg)
+    out = Path(cfg.out)
+    state_path = out / STATE_FILE
+    prepare_output(state_path)
+    steps = _Planner(recipe, out, cfg.progress).steps()
+    state = _read_state(state_path)
+    state["recipe"] = recipe
+    results: list[StepResult] = []
+    for i, step in enumerate(steps, 1):
+        record = state["steps"].get(step.name, {})
+        for p in step.inputs:
+            if not p.is_file():
+                raise ConfigError(f"pipeline step '{step.name}' needs {p}, which is missing")
+        key = _key(step, recipe)
+        intact = all(p.is_file() and record.get("outputs", {}).get(str(p)) == sha256_file(p) for p in step.outputs)
+        if not cfg.force and record.get("status") == "done" and record.get("key") == key and intact:
+            logger.debug("[%d/%d] %s: unchanged, skipped", i, len(steps), step.name)
+            if on_step:
+                on_step(i, len(steps), step.name, "skip")
+            results.append(StepResult(step.name, "skipped", 0.0, [str(p) for p in step.outputs]))
+            continue
+        resume = (step.resumable and record.get("status") == "running" and record.get("key") == key
+                  and last_path(step.outputs[0]).is_file())
+        logger.debug("[%d/%d] %s%s", i, len(steps), step.name, " (resuming)" if resume else "")
+        if on_step:
+            on_step(i, len(steps), step.name, "resume" if resume else "start")
+        state["steps"][step.name] = {"status": "running", "key": key, "started": time.time()}
+        write_json(state_path, state)
+        start = time.perf_counter()
+        step.action(resume)
+        seconds = time.perf_counter() - start
+        state["steps"][step.name] = {"status": "done", "key": key, "seconds": round(seconds, 1),
+                                     "outputs": {str(p): sha256_file(p) for p in step.outputs}}
+        write_json(state_path, state)
+        if on_step:
+            on_step(i, len(steps), step.name, "done")
+        results.append(StepResult(step.name, "ran", seconds, [str(p) for p in step.outputs]))
+    state["last_run"] = [dataclasses.asdict(r) for r in results]
+    write_json(state_path, state)
+    return Artifact(state_path, state)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"format": "edgeopt-pipeline", "version": 1, "steps": {}}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        logger.warning("%s is unreadable: every stage runs again", path)
+        return {"format": "edgeopt-pipeline", "version": 1, "steps": {}}
+    state.setdefault("steps", {})
+    return state
