@@ -53,6 +53,14 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def exported_onnx(trained, tmp_path_factory) -> Path:
+    """``trained`` exported to ONNX (with its manifest) via the CLI."""
+    out = tmp_path_factory.mktemp("exported") / "model.onnx"
+    run_cli("-q", "export", "--model", trained, "--out", out, check=True)
+    return out
+
+
 def fashion_arrays(split: str = "train"):
     prefix = "train" if split == "train" else "t10k"
     with gzip.open(FMNIST / f"{prefix}-images-idx3-ubyte.gz") as fh:

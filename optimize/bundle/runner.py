@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Classify images with the model of this bundle, without torch or edgeopt.
+
+Needs numpy + Pillow + onnxruntime for ``model.onnx`` (requirements.txt), or numpy + Pillow + tensorrt + pycuda
+for a TensorRT engine (``model.plan``, built on this device by ``build_engine.sh``). Reads ``preprocess.json``
+and ``labels.txt`` beside this file; its preprocessing reproduces edgeopt's eval transform with Pillow and numpy
+(any image mode -> RGB, resize the shorter side, center crop, scale to [0, 1], normalize).
+
+    python runner.py IMAGE_OR_DIR... [--model model.onnx|model.plan] [--top-k 5] [--json] [--batch-size 32]
+
+Prints the top-k classes per image (``--json``: a list of {"image", "top_k": [{"index", "class",
+"probability"}], "error"}); an unreadable image gets an error entry and exit code 1. Other errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+HERE = Path(__file__).resolve().parent
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+class RunnerError(Exception):
+    """Reported as one line on stderr, exit code 2."""
+
+
+# -- preprocessing (the same tensor as edgeopt's Preprocessing.eval_transform) ----------------------------
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB whatever the mode: L/P/LA/RGBA/CMYK/YCbCr and 16-bit or float grayscale."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image fully decoded as RGB, honouring its EXIF orientation."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return to_rgb(img)
+
+
+def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
+    """``float32 [3, S, S]``: resize the shorter side to ``resize_size`` (the longer one scaled and truncated,
+    as torchvision does), center crop ``image_size`` (torchvision's rounding), /255, normalize."""
+    img = to_rgb(img)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec["resize_size"], int(spec["resize_size"] * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    if size != (w, h):
+        img = img.resize(size, RESAMPLE[spec["interpolation"]])
+    side = spec["image_size"]
+    top, left = int(round((size[1] - side) / 2.0)), int(round((size[0] - side) / 2.0))
+    img = img.crop((left, top, left + side, top + side))
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec["std"], dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+# -- backends ----------------------------------------------------------------------------------------------
+
+class OnnxModel:
+    """ONNX Runtime: CUDA when onnxruntime-gpu offers it, else the CPU."""
+
+    max_batch = None
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: batch})[0]
+
+
+class TensorRTModel:
+    """A TensorRT engine built on this device (TensorRT 8.6 and later), buffers in pinned and device memory."""
+
+    def __init__(self, path: Path):
+        import pycuda.autoinit  # noqa: F401 - creates the CUDA context
+        import pycuda.driver as cuda
+        import tensorrt as trt
+
+        self.cuda = cuda
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RunnerError(f"{path} does not load with TensorRT {trt.__version__} on this GPU; rebuild it here "
+                              "with ./build_engine.sh")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0])
+        chw = tuple(int(d) for d in self.engine.get_tensor_shape(self.input))[1:]
+        classes = int(self.engine.get_tensor_shape(output)[-1])
+        self.stream = cuda.Stream()
+        self.host_in = cuda.pagelocked_empty((self.max_batch, *chw), np.float32)
+        self.host_out = cuda.pagelocked_empty((self.max_batch, classes), np.float32)
+        self.device_in = cuda.mem_alloc(self.host_in.nbytes)
+        self.device_out = cuda.mem_alloc(self.host_out.nbytes)
+        self.context.set_tensor_address(self.input, int(self.device_in))
+        self.context.set_tensor_address(output, int(self.device_out))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        self.host_in[:n] = batch
+        self.context.set_input_shape(self.input, tuple(batch.shape))
+        self.cuda.memcpy_htod_async(self.device_in, self.host_in, self.stream)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise RunnerError("TensorRT execution failed")
+        self.cuda.memcpy_dtoh_async(self.host_out, self.device_out, self.stream)
+        self.stream.synchronize()
+        return self.host_out[:n].copy()
+
+
+def open_model(path: Path | None):
+    """The given model, else ``model.plan`` when TensorRT is importable here, else ``model.onnx``."""
+    if path is None:
+        plan, onnx = HERE / "model.plan", HERE / "model.onnx"
+        path = plan if plan.is_file() and _importable("tensorrt") else onnx
+    if not path.is_file():
+        raise RunnerError(f"model {path} does not exist; give --model, or build model.plan with ./build_engine.sh")
+    if path.suffix.lower() in ENGINE_SUFFIXES:
+        for module in ("tensorrt", "pycuda"):
+            if not _importable(module):
+                raise RunnerError(f"{path.name} needs {module}: on a Jetson TensorRT comes with JetPack; "
+                                  "'pip install pycuda'; or run model.onnx with onnxruntime")
+        return TensorRTModel(path)
+    if not _importable("onnxruntime"):
+        raise RunnerError("model.onnx needs onnxruntime: pip install -r requirements.txt")
+    return OnnxModel(path)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+def expand(paths: list[str]) -> list[Path]:
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise RunnerError(f"folder {path} holds no image files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RunnerError(f"image {path} does not exist")
+    return files
+
+
+def classify(model, files: list[Path], spec: dict, labels: list[str], top_k: int, batch_size: int) -> list[dict]:
+    """One result per file, in order: its top-k classes, or the error that kept it from being read."""
+    batch_size = min(batch_size, model.max_batch or batch_size)
+    results: dict[int, dict] = {}
+    for start in range(0, len(files), batch_size):
+        tensors, indices = [], []
+        for i in range(start, min(start + batch_size, len(files))):
+            try:
+                tensors.append(preprocess(load_image(files[i]), spec))
+                indices.append(i)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+                results[i] = {"image": str(files[i]), "top_k": [], "error": f"cannot read image: {e}"}
+        if not tensors:
+            continue
+        logits = model.infer(np.stack(tensors)).astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        for i, row in zip(indices, probs):
+            order = np.argsort(-row, kind="stable")[:top_k]
+            results[i] = {"image": str(files[i]), "error": None,
+                          "top_k": [{"index": int(c), "class": labels[c] if c < len(labels) else str(int(c)),
+                                     "probability": float(row[c])} for c in order]}
+    return [results[i] for i in range(len(files))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--model", type=Path, default=None, help="model.onnx or a TensorRT model.plan "
+                        "(default: model.plan when TensorRT is installed, else model.onnx)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    try:
+        spec = json.loads((HERE / "preprocess.json").read_text())
+        labels = (HERE / "labels.txt").read_text().splitlines()
+        results = classify(open_model(args.model), expand(args.images), spec, labels, max(1, args.top_k),
+                           max(1, args.batch_size))
+    except (RunnerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if r["error"]:
+                print(f"{r['image']}: error: {r['error']}")
+                continue
+            print(r["image"])
+            for c in r["top_k"]:
+                print(f"  {c['probability']:7.2%}  {c['class']}")
+    return 1 if any(r["error"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

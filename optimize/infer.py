@@ -1,0 +1,170 @@
+"""Stage ``infer``: classify image files with any model edgeopt writes, using the preprocessing it records.
+
+The model is opened with :func:`optimize.runners.open_runner` (a ``.pth`` checkpoint, an ``.onnx`` model or a
+TensorRT engine), so every backend is fed the tensor :meth:`Preprocessing.eval_transform` makes from the
+preprocessing the artifact recorded, batched by calibration's batcher
+(:class:`calib.batcher.ImageBatcher`). Folders are expanded to the image files under them; a file that cannot
+be decoded becomes an error entry in the results instead of stopping the run. ``serve`` shares the scoring.
+
+Example::
+
+    results = run(InferConfig(model="runs/model.int8.onnx", images=("photos/",), top_k=3))
+    for r in results:
+        print(r.image, r.error or f"{r.top_k[0].name} {r.top_k[0].probability:.1%}")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from calib.batcher import ImageBatcher
+from .data import IMAGE_EXTENSIONS, LabeledImages
+from .errors import ConfigError, DataError
+from .preprocess import Preprocessing, load_image
+from .runners import Runner, RunnerError, open_runner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Options of ``cli.py infer``.
+
+    Attributes:
+        model: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
+        images: image files and folders (searched recursively for :data:`optimize.data.IMAGE_EXTENSIONS`).
+        top_k: classes reported per image, most probable first.
+        batch_size: images per inference call, capped by the model's largest batch (an engine's profile).
+        device: ``cpu`` or ``cuda``.
+        threads: CPU threads (default: every core this process may use).
+        trust_checkpoint: allow a pickled whole ``nn.Module`` checkpoint (unpickling runs code from the file).
+    """
+
+    model: str
+    images: tuple[str, ...]
+    top_k: int = 5
+    batch_size: int = 32
+    device: str = "cpu"
+    threads: int | None = None
+    trust_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ConfigError("give at least one image file or folder")
+        if self.top_k < 1 or self.batch_size < 1:
+            raise ConfigError("--top-k and --batch-size must be at least 1")
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of a prediction: its index, name and softmax probability."""
+
+    index: int
+    name: str
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "class": self.name, "probability": self.probability}
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The top-k classes of one image, or why it could not be classified (``error``)."""
+
+    image: str
+    top_k: list[ClassScore] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "top_k": [c.to_dict() for c in self.top_k], "error": self.error}
+
+
+def expand_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by the image files under them (sorted).
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no image file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"image {path} does not exist; check the path")
+    return files
+
+
+def model_inputs(runner: Runner) -> tuple[Preprocessing, list[str] | None]:
+    """The preprocessing and class names the runner's artifact records.
+
+    Raises:
+        RunnerError: the artifact records no preprocessing, so its input tensor cannot be made.
+    """
+    if runner.preprocessing is None:
+        raise RunnerError(f"{runner.path} records no preprocessing, so images cannot be prepared for it; use a "
+                          "checkpoint written by edgeopt or a model exported from one")
+    return runner.preprocessing, runner.class_names
+
+
+def image_tensor(transform: Callable, source) -> np.ndarray:
+    """``float32 [3, S, S]`` from an image file or file object, through the model's eval transform."""
+    return transform(load_image(source)).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable for large logits)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k(logits: np.ndarray, class_names: Sequence[str] | None, k: int) -> list[list[ClassScore]]:
+    """The ``k`` most probable classes of each row of ``logits`` (names are indices when none are recorded)."""
+    probs = softmax(logits)
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[ClassScore(int(i), class_names[i] if class_names else str(int(i)), float(row[i])) for i in idx]
+            for row, idx in zip(probs, order)]
+
+
+def _image_files(files: list[Path], transform: Callable) -> tuple[LabeledImages, dict[int, str]]:
+    """``files`` as a dataset labelled by position (so batches say which files they hold), and the errors of
+    those that could not be read, filled in as the batcher reaches them."""
+    errors: dict[int, str] = {}
+
+    def load(i: int) -> Image.Image | None:
+        try:
+            return load_image(files[i])
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file; all mean "unreadable"
+            logger.debug("cannot read %s: %s", files[i], e)
+            errors[i] = f"cannot read image: {e}"
+            return None  # the batcher leaves it out
+
+    return LabeledImages(load, range(len(files)), [str(f) for f in files], transform), errors
+
+
+def run(cfg: InferConfig) -> list[ImageResult]:
+    """Classify every image of ``cfg.images``; results in input order, one per image file."""
+    files = expand_images(cfg.images)
+    runner = open_runner(cfg.model, device=cfg.device, threads=cfg.threads, trust=cfg.trust_checkpoint)
+    preprocessing, class_names = model_inputs(runner)
+    dataset, errors = _image_files(files, preprocessing.eval_transform())
+    batch_size = min(cfg.batch_size, runner.max_batch or cfg.batch_size)
+    logger.info("classifying %d image(s) with %s (%s), batches of %d", len(files), runner.path, runner.label,
+                batch_size)
+    results: dict[int, ImageResult] = {}
+    for batch, indices in ImageBatcher(dataset, batch_size=batch_size, image_size=runner.image_size):
+        for i, scores in zip(indices, top_k(runner.infer(batch), class_names, cfg.top_k)):
+            results[i] = ImageResult(str(files[i]), scores)
+    return [results.get(i) or ImageResult(str(files[i]), error=errors[i]) for i in range(len(files))]

@@ -1,0 +1,380 @@
+"""Stage ``package``: a self-contained folder to copy onto a Jetson or a server.
+
+Layout of ``out``::
+
+    model.onnx, model.onnx.json     the ONNX to run with ONNX Runtime or build an engine from, and its manifest
+                                    (for an INT8 engine: the Q/DQ ONNX, re-made from the calibration cache if need be)
+    model.fp16.onnx                 with ``precision`` fp16: the FP16 ONNX TensorRT 11 (strongly typed) builds from
+    model.plan, model.plan.json     when packaging a TensorRT engine: the engine and its build-engine manifest
+    <name>.calib.json               the calibration cache, when the model is INT8
+    labels.txt, preprocess.json     class names, one a line; edgeopt's preprocessing as JSON
+    runner.py, requirements.txt     classifies images with numpy + Pillow + onnxruntime (or tensorrt + pycuda)
+    build_engine.sh                 builds model.plan on the device with its own trtexec (8.6, 10 or 11)
+    model_repository/<name>/        a Triton Inference Server repository: config.pbtxt, labels.txt, 1/model.*
+    bundle.json                     what was packaged, from what, and every file's sha256
+
+Everything is written into a temporary folder beside ``out`` and renamed into place at the end, so a failed run
+leaves no half-written bundle. The model's files are read from manifests and the ONNX graph; nothing here runs
+the model, so an engine can be packaged on a machine without its GPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from calib import calibrate
+from calib.batcher import onnx_input
+from .artifacts import Artifact, library_versions, manifest_path, read_manifest, sha256_file, write_json
+from .build_engine import parse_size
+from .errors import ConfigError, EdgeoptError, OutputError
+from .runners import backend_of, onnx_precision
+from .tensorrt_backend import Profile, to_fp16_onnx
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "edgeopt-bundle"
+TEMPLATES = Path(__file__).with_name("bundle")
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_BATCHES = (1, 8, 64)  # min / opt / max when nothing records a profile
+DEFAULT_WORKSPACE = "2G"
+_QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+REQUIREMENTS = """\
+# runner.py with model.onnx (onnxruntime-gpu in place of onnxruntime runs it on an NVIDIA GPU)
+numpy>=1.24
+Pillow>=9.5
+onnxruntime>=1.17
+# runner.py with a TensorRT model.plan: tensorrt (JetPack ships it on a Jetson) and pycuda>=2022.2 in place of
+# onnxruntime
+"""
+
+TRITON_CONFIG = """\
+name: {name}
+platform: {platform}
+max_batch_size: {max_batch}
+input [
+  {{
+    name: {input_name}
+    data_type: TYPE_FP32
+    dims: [ 3, {size}, {size} ]
+  }}
+]
+output [
+  {{
+    name: {output_name}
+    data_type: TYPE_FP32
+    dims: [ {classes} ]
+    label_filename: "labels.txt"
+  }}
+]
+dynamic_batching {{
+  preferred_batch_size: [ {preferred} ]
+  max_queue_delay_microseconds: 2000
+}}
+"""
+
+
+class PackageError(EdgeoptError):
+    """The model cannot be packaged as asked."""
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    """Options of ``cli.py package``.
+
+    Attributes:
+        model: ONNX model (from ``export``, ``calibrate`` or ``build-engine``) or TensorRT engine.
+        out: bundle folder to write.
+        name: Triton model name (default: the model file's stem, with other characters than letters, digits,
+            ``_`` and ``-`` replaced by ``_``).
+        onnx: an engine's source ONNX when it no longer lies where ``build-engine`` read it.
+        precision: what ``build_engine.sh`` builds by default (default: the engine's, else the ONNX's).
+        min_batch / opt_batch / max_batch: the batch profile of ``build_engine.sh`` and the Triton config
+            (default: the engine's profile, else 1 / 8 / 64). An engine's own profile cannot be changed.
+        force: replace an existing non-empty ``out``.
+    """
+
+    model: str
+    out: str
+    name: str | None = None
+    onnx: str | None = None
+    precision: str | None = None
+    min_batch: int | None = None
+    opt_batch: int | None = None
+    max_batch: int | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.name is not None and not _NAME.match(self.name):
+            raise ConfigError(f"--name {self.name!r}: use letters, digits, '_' and '-' only (a folder name in "
+                              "the Triton repository)")
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """The single image input and logits output of an ONNX classifier."""
+
+    input_name: str
+    image_size: int
+    output_name: str
+    classes: int
+
+    @classmethod
+    def of(cls, path: Path) -> "ModelIO":
+        input_name, size, dynamic = onnx_input(str(path))
+        if not dynamic:
+            raise PackageError(f"{path} has a fixed batch size; export it with 'cli.py export' (symbolic batch axis)")
+        output = onnx.load(str(path), load_external_data=False).graph.output[0]
+        return cls(input_name, size, output.name, output.type.tensor_type.shape.dim[-1].dim_value)
+
+
+def triton_config(name: str, platform: str, io: ModelIO, profile: Profile) -> str:
+    """Triton's ``config.pbtxt`` (protobuf text format): batch dim implied, dynamic batching up to the profile."""
+    preferred = ", ".join(str(b) for b in sorted({profile.opt_batch, profile.max_batch}))
+    return TRITON_CONFIG.format(name=_quote(name), platform=_quote(platform), max_batch=profile.max_batch,
+                                input_name=_quote(io.input_name), size=io.image_size,
+                                output_name=_quote(io.output_name), classes=io.classes, preferred=preferred)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _render(template: str, values: dict[str, Any]) -> str:
+    """Replace every ``@KEY@`` of a template file; a placeholder left over is a bug in the template."""
+    text = (TEMPLATES / template).read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        raise PackageError(f"template {template} has unfilled placeholders {left}")
+    return text
+
+
+def _tensorrt_issue(path: Path) -> str | None:
+    """Why TensorRT cannot build from this ONNX (ONNX Runtime-only operators), or None."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(n.op_type in _QOPERATOR_OPS for n in graph.node):
+        return "it is ONNX Runtime's QOperator INT8 form ('calibrate --target cpu')"
+    if any(n.domain not in ("", "ai.onnx") for n in graph.node):
+        return "it has ONNX Runtime contrib operators (an ONNX Runtime-optimized model from 'build-engine')"
+    return None
+
+
+def _engine_onnx(engine: Path, manifest: dict[str, Any], override: str | None) -> Path:
+    """The ONNX an engine was built from, checked against the sha256 its manifest records."""
+    recorded = manifest.get("inputs", {}).get("onnx", {})
+    path = Path(override or recorded.get("path", ""))
+    if not path.is_file():
+        raise PackageError(f"{engine} was built from {recorded.get('path')}, which is not there; the bundle needs it "
+                           "to rebuild the engine on the device: give --onnx")
+    if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
+        raise PackageError(f"{path} is not the ONNX {engine} was built from (sha256 differs); give the right --onnx")
+    return path
+
+
+def _profile(cfg: PackageConfig, recorded: dict[str, int] | None, binding: bool) -> Profile:
+    """The asked batch profile, filled in from ``recorded`` (a build-engine manifest's) or 1/8/64; a TensorRT
+    engine's recorded profile is ``binding``: it cannot be changed without rebuilding."""
+    asked = (cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+    base = (recorded["min_batch"], recorded["opt_batch"], recorded["max_batch"]) if recorded else DEFAULT_BATCHES
+    if binding and any(a is not None and a != b for a, b in zip(asked, base)):
+        raise ConfigError(f"{cfg.model} was built for batch {base[0]}/{base[1]}/{base[2]}; drop --min-batch, "
+                          "--opt-batch and --max-batch, or rebuild it with the profile you want")
+    return Profile(*(a if a is not None else b for a, b in zip(asked, base)))
+
+
+def _calibrated_onnx(engine: Path, manifest: dict[str, Any], fp32_onnx: Path, dst: Path) -> Path:
+    """The Q/DQ ONNX of an INT8 engine built from an FP32 ONNX, re-made from its calibration cache; the cache."""
+    config = manifest.get("config", {})
+    candidates = [Path(p) for p in (config.get("calib_cache"), engine.with_suffix(".calib.json")) if p]
+    cache = next((p for p in candidates if p.is_file()), None)
+    if cache is None:
+        raise PackageError(f"{engine} is INT8 from the FP32 {fp32_onnx}, but its calibration cache "
+                           f"({', '.join(map(str, candidates))}) is gone, so the device cannot rebuild it; package "
+                           "a Q/DQ ONNX from 'cli.py calibrate --target tensorrt' instead")
+    calibrate.run(calibrate.CalibConfig(onnx=str(fp32_onnx), out=str(dst), data=None, target="tensorrt",
+                                        method=config.get("calib_method", "entropy"), cache=str(cache)))
+    return cache
+
+
+def _place(work: Path, out: Path) -> None:
+    """Rename the finished ``work`` folder to ``out``, replacing what was there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)  # mkdtemp made it 0700
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.rename(out, old)
+    os.rename(work, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _check_out(cfg: PackageConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file; give a folder for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not cfg.force:
+        raise OutputError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from e
+    return out
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What is packaged: the ONNX (always), the TensorRT engine (or None) and the model's manifest."""
+
+    path: Path
+    onnx: Path
+    engine: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def engine_facts(self) -> dict[str, Any]:
+        return self.manifest.get("engine", {}) if self.engine is not None else {}
+
+
+def _source(cfg: PackageConfig) -> _Source:
+    src = Path(cfg.model)
+    if not src.is_file():
+        raise PackageError(f"model {src} does not exist; check the path")
+    backend = backend_of(src)
+    if backend == "torch":
+        raise PackageError(f"{src} is a PyTorch checkpoint; export it first ('cli.py export --model {src} --out "
+                           "runs/model.onnx') and package the ONNX")
+    manifest = read_manifest(src) or {}
+    if backend == "onnxruntime":
+        return _Source(src, src, None, manifest)
+    if "engine" not in manifest:
+        raise PackageError(f"{src} has no build-engine manifest ({manifest_path(src).name}); build it with "
+                           "'cli.py build-engine'")
+    return _Source(src, _engine_onnx(src, manifest, cfg.onnx), src, manifest)
+
+
+def _write_onnx(source: _Source, work: Path) -> Path | None:
+    """``model.onnx`` (+ manifest) into ``work``: the model's ONNX, or for an INT8 engine built from an FP32 ONNX
+    the Q/DQ ONNX re-made from its calibration cache. Returns the calibration cache, if any."""
+    dst = work / "model.onnx"
+    if source.engine_facts.get("precision") == "int8" and onnx_precision(source.onnx) != "int8":
+        cache = _calibrated_onnx(source.engine, source.manifest, source.onnx, dst)
+    else:
+        shutil.copyfile(source.onnx, dst)
+        if manifest_path(source.onnx).is_file():
+            shutil.copyfile(manifest_path(source.onnx), manifest_path(dst))
+        recorded = (read_manifest(source.onnx) or {}).get("calibration_cache")
+        cache = source.onnx.with_name(recorded) if recorded else None
+    if cache is None or not cache.is_file():
+        return None
+    shutil.copyfile(cache, work / cache.name)
+    return cache
+
+
+def _write_triton(source: _Source, work: Path, name: str, io: ModelIO, profile: Profile, labels: str) -> str:
+    """``model_repository/<name>/`` for Triton; returns the platform."""
+    repo = work / "model_repository" / name
+    (repo / "1").mkdir(parents=True)
+    if source.engine is not None:
+        platform = "tensorrt_plan"
+        shutil.copyfile(source.engine, repo / "1" / "model.plan")
+    else:
+        platform = "onnxruntime_onnx"
+        shutil.copyfile(work / "model.onnx", repo / "1" / "model.onnx")
+    (repo / "config.pbtxt").write_text(triton_config(name, platform, io, profile))
+    (repo / "labels.txt").write_text(labels)
+    return platform
+
+
+def _write_scripts(source: _Source, work: Path, name: str, io: ModelIO, profile: Profile, precision: str,
+                   qdq: bool) -> None:
+    """``runner.py`` + ``requirements.txt`` and ``build_engine.sh`` with this model's profile and flags."""
+    shutil.copyfile(TEMPLATES / "runner.py", work / "runner.py")
+    (work / "requirements.txt").write_text(REQUIREMENTS)
+    flags = source.engine_facts.get("flags", {})
+    device_flags = (["--sparsity=enable"] if flags.get("sparse_weights") else []) + (
+        [f"--useDLACore={flags['dla_core']}", "--allowGPUFallback"] if flags.get("dla_core") is not None else [])
+    workspace = source.manifest.get("config", {}).get("workspace") if source.engine else None
+    (work / "build_engine.sh").write_text(_render("build_engine.sh", {
+        "PRECISION": precision, "MIN_BATCH": profile.min_batch, "OPT_BATCH": profile.opt_batch,
+        "MAX_BATCH": profile.max_batch, "WORKSPACE_MIB": parse_size(workspace or DEFAULT_WORKSPACE) >> 20,
+        "INPUT_NAME": io.input_name, "IMAGE_SIZE": io.image_size, "QDQ": int(qdq),
+        "DEVICE_FLAGS": " ".join(device_flags),
+        "TRITON_PLAN": f"model_repository/{name}/1/model.plan" if source.engine is not None else ""}))
+    for script in ("runner.py", "build_engine.sh"):
+        os.chmod(work / script, 0o755)
+
+
+def run(cfg: PackageConfig) -> Artifact:
+    """Write the bundle for ``cfg.model``; returns the bundle folder with ``bundle.json`` as its manifest."""
+    source = _source(cfg)
+    out = _check_out(cfg)
+    preprocessing, class_names = calibrate.model_preprocessing(source.onnx)
+    io = ModelIO.of(source.onnx)
+    recorded = source.manifest.get("engine", {}).get("profile")
+    profile = _profile(cfg, recorded, binding=source.engine is not None)
+    name = cfg.name or re.sub(r"[^A-Za-z0-9_-]", "_", source.path.stem)
+
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        cache = _write_onnx(source, work)
+        issue = _tensorrt_issue(work / "model.onnx")
+        qdq = issue is None and onnx_precision(work / "model.onnx") == "int8"
+        precision = cfg.precision or source.engine_facts.get("precision") or ("int8" if qdq else "fp32")
+        if precision == "int8" and not qdq:
+            raise ConfigError(f"--precision int8 needs a Q/DQ ONNX ('cli.py calibrate --target tensorrt'); "
+                              f"{source.onnx} is not one")
+        if issue:
+            logger.warning("build_engine.sh cannot build from %s: %s; package the FP32 ONNX from 'export' or a Q/DQ "
+                           "one from 'calibrate --target tensorrt' for TensorRT", source.onnx, issue)
+        if precision == "fp16":
+            to_fp16_onnx(work / "model.onnx", work / "model.fp16.onnx")
+        if source.engine is not None:
+            shutil.copyfile(source.engine, work / "model.plan")
+            shutil.copyfile(manifest_path(source.engine), work / "model.plan.json")
+        labels = "".join(n.replace("\n", " ") + "\n" for n in class_names)
+        (work / "labels.txt").write_text(labels)
+        write_json(work / "preprocess.json", preprocessing.to_dict())
+        platform = _write_triton(source, work, name, io, profile, labels)
+        _write_scripts(source, work, name, io, profile, precision, qdq)
+        payload = {
+            "format": BUNDLE_FORMAT, "version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(source.path), "sha256": sha256_file(source.path),
+                       "stage": source.manifest.get("stage")},
+            "name": name, "precision": precision, "qdq": qdq,
+            "profile": {"min_batch": profile.min_batch, "opt_batch": profile.opt_batch,
+                        "max_batch": profile.max_batch},
+            "input": {"name": io.input_name, "shape": ["batch", 3, io.image_size, io.image_size], "dtype": "float32"},
+            "output": {"name": io.output_name, "shape": ["batch", io.classes], "dtype": "float32"},
+            "preprocessing": preprocessing.to_dict(), "class_names": class_names,
+            "triton": {"repository": "model_repository", "model": name, "platform": platform,
+                       "max_batch_size": profile.max_batch},
+            "calibration_cache": cache.name if cache else None,
+            "versions": library_versions(),
+            "files": {str(p.relative_to(work)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                      for p in sorted(work.rglob("*")) if p.is_file()},
+        }
+        write_json(work / "bundle.json", payload)
+        _place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info("packaged %s into %s (%d files; Triton model '%s', %s)", source.path, out, len(payload["files"]),
+                name, platform)
+    return Artifact(out, payload)

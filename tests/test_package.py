@@ -1,0 +1,374 @@
+"""package: the deployment bundle, its torch-free runner, build_engine.sh and the Triton repository."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+import cli
+from calib import calibrate
+from conftest import fashion_arrays, run_cli
+from optimize import package
+from optimize.data import FASHION_MNIST_CLASSES
+from optimize.artifacts import sha256_file
+from optimize.errors import ConfigError, OutputError
+from optimize.preprocess import Preprocessing, fashion_mnist_preset, folder_preset, load_image
+from optimize.runners import onnx_precision
+
+ONNX_BUNDLE_FILES = {"bundle.json", "build_engine.sh", "labels.txt", "model.onnx", "model.onnx.json",
+                     "preprocess.json", "requirements.txt", "runner.py", "model_repository/model/config.pbtxt",
+                     "model_repository/model/labels.txt", "model_repository/model/1/model.onnx"}
+# What runner.py may import: the standard library it uses, numpy, Pillow and one inference backend.
+RUNNER_IMPORTS = {"__future__", "argparse", "importlib", "json", "pathlib", "sys", "numpy", "PIL", "onnxruntime",
+                  "tensorrt", "pycuda"}
+
+
+@pytest.fixture(scope="module")
+def bundle(exported_onnx, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "bundle"
+    proc = run_cli("-q", "package", "--model", exported_onnx, "--out", out, "--json", check=True)
+    assert json.loads(proc.stdout)["bundle"] == json.loads((out / "bundle.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner(bundle):
+    """The bundle's runner.py imported as a module (it needs numpy and Pillow only)."""
+    spec = importlib.util.spec_from_file_location("bundle_runner", bundle / "runner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bundle_files_and_manifest(bundle, exported_onnx):
+    files = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
+    assert files == ONNX_BUNDLE_FILES
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert set(manifest["files"]) == files - {"bundle.json"}
+    assert all(sha256_file(bundle / f) == m["sha256"] for f, m in manifest["files"].items())
+    assert manifest["source"]["sha256"] == sha256_file(exported_onnx)
+    assert manifest["precision"] == "fp32" and manifest["qdq"] is False
+    assert (bundle / "labels.txt").read_text().splitlines()[9] == "Ankle boot"
+    assert json.loads((bundle / "preprocess.json").read_text())["image_size"] == 16
+    assert (bundle / "runner.py").read_bytes() == (package.TEMPLATES / "runner.py").read_bytes()
+    assert os.access(bundle / "build_engine.sh", os.X_OK)
+    assert not list(bundle.parent.glob(".bundle.*"))  # the temporary folder was renamed into place
+
+
+def test_runner_imports_neither_torch_nor_edgeopt(bundle):
+    tree = ast.parse((bundle / "runner.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= RUNNER_IMPORTS, imported - RUNNER_IMPORTS
+
+
+def triton_model_config():
+    """Triton's ModelConfig message limited to the fields a bundle writes; names, numbers and the DataType enum
+    as in Triton's model_config.proto, so that text_format.Parse checks every field name and enum value."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="model_config_subset.proto", package="inference",
+                                               syntax="proto3")
+    data_type = proto.enum_type.add(name="DataType")
+    for number, name in enumerate(["INVALID", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                                   "INT32", "INT64", "FP16", "FP32", "FP64", "STRING", "BF16"]):
+        data_type.value.add(name=f"TYPE_{name}", number=number)
+    messages = {
+        "ModelInput": [("name", 1, field.TYPE_STRING, None), ("data_type", 2, field.TYPE_ENUM, "DataType"),
+                       ("dims", 4, field.TYPE_INT64, "repeated")],
+        "ModelOutput": [("name", 1, field.TYPE_STRING, None), ("data_type", 2, field.TYPE_ENUM, "DataType"),
+                        ("dims", 3, field.TYPE_INT64, "repeated"), ("label_filename", 4, field.TYPE_STRING, None)],
+        "ModelDynamicBatching": [("preferred_batch_size", 1, field.TYPE_INT32, "repeated"),
+                                 ("max_queue_delay_microseconds", 2, field.TYPE_UINT64, None)],
+        "ModelConfig": [("name", 1, field.TYPE_STRING, None), ("platform", 2, field.TYPE_STRING, None),
+                        ("max_batch_size", 4, field.TYPE_INT32, None),
+                        ("input", 5, field.TYPE_MESSAGE, "repeated ModelInput"),
+                        ("output", 6, field.TYPE_MESSAGE, "repeated ModelOutput"),
+                        ("dynamic_batching", 11, field.TYPE_MESSAGE, "ModelDynamicBatching")],
+    }
+    for message, fields in messages.items():
+        m = proto.message_type.add(name=message)
+        for name, number, kind, spec in fields:
+            words = (spec or "").split()
+            f = m.field.add(name=name, number=number, type=kind,
+                            label=field.LABEL_REPEATED if "repeated" in words else field.LABEL_OPTIONAL)
+            if kind in (field.TYPE_ENUM, field.TYPE_MESSAGE):
+                f.type_name = ".inference." + words[-1]
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+def parse_triton_config(path: Path):
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), triton_model_config()())
+
+
+def test_triton_config_parses_with_the_model_dims(bundle):
+    config = parse_triton_config(bundle / "model_repository/model/config.pbtxt")
+    assert (config.name, config.platform, config.max_batch_size) == ("model", "onnxruntime_onnx", 64)
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 16, 16])]
+    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [("logits", [10], "labels.txt")]
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 64]
+    model = onnx.load(str(bundle / "model_repository/model/1/model.onnx"), load_external_data=False)
+    assert model.graph.input[0].name == "input" and model.graph.output[0].name == "logits"
+
+
+def odd_images() -> dict[str, Image.Image]:
+    """Every mode edgeopt converts, in non-square sizes whose resize and crop round differently."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (29, 17), dtype=np.uint8)
+    return {
+        "L": Image.fromarray(gray, "L"), "RGB": Image.fromarray(rgb, "RGB"),
+        "RGBA": Image.fromarray(rng.integers(0, 256, (31, 20, 4), dtype=np.uint8), "RGBA"),
+        "LA": Image.fromarray(gray, "L").convert("LA"), "P": Image.fromarray(rgb, "RGB").convert("P"),
+        "CMYK": Image.fromarray(rgb, "RGB").convert("CMYK"), "YCbCr": Image.fromarray(rgb, "RGB").convert("YCbCr"),
+        "1": Image.fromarray(gray, "L").convert("1"),
+        "I;16": Image.fromarray(rng.integers(0, 65536, (22, 30), dtype=np.uint16)),
+        "I": Image.fromarray(rng.integers(0, 4096, (25, 26)).astype(np.int32), "I"),
+        "F": Image.fromarray(rng.random((19, 28), dtype=np.float32), "F"),
+        "tiny RGB": Image.fromarray(rgb[:5, :9], "RGB"),
+    }
+
+
+@pytest.mark.parametrize("preprocessing", [
+    fashion_mnist_preset(image_size=16),
+    folder_preset(image_size=20),  # resize to 23, crop 20: odd margins
+    Preprocessing(image_size=16, resize_size=19, interpolation="bicubic"),
+    Preprocessing(image_size=12, resize_size=14, interpolation="nearest"),
+], ids=["fashion-16", "folder-20", "bicubic-19-16", "nearest-14-12"])
+def test_runner_preprocessing_gives_our_tensor(runner, preprocessing):
+    spec = json.loads(json.dumps(preprocessing.to_dict()))  # as preprocess.json holds it
+    transform = preprocessing.eval_transform()
+    for mode, img in odd_images().items():
+        ours = transform(img).numpy()
+        np.testing.assert_allclose(runner.preprocess(img, spec), ours, atol=1e-6, rtol=0, err_msg=mode)
+
+
+def test_runner_loads_files_as_we_do(runner, tmp_path):
+    """EXIF orientation and file decoding: the runner's load_image is ours."""
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 33, 3), dtype=np.uint8)).save(path, exif=exif)
+    ours, theirs = load_image(path), runner.load_image(path)
+    assert ours.size == theirs.size == (20, 33)
+    np.testing.assert_array_equal(np.asarray(theirs), np.asarray(ours))
+
+
+def test_runner_in_a_fresh_venv_without_torch_matches_infer(bundle, exported_onnx, tmp_path, capsys):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile",
+                          "-r", bundle / "requirements.txt"], capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install the runner's requirements.txt into a fresh venv (offline?): "
+                    f"{(pip.stderr.strip().splitlines() or ['?'])[-1]}")
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+
+    pixels, _ = fashion_arrays("val")
+    images = [tmp_path / f"{i}.png" for i in range(4)]
+    for i, path in enumerate(images[:3]):
+        Image.fromarray(pixels[i], "L").save(path)
+    Image.fromarray(np.stack([pixels[3][:, :20]] * 3, axis=-1), "RGB").convert("RGBA").save(images[3])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([python, bundle / "runner.py", *images, "--top-k", "3", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    theirs = json.loads(proc.stdout)
+
+    assert cli.main(["-q", "infer", "--model", str(exported_onnx), *map(str, images), "--top-k", "3", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in theirs] == [r["image"] for r in ours] == list(map(str, images))
+    for a, b in zip(theirs, ours):
+        assert [(c["index"], c["class"]) for c in a["top_k"]] == [(c["index"], c["class"]) for c in b["top_k"]]
+        np.testing.assert_allclose([c["probability"] for c in a["top_k"]],
+                                   [c["probability"] for c in b["top_k"]], atol=1e-6)
+
+
+# -- build_engine.sh with a stand-in trtexec ---------------------------------------------------------------
+
+FAKE_TRTEXEC = """#!/bin/sh
+if [ "$1" = "--help" ]; then
+  echo "&&&& RUNNING TensorRT.trtexec [TensorRT v$FAKE_TRT_VERSION] # trtexec --help"
+  exit 0
+fi
+printf '%s\\n' "$@" > "$FAKE_TRT_ARGS"
+for a in "$@"; do case "$a" in --saveEngine=*) printf plan > "${a#--saveEngine=}";; esac; done
+"""
+
+
+def build_engine(bundle: Path, version: str, *args: str, tmp_path: Path, out: Path | None = None,
+                 trtexec: str | None = None):
+    """Run the bundle's build_engine.sh with a fake trtexec claiming TensorRT ``version`` (or ``trtexec``);
+    returns the process and the arguments trtexec got (None when it was not run)."""
+    fake = tmp_path / "trtexec"
+    fake.write_text(FAKE_TRTEXEC)
+    fake.chmod(0o755)
+    record = tmp_path / "trtexec.args"
+    record.unlink(missing_ok=True)
+    env = {**os.environ, "TRTEXEC": trtexec or str(fake), "FAKE_TRT_VERSION": version, "FAKE_TRT_ARGS": str(record)}
+    if out is not None:
+        env["OUT"] = str(out)
+    proc = subprocess.run(["bash", bundle / "build_engine.sh", *args], env=env, capture_output=True, text=True)
+    return proc, record.read_text().splitlines() if record.exists() else None
+
+
+@pytest.mark.parametrize("version, precision, expect, refuse", [
+    ("8601", "fp32", [], ["--fp16", "--int8", "--stronglyTyped"]),
+    ("8601", "fp16", ["--fp16"], ["--int8", "--stronglyTyped"]),
+    ("100300", "fp16", ["--fp16"], ["--stronglyTyped"]),
+    ("110000", "fp32", ["--stronglyTyped"], ["--fp16", "--int8"]),
+])
+def test_build_engine_sh_flags(bundle, tmp_path, version, precision, expect, refuse):
+    proc, args = build_engine(bundle, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert proc.returncode == 0, proc.stderr
+    assert {"--onnx=model.onnx", f"--saveEngine={tmp_path / 'model.plan'}", "--minShapes=input:1x3x16x16",
+            "--optShapes=input:8x3x16x16", "--maxShapes=input:64x3x16x16",
+            "--memPoolSize=workspace:2048"} <= set(args)
+    assert set(expect) <= set(args) and not set(refuse) & set(args)
+
+
+@pytest.mark.parametrize("version, precision, trtexec, message", [
+    ("110000", "fp16", None, "model.fp16.onnx is not in this bundle"),  # strongly typed: FP16 must be in the ONNX
+    ("100300", "int8", None, "Q/DQ"),                                    # no INT8 from a float ONNX without scales
+    ("100300", "fp8", None, "precision must be"),
+    ("100300", "fp32", "/nonexistent/trtexec", "trtexec not found"),
+])
+def test_build_engine_sh_refuses(bundle, tmp_path, version, precision, trtexec, message):
+    proc, args = build_engine(bundle, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan",
+                              trtexec=trtexec)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert args is None and not (tmp_path / "model.plan").exists()
+
+
+def fake_engine(tmp_path: Path, onnx_path: Path, precision: str = "fp16") -> Path:
+    """An engine file with the manifest build-engine writes (packaging reads the manifest, never the plan)."""
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"serialized engine")
+    (tmp_path / "model.engine.json").write_text(json.dumps({
+        "stage": "build-engine", "config": {"workspace": "1G", "calib_method": "entropy"},
+        "inputs": {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
+        "engine": {"backend": "tensorrt", "precision": precision, "tensorrt": "10.3.0", "gpu": "Orin",
+                   "profile": {"min_batch": 1, "opt_batch": 4, "max_batch": 16},
+                   "flags": {"sparse_weights": False, "dla_core": None}}}))
+    return engine
+
+
+def test_package_an_engine(exported_onnx, tmp_path):
+    engine = fake_engine(tmp_path, exported_onnx)
+    out = tmp_path / "bundle"
+    artifact = package.run(package.PackageConfig(model=str(engine), out=str(out)))
+    assert artifact.path == out and artifact.manifest["precision"] == "fp16"
+    assert {"model.plan", "model.plan.json", "model.fp16.onnx", "model_repository/model/1/model.plan"} <= set(
+        artifact.manifest["files"])
+    fp16 = onnx.load(str(out / "model.fp16.onnx"))
+    assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # I/O stays float32
+    config = parse_triton_config(out / "model_repository/model/config.pbtxt")
+    assert (config.platform, config.max_batch_size) == ("tensorrt_plan", 16)
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+
+    proc, args = build_engine(out, "110000", tmp_path=tmp_path)  # TensorRT 11: FP16 ONNX, no precision flag
+    assert proc.returncode == 0, proc.stderr
+    assert {"--onnx=model.fp16.onnx", "--stronglyTyped", "--maxShapes=input:16x3x16x16",
+            "--memPoolSize=workspace:1024"} <= set(args) and "--fp16" not in args
+    assert (out / "model_repository/model/1/model.plan").read_bytes() == b"plan"  # Triton gets the new engine
+    proc, args = build_engine(out, "100300", tmp_path=tmp_path)
+    assert proc.returncode == 0 and {"--onnx=model.onnx", "--fp16"} <= set(args)
+
+    with pytest.raises(ConfigError, match="built for batch 1/4/16"):
+        package.run(package.PackageConfig(model=str(engine), out=str(tmp_path / "b2"), max_batch=32))
+    with pytest.raises(package.PackageError, match="sha256"):
+        package.run(package.PackageConfig(model=str(engine), out=str(tmp_path / "b3"), onnx=str(engine)))
+
+
+def tiny_onnx(path: Path, *, qdq: bool) -> Path:
+    """A Fashion-MNIST-labelled 1x1-conv classifier on 8x8 inputs with export's metadata; ``qdq``: its input
+    quantized and dequantized (explicit quantization), with a calibrate-style manifest and cache."""
+    nodes = [helper.make_node("Conv", ["x", "weight"], ["features"]),
+             helper.make_node("GlobalAveragePool", ["features"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["logits"])]
+    initializers = [helper.make_tensor("weight", TensorProto.FLOAT, [10, 3, 1, 1],
+                                       np.random.default_rng(0).standard_normal(30).tolist())]
+    if qdq:
+        nodes[:0] = [helper.make_node("QuantizeLinear", ["input", "scale", "zero"], ["q"]),
+                     helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["x"])]
+        initializers += [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05]),
+                         helper.make_tensor("zero", TensorProto.INT8, [], [0])]
+    else:
+        nodes[0].input[0] = "input"
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # ORT reads IR 8
+    helper.set_model_props(model, {"edgeopt.preprocessing": json.dumps(fashion_mnist_preset(image_size=8).to_dict()),
+                                   "edgeopt.class_names": json.dumps(FASHION_MNIST_CLASSES)})
+    onnx.save(model, str(path))
+    if qdq:
+        path.with_name("tiny.calib.json").write_text("{}")
+        path.with_name(path.name + ".json").write_text(json.dumps({"stage": "calibrate",
+                                                                   "calibration_cache": "tiny.calib.json"}))
+    return path
+
+
+def test_package_a_qdq_onnx_builds_int8(tmp_path):
+    model = tiny_onnx(tmp_path / "tiny.onnx", qdq=True)
+    out = tmp_path / "bundle"
+    manifest = package.run(package.PackageConfig(model=str(model), out=str(out), name="tiny-int8")).manifest
+    assert (manifest["precision"], manifest["qdq"], manifest["calibration_cache"]) == ("int8", True, "tiny.calib.json")
+    assert (out / "tiny.calib.json").is_file()
+    config = parse_triton_config(out / "model_repository/tiny-int8/config.pbtxt")
+    assert [list(o.dims) for o in config.output] == [[10]] and [list(i.dims) for i in config.input] == [[3, 8, 8]]
+    _, args = build_engine(out, "8601", tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert {"--int8", "--fp16", "--minShapes=input:1x3x8x8"} <= set(args)
+    _, args = build_engine(out, "110000", tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert "--stronglyTyped" in args and not {"--int8", "--fp16"} & set(args)
+
+
+def test_package_an_int8_engine_remakes_its_qdq_onnx_from_the_cache(tmp_path):
+    """An INT8 engine built from an FP32 ONNX: the device needs the Q/DQ ONNX, made again from the cache."""
+    fp32 = tiny_onnx(tmp_path / "fp32.onnx", qdq=False)
+    calibrate.run(calibrate.CalibConfig(onnx=str(fp32), out=str(tmp_path / "scratch.onnx"), num_images=32,
+                                        val_limit=10, cache=str(tmp_path / "model.calib.json")))
+    engine = fake_engine(tmp_path, fp32, precision="int8")  # build-engine's cache: <engine stem>.calib.json
+    out = tmp_path / "bundle"
+    manifest = package.run(package.PackageConfig(model=str(engine), out=str(out))).manifest
+    assert (manifest["precision"], manifest["qdq"], manifest["calibration_cache"]) == ("int8", True, "model.calib.json")
+    assert onnx_precision(out / "model.onnx") == "int8" and (out / "model.calib.json").is_file()
+    _, args = build_engine(out, "100300", tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert {"--onnx=model.onnx", "--int8"} <= set(args)
+
+
+def test_output_folder_rules(exported_onnx, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me unless --force")
+    with pytest.raises(OutputError, match="--force"):
+        package.run(package.PackageConfig(model=str(tiny_onnx(tmp_path / "tiny.onnx", qdq=True)), out=str(out)))
+    with pytest.raises(ConfigError, match="Q/DQ"):  # fails after the temporary folder was made
+        package.run(package.PackageConfig(model=str(exported_onnx), out=str(out), precision="int8", force=True))
+    assert (out / "old.txt").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    package.run(package.PackageConfig(model=str(tmp_path / "tiny.onnx"), out=str(out), force=True))
+    assert not (out / "old.txt").exists() and (out / "bundle.json").exists()
+    checkpoint = tmp_path / "student.pth"
+    checkpoint.write_bytes(b"a checkpoint")
+    with pytest.raises(package.PackageError, match="export it first"):
+        package.run(package.PackageConfig(model=str(checkpoint), out=str(tmp_path / "b")))
