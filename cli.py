@@ -232,6 +232,140 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- deploy subcommands: infer, package, serve ---------------------------------------------------------------
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """How to open a model for inference (infer, serve)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help=".pth/.pt checkpoint, .onnx model (export, calibrate, build-engine) or TensorRT .engine/.plan")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads; not given: every core this process may use")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a pickled whole nn.Module (unpickling runs code from the file)")
+    g.add_argument("--top-k", type=int, default=5, help="classes reported per image")
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Classify images (files or folders) with a checkpoint, ONNX model or engine; exit 1 if any was unreadable."""
+    from optimize import infer
+
+    cfg = infer.InferConfig(model=args.model, images=tuple(args.images), top_k=args.top_k,
+                            batch_size=args.batch_size, device=args.device, threads=args.threads,
+                            trust_checkpoint=args.trust_checkpoint)
+    results = infer.run(cfg)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            if r.error:
+                print(f"{r.image}: error: {r.error}")
+                continue
+            print(r.image)
+            for c in r.top_k:
+                print(f"  {c.probability:7.2%}  {c.name}")
+    return 1 if any(r.error for r in results) else 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    """Write a deployment bundle: model, runner.py (no torch), build_engine.sh and a Triton model repository."""
+    from optimize import package
+
+    cfg = package.PackageConfig(model=args.model, out=args.out, name=args.name, onnx=args.onnx,
+                                precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                                max_batch=args.max_batch, force=args.force)
+    artifact = package.run(cfg)
+    m = artifact.manifest
+    if args.json:
+        print(json.dumps({"out": str(artifact.path), "bundle": m}, indent=2))
+    else:
+        print(f"wrote {artifact.path} ({len(m['files'])} files; build_engine.sh defaults to {m['precision']}; "
+              f"Triton model '{m['name']}' ({m['triton']['platform']}, max_batch_size "
+              f"{m['triton']['max_batch_size']}))")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP: POST /predict (images -> top-k JSON), GET /health, GET /metadata."""
+    from optimize import serve
+
+    cfg = serve.ServeConfig(model=args.model, host=args.host, port=args.port, top_k=args.top_k,
+                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                            max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
+                            max_pixels=args.max_pixels, device=args.device, threads=args.threads,
+                            trust_checkpoint=args.trust_checkpoint)
+    try:
+        serve.run(cfg, ready=lambda url: print(f"serving {args.model} on {url} (POST /predict, GET /health, "
+                                               "GET /metadata); Ctrl-C stops", flush=True))
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
+        print("stopped", file=sys.stderr)
+    return 0
+
+
+
+# -- benchmark and pipeline -----------------------------------------------------------------------------------
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """Benchmark artifacts against the baseline: accuracy, latency, throughput, speedups; report.md/.json + plots."""
+    from benchmarks import report
+
+    cfg = report.BenchmarkConfig(models=tuple(args.models), out=args.out, baseline=args.baseline, data=args.data,
+                                 batch_sizes=tuple(args.batch_sizes), device=args.device, threads=args.threads,
+                                 seconds=args.seconds, warmup=args.warmup, val_limit=args.val_limit,
+                                 input_size=args.input_size, max_accuracy_drop=args.max_accuracy_drop,
+                                 e2e_batch=args.e2e_batch, trust_checkpoint=args.trust_checkpoint,
+                                 progress=not args.quiet)
+    artifact = report.run(cfg)
+    if args.json:
+        print(json.dumps(artifact.manifest, indent=2))
+        return 0
+    print(report.render_markdown(artifact.manifest), end="")
+    print(f"wrote {artifact.path.parent / report.REPORT_MD}, {artifact.path} and "
+          f"{', '.join(artifact.manifest['plots'])}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Run teacher -> distill -> prune -> export -> calibrate -> build-engine -> benchmark from a recipe."""
+    import time
+
+    import yaml
+
+    from optimize import pipeline
+
+    overrides = (("data", args.data), ("teacher", args.teacher), ("train_limit", args.train_limit),
+                 ("val_limit", args.val_limit), ("image_size", args.image_size), ("device", args.device))
+    cfg = pipeline.PipelineConfig(out=args.out, preset=args.preset, recipe=args.config, overrides=overrides,
+                                  force=args.force, progress=not args.quiet)
+    if args.dry_run:
+        recipe, steps = pipeline.plan(cfg)
+        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        print(f"# {len(steps)} steps: " + ", ".join(name for name, _ in steps))
+        return 0
+    started, clock = time.perf_counter(), {}
+
+    def on_step(i: int, total: int, name: str, event: str) -> None:
+        elapsed = time.perf_counter() - started
+        if event in ("start", "resume"):
+            clock[name] = time.perf_counter()
+            print(f"[{i}/{total}] {name}{' (resuming)' if event == 'resume' else ''} ... "
+                  f"({elapsed / 60:.1f} min elapsed)", flush=True)
+        elif event == "skip":
+            print(f"[{i}/{total}] {name}: unchanged, skipped", flush=True)
+        else:
+            print(f"[{i}/{total}] {name}: done in {time.perf_counter() - clock[name]:.0f} s", flush=True)
+
+    artifact = pipeline.run(cfg, on_step=on_step)
+    ran = [r for r in artifact.manifest["last_run"] if r["status"] == "ran"]
+    print(f"pipeline finished in {(time.perf_counter() - started) / 60:.1f} min: {len(ran)} step(s) ran, "
+          f"{len(artifact.manifest['last_run']) - len(ran)} skipped; state in {artifact.path}")
+    report_md = artifact.path.parent / "report" / "report.md"
+    if report_md.exists():
+        print(f"report: {report_md}")
+    return 0
+
+
+
 def add_kd_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distillation")
     g.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
@@ -349,6 +483,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the confusion matrix as a PNG")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
+
+    # deploy parsers: infer, package, serve
+    p = add("infer", cmd_infer)
+    add_runtime_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference (an engine's max batch caps it)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = add("package", cmd_package)
+    p.add_argument("--model", required=True, help="ONNX model (export, calibrate, build-engine) or TensorRT engine")
+    p.add_argument("--out", required=True, help="bundle folder to write, e.g. dist/bundle")
+    p.add_argument("--name", default=None, help="Triton model name; not given: the model file's stem")
+    p.add_argument("--onnx", default=None, help="an engine's source ONNX, when it moved since build-engine")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="what build_engine.sh builds unless told; not given: the engine's precision, else the ONNX's")
+    p.add_argument("--min-batch", type=int, default=None, help="not given: the engine's profile, else 1")
+    p.add_argument("--opt-batch", type=int, default=None, help="not given: the engine's profile, else 8")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="Triton max_batch_size and engine profile; not given: the engine's profile, else 64")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--json", action="store_true", help="print bundle.json")
+
+    p = add("serve", cmd_serve)
+    add_runtime_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per inference (an engine's caps it)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long an image waits for others to batch with")
+    p.add_argument("--max-queue", type=int, default=1024, help="images waiting at most; beyond, 503")
+    p.add_argument("--max-upload-bytes", type=int, default=10 << 20, help="largest request body; beyond, 413")
+    p.add_argument("--max-images", type=int, default=64, help="most images per request")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (width x height); beyond, 413")
+
+    # benchmark and pipeline parsers
+    p = add("benchmark", cmd_benchmark)
+    p.add_argument("--baseline", default=None, help="reference artifact, e.g. the original teacher checkpoint "
+                                                    "(default: the first of --models)")
+    p.add_argument("--models", nargs="+", default=[], metavar="ARTIFACT",
+                   help=".pth / .onnx / .engine files to compare, in pipeline order (the last CPU one is 'final')")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: all cores)")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per artifact and batch size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before each timing")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="speed-only run at this input side (e.g. 224): random inputs, no accuracy")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="top-1 points an INT8 artifact may lose against its FP32/FP16 sibling before it is flagged")
+    p.add_argument("--e2e-batch", type=int, default=8, help="batch size of the end-to-end (preprocessing included) "
+                                                           "figure")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled whole-module checkpoints")
+    p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
+    p.add_argument("--json", action="store_true", help="print report.json instead of the tables")
+    add_data_args(p, train=False, image_size=False)
+
+    from optimize.pipeline import PRESETS
+
+    p = add("pipeline", cmd_pipeline)
+    p.add_argument("--config", "--recipe", dest="config", default=None, metavar="RECIPE.yaml",
+                   help="YAML recipe naming each stage's options, merged over --preset")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="standard",
+                   help="quick: ~3 min slice; standard: ~25 min on 2 CPU cores")
+    p.add_argument("--teacher", default=None, help="an existing teacher checkpoint: skip training one")
+    p.add_argument("--data", default=None, help="'fashion-mnist' (default) or a folder with train/ and val/")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the data's preset)")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="class-stratified training subset")
+    p.add_argument("--val-limit", type=int, default=None, metavar="N", help="class-stratified val subset")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="training and benchmark device")
+    p.add_argument("--out", default="runs", help="folder for every artifact and the reports")
+    p.add_argument("--force", action="store_true", help="rerun every stage even when unchanged")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
     return parser
 
 
