@@ -344,12 +344,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     started, clock = time.perf_counter(), {}
 
-    def on_step(i: int, total: int, name: str, event: str) -> None:
+    def on_step(i: int, total: int, name: str, event: str, estimate: float | None) -> None:
         elapsed = time.perf_counter() - started
         if event in ("start", "resume"):
             clock[name] = time.perf_counter()
+            eta = f"; ETA {estimate / 60:.1f} min by the last run" if estimate else ""
             print(f"[{i}/{total}] {name}{' (resuming)' if event == 'resume' else ''} ... "
-                  f"({elapsed / 60:.1f} min elapsed)", flush=True)
+                  f"({elapsed / 60:.1f} min elapsed{eta})", flush=True)
         elif event == "skip":
             print(f"[{i}/{total}] {name}: unchanged, skipped", flush=True)
         else:

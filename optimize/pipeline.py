@@ -340,13 +340,15 @@ def plan(cfg: PipelineConfig) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     return recipe, [(s.name, s.config) for s in _Planner(recipe, Path(cfg.out), cfg.progress).steps()]
 
 
-def run(cfg: PipelineConfig, *, on_step: Callable[[int, int, str, str], None] | None = None) -> Artifact:
+def run(cfg: PipelineConfig, *,
+        on_step: Callable[[int, int, str, str, float | None], None] | None = None) -> Artifact:
     """Run the recipe's stages in order, skipping unchanged ones; returns ``<out>/pipeline.json``.
 
     Args:
         cfg: the pipeline's options.
-        on_step: called as ``on_step(index, total, name, event)`` with event ``start``, ``skip`` or ``done``
-            (the CLI prints progress from it).
+        on_step: called as ``on_step(index, total, name, event, estimate)`` with event ``start``, ``resume``,
+            ``skip`` or ``done``; ``estimate``: seconds the step took when it last completed here (None the first
+            time), the ETA the CLI prints.
     """
     recipe = resolve_recipe(cfg)
     out = Path(cfg.out)
@@ -355,6 +357,7 @@ def run(cfg: PipelineConfig, *, on_step: Callable[[int, int, str, str], None] | 
     steps = _Planner(recipe, out, cfg.progress).steps()
     state = _read_state(state_path)
     state["recipe"] = recipe
+    state.setdefault("timings", {})
     results: list[StepResult] = []
     for i, step in enumerate(steps, 1):
         record = state["steps"].get(step.name, {})
@@ -366,14 +369,14 @@ def run(cfg: PipelineConfig, *, on_step: Callable[[int, int, str, str], None] | 
         if not cfg.force and record.get("status") == "done" and record.get("key") == key and intact:
             logger.debug("[%d/%d] %s: unchanged, skipped", i, len(steps), step.name)
             if on_step:
-                on_step(i, len(steps), step.name, "skip")
+                on_step(i, len(steps), step.name, "skip", None)
             results.append(StepResult(step.name, "skipped", 0.0, [str(p) for p in step.outputs]))
             continue
         resume = (step.resumable and record.get("status") == "running" and record.get("key") == key
                   and last_path(step.outputs[0]).is_file())
         logger.debug("[%d/%d] %s%s", i, len(steps), step.name, " (resuming)" if resume else "")
         if on_step:
-            on_step(i, len(steps), step.name, "resume" if resume else "start")
+            on_step(i, len(steps), step.name, "resume" if resume else "start", state["timings"].get(step.name))
         state["steps"][step.name] = {"status": "running", "key": key, "started": time.time()}
         write_json(state_path, state)
         start = time.perf_counter()
@@ -381,9 +384,10 @@ def run(cfg: PipelineConfig, *, on_step: Callable[[int, int, str, str], None] | 
         seconds = time.perf_counter() - start
         state["steps"][step.name] = {"status": "done", "key": key, "seconds": round(seconds, 1),
                                      "outputs": {str(p): sha256_file(p) for p in step.outputs}}
+        state["timings"][step.name] = round(seconds, 1)  # kept when the config changes: the next run's ETA
         write_json(state_path, state)
         if on_step:
-            on_step(i, len(steps), step.name, "done")
+            on_step(i, len(steps), step.name, "done", None)
         results.append(StepResult(step.name, "ran", seconds, [str(p) for p in step.outputs]))
     state["last_run"] = [dataclasses.asdict(r) for r in results]
     write_json(state_path, state)
