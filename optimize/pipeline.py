@@ -24,11 +24,13 @@ run resumes it (training stages from their ``.last.pth``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("teacher", "distill", "prune", "export", "calibrate", "build-engine", "benchmark")
 STATE_FILE = "pipeline.json"
+LOCK_FILE = ".pipeline.lock"
 
 _COMMON = {"data": "fashion-mnist", "image_size": None, "train_limit": None, "val_limit": None, "device": "auto",
            "teacher": None}
@@ -340,6 +343,44 @@ def plan(cfg: PipelineConfig) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     return recipe, [(s.name, s.config) for s in _Planner(recipe, Path(cfg.out), cfg.progress).steps()]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold ``<out>/.pipeline.lock`` (our pid) so two pipelines never write one folder; a dead holder's is taken."""
+    path = out / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise ConfigError(f"another pipeline (pid {pid}) is running in {out}; wait for it, stop it, or "
+                                  "give another --out") from None
+            logger.warning("removing the stale lock %s of a pipeline that is gone (pid %d)", path, pid)
+            path.unlink(missing_ok=True)
+    else:  # pragma: no cover - lost a race twice
+        raise ConfigError(f"cannot take the lock {path}; is another pipeline starting in {out}?")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def run(cfg: PipelineConfig, *,
         on_step: Callable[[int, int, str, str, float | None], None] | None = None) -> Artifact:
     """Run the recipe's stages in order, skipping unchanged ones; returns ``<out>/pipeline.json``.
@@ -352,8 +393,13 @@ def run(cfg: PipelineConfig, *,
     """
     recipe = resolve_recipe(cfg)
     out = Path(cfg.out)
+    prepare_output(out / STATE_FILE)
+    with _locked(out):
+        return _run_steps(cfg, recipe, out, on_step)
+
+
+def _run_steps(cfg: PipelineConfig, recipe: dict[str, Any], out: Path, on_step) -> Artifact:
     state_path = out / STATE_FILE
-    prepare_output(state_path)
     steps = _Planner(recipe, out, cfg.progress).steps()
     state = _read_state(state_path)
     state["recipe"] = recipe

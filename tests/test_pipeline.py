@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -85,3 +86,12 @@ def test_unknown_recipe_option_names_stage_and_choices(tmp_path):
     proc = run_cli("pipeline", "--config", bad, "--dry-run", "--out", tmp_path / "runs")
     line = error_line(proc)
     assert proc.returncode == 2 and "'prune'" in line and "amout" in line and "amount" in line
+
+
+def test_second_pipeline_in_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / ".pipeline.lock").write_text(str(os.getpid()))  # this test process: alive, so the lock holds
+    proc = run_cli("pipeline", "--preset", "quick", "--out", out)
+    assert proc.returncode == 2 and f"another pipeline (pid {os.getpid()})" in error_line(proc)
+    assert not (out / "pipeline.json").exists() and (out / ".pipeline.lock").exists()
