@@ -659,17 +659,17 @@ def _plots(rows: list[Row], cfg: BenchmarkConfig, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     pts = [r for r in measured if r.throughput.get(ref)]
     if cfg.input_size:  # no accuracy: MACs against speed instead
-        for r in pts:
+        for k, r in enumerate(pts):
             ax.scatter(r.throughput[ref], (r.macs or 0) / 1e6, s=30)
-            ax.annotate(r.name, (r.throughput[ref], (r.macs or 0) / 1e6), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(r.name, (r.throughput[ref], (r.macs or 0) / 1e6), fontsize=7, xytext=(3, 3 - 9 * (k % 3)),
+                        textcoords="offset points")  # staggered: artifacts of one model sit on top of each other
         ax.set_ylabel("MACs per image (M)")
         ax.set_title(f"speed at {cfg.input_size}px (random inputs)", fontsize=9)
     else:
-        for r in pts:
+        for k, r in enumerate(pts):
             ax.scatter(r.throughput[ref], 100 * (r.top1 or 0), s=40 if r.pareto else 20,
                        marker="*" if r.pareto else "o", color="tab:red" if r.pareto else "tab:blue")
-            ax.annotate(r.name, (r.throughput[ref], 100 * (r.top1 or 0)), fontsize=7, xytext=(3, 3),
+            ax.annotate(r.name, (r.throughput[ref], 100 * (r.top1 or 0)), fontsize=7, xytext=(3, 3 - 9 * (k % 3)),
                         textcoords="offset points")
         front = sorted((r for r in pts if r.pareto), key=lambda r: r.throughput[ref])
         if len(front) > 1:
