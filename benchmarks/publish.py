@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="pipeline", help="section marker name")
     parser.add_argument("--note", default="", help="a paragraph to put after the stage times (what to read from it)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_section(args.doc, args.name, section(args.run_dir, args.command, args.note))
-    print(f"wrote section '{args.name}' of {args.doc}")
+    logging.getLogger("benchmarks.publish").info("wrote section '%s' of %s", args.name, args.doc)
     return 0
 
 

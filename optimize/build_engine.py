@@ -25,13 +25,13 @@ from calib import calibrate
 from calib.batcher import onnx_input
 from .artifacts import Artifact, atomic_path, prepare_output, sha256_file, write_manifest
 from .errors import ConfigError
+from .runners import onnx_precision
 from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 
 
 def parse_size(text: str | int) -> int:
@@ -95,7 +95,7 @@ class BuildConfig:
 
 
 def is_quantized(path: str | Path) -> bool:
-    return any(n.op_type in _QUANT_OPS for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return onnx_precision(path) == "int8"
 
 
 def _int8_onnx(cfg: BuildConfig, target: str, work: Path) -> tuple[Path, dict[str, Any]]:

@@ -37,6 +37,8 @@ TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                       "MatMulInteger"})  # an ONNX graph holding any of these is INT8
 
 
 class RunnerError(EdgeoptError):
@@ -161,8 +163,7 @@ def onnx_precision(path: str | Path) -> str:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    quant = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
-    if any(n.op_type in quant for n in model.graph.node):
+    if any(n.op_type in QUANT_OPS for n in model.graph.node):
         return "int8"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
         return "fp16"
