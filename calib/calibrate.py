@@ -1,9 +1,10 @@
 """Stage ``calibrate``: an FP32 ONNX model to INT8, calibrated on a class-stratified sample of training images.
 
 Targets:
-    ``tensorrt``: explicit quantization as TensorRT wants it: symmetric INT8 activations and weights, per-channel
-        weights, zero points 0, biases left in float, Q/DQ nodes in the graph (ONNX Runtime's ``quantize_static``
-        in QDQ form), then the residual Adds' conv-branch Q/DQ removed so conv + add fuse (:mod:`calib.qdq`).
+    ``tensorrt``: explicit quantization as TensorRT wants it (form ``qdq-tensorrt``): symmetric INT8 activations
+        and weights, per-channel weights, zero points 0, biases left in float, Q/DQ pairs on the inputs of Conv /
+        large Gemm / residual Add (shortcut side only) / pooling next to them and nowhere else, placed as NVIDIA
+        Model Optimizer places them (:mod:`calib.qdq`; ONNX Runtime's ``quantize_static`` does the arithmetic).
     ``cpu``: whichever INT8 form runs fastest on this CPU under ONNX Runtime, *measured*: U8S8 in QOperator form
         (reduce_range, as ONNX Runtime advises for AVX2 without VNNI) against S8S8 in QDQ form. Both are
         written and timed against the FP32 model at batch 8; the faster becomes ``out``. INT8 is not assumed to
@@ -37,7 +38,7 @@ from optimize.errors import EdgeoptError
 from optimize.preprocess import Preprocessing
 
 from .batcher import ImageBatcher, onnx_input
-from .qdq import place_residual_qdq
+from . import qdq
 
 logger = logging.getLogger(__name__)
 
@@ -189,17 +190,25 @@ def _read_cache(path: Path, onnx_sha: str, preprocessing: Preprocessing, method:
     return cache
 
 
-def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path, reader: _Reader | None, *,
-              float_bias: bool = False) -> None:
+def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path, reader: _Reader | None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
              "percentile": CalibrationMethod.Percentile}[method]
-    if form == "qdq-s8s8":
+    placement = None
+    if form == "qdq-tensorrt":
+        model = onnx.load(str(src))
+        placement = qdq.plan(model)  # names unnamed nodes: the quantizer selects nodes by name
+        onnx.save(model, str(src))
+        kwargs = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                      per_channel=True, reduce_range=False, op_types_to_quantize=placement.op_types,
+                      nodes_to_quantize=placement.nodes, extra_options=qdq.quantizer_options(model))
+        if placement.excluded:
+            logger.info("left in float for TensorRT: %s", placement.excluded)
+    elif form == "qdq-s8s8":
         kwargs = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                       per_channel=True, reduce_range=False,
-                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                     "QuantizeBias": not float_bias})
+                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     else:  # qoperator-u8s8
         kwargs = dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
                       weight_type=QuantType.QInt8, per_channel=True, reduce_range=True, extra_options={})
@@ -209,6 +218,10 @@ def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path, rea
                         **kwargs)
     if chatter.getvalue().strip():
         logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+    if placement is not None:
+        model = onnx.load(str(dst))
+        qdq.finish(model, placement.residual)
+        onnx.save(model, str(dst))
 
 
 def run(cfg: CalibConfig) -> Artifact:
@@ -258,17 +271,16 @@ def run(cfg: CalibConfig) -> Artifact:
             reader = _Reader(batcher, input_name)
             logger.info("calibrating on %d training images (%s)", batcher.count, cfg.method)
 
-        forms = ["qdq-s8s8"] if cfg.target == "tensorrt" else ["qoperator-u8s8", "qdq-s8s8"]
+        forms = ["qdq-tensorrt"] if cfg.target == "tensorrt" else ["qoperator-u8s8", "qdq-s8s8"]
         candidates: dict[str, dict[str, Any]] = {}
         for form in forms:
             dst = tmp / f"{form}.onnx"
-            _quantize(prepared, dst, form, cfg.method, ort_cache, reader, float_bias=cfg.target == "tensorrt")
+            _quantize(prepared, dst, form, cfg.method, ort_cache, reader)
             reader = None  # the ranges are in ort_cache now: later forms reuse them
-            if cfg.target == "tensorrt":
-                model = onnx.load(str(dst))
-                place_residual_qdq(model)
-                onnx.save(model, str(dst))
             candidates[form] = {"path": dst}
+            if form == "qdq-tensorrt":
+                placed = qdq.placement(onnx.load(str(dst)))
+                candidates[form]["qdq"] = {"activation_pairs": placed.pairs, "by_consumer": placed.by_consumer}
 
         figures: dict[str, Any] = {"fp32": {"top1": None}}
         labels = np.zeros(0)

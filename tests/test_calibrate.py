@@ -49,7 +49,7 @@ def test_tensorrt_target_is_symmetric_per_channel_qdq_with_residual_placement(fp
     for add in adds:
         kinds = sorted(producer[i].op_type for i in add.input)
         assert kinds == ["Conv", "DequantizeLinear"], kinds  # conv branch raw, shortcut quantized
-    assert m["form"] == "qdq-s8s8" and 0 <= m["top1_int8"] <= 1 and m["val_images"] == 256
+    assert m["form"] == "qdq-tensorrt" and 0 <= m["top1_int8"] <= 1 and m["val_images"] == 256
     assert 0.8 <= m["agreement_with_fp32"] <= 1.0
     props = {p.key for p in model.metadata_props}
     assert "edgeopt.preprocessing" in props and "edgeopt.class_names" in props
