@@ -215,7 +215,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    """Build an inference engine: ONNX Runtime (CPU, fp32/int8) or TensorRT 8.6/10/11 (fp32/fp16/int8)."""
+    """Build an inference engine: ONNX Runtime (CPU, fp32/int8) or TensorRT 8.5 to 11 (fp32/fp16/int8)."""
     from optimize import build_engine
 
     cfg = build_engine.BuildConfig(onnx=args.onnx, out=args.out, backend=args.backend, precision=args.precision,
@@ -223,7 +223,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
                                    calib_method=args.calib_method, num_images=args.num_images,
                                    min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                                    workspace=args.workspace, timing_cache=args.timing_cache,
-                                   sparse_weights=args.sparse_weights, dla_core=args.dla_core)
+                                   sparse_weights=args.sparse_weights, dla_core=args.dla_core, tf32=args.tf32)
     artifact = build_engine.run(cfg)
     e = artifact.manifest["engine"]
     where = f"TensorRT {e['tensorrt']} on {e['gpu']}" if e["backend"] == "tensorrt" else f"ONNX Runtime {e['onnxruntime']}"
@@ -323,6 +323,21 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"wrote {artifact.path.parent / report.REPORT_MD}, {artifact.path} and "
           f"{', '.join(artifact.manifest['plots'])}")
     return 0
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """On a GPU machine: every GPU backend over a pipeline run's artifacts (or why it's absent), context check."""
+    from benchmarks import gpu_check
+
+    cfg = gpu_check.GpuCheckConfig(runs=args.runs, out=args.out or os.path.join(args.runs, "gpu-check"),
+                                   data=args.data, seconds=args.seconds, val_limit=args.val_limit)
+    artifact = gpu_check.run(cfg)
+    if args.json:
+        print(json.dumps(artifact.manifest, indent=2))
+        return 0
+    print(gpu_check.render_markdown(artifact.manifest), end="")
+    print(f"wrote {artifact.path} and {artifact.path.with_name(gpu_check.GPU_CHECK_MD)}")
+    return 0 if artifact.manifest["context_check"]["ok"] else 1
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -472,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="2G", help="TensorRT workspace limit")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache to load and update")
     p.add_argument("--sparse-weights", action="store_true", help="TensorRT: use 2:4 sparse tensor cores")
-    p.add_argument("--dla-core", type=int, default=None, help="TensorRT: build for this DLA core (Jetson)")
+    p.add_argument("--dla-core", type=int, default=None,
+                   help="TensorRT: build for this DLA core (Jetson; fp16/int8, min = opt = max batch)")
+    p.add_argument("--tf32", action="store_true", help="TensorRT fp32: allow TF32 math (off: fp32 means FP32)")
     p.add_argument("--out", required=True, help="engine to write: runs/model.engine (TensorRT), "
                                                 "runs/model.ort.onnx (ONNX Runtime)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -538,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
     p.add_argument("--json", action="store_true", help="print report.json instead of the tables")
     add_data_args(p, train=False, image_size=False)
+
+    p = add("gpu-check", cmd_gpu_check)
+    p.add_argument("--runs", default="runs/demo", help="a pipeline's output folder (make demo writes runs/demo)")
+    p.add_argument("--out", default=None, help="folder for the engines and reports (default: RUNS/gpu-check)")
+    p.add_argument("--data", default="fashion-mnist", help="val and calibration data of that run")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per artifact and batch size")
+    p.add_argument("--val-limit", type=int, default=2000, help="val images for the accuracy figures")
+    p.add_argument("--json", action="store_true", help="print gpu_check.json instead of the tables")
 
     from optimize.pipeline import PRESETS
 

@@ -2,9 +2,11 @@
 
 - ``onnxruntime`` (CPU edge boxes; runs anywhere): the ONNX Runtime-optimized model (``fp32``, or ``int8``
   through :mod:`calib.calibrate` with the ``cpu`` target, which keeps the INT8 form measured fastest here).
-- ``tensorrt`` (Jetson, NVIDIA servers): a serialized TensorRT engine (:mod:`optimize.tensorrt_backend`);
-  ``int8`` needs a Q/DQ ONNX, made here through :mod:`calib.calibrate` with the ``tensorrt`` target when the
-  given ONNX is not quantized yet.
+- ``tensorrt`` (Jetson, NVIDIA servers; TensorRT 8.5 to 11): a serialized TensorRT engine
+  (:mod:`optimize.tensorrt_backend`); ``int8`` needs a Q/DQ ONNX placed for TensorRT, made here through
+  :mod:`calib.calibrate` with the ``tensorrt`` target when the given ONNX is not quantized yet. ONNX Runtime's
+  QOperator models (QLinearConv) and CPU-target Q/DQ models are refused: TensorRT can't parse the first and
+  runs the second slower than FP16. DLA (``dla_core``) takes a static batch (min = opt = max) and fp16/int8.
 
 The manifest beside the engine records the backend and its version, the GPU and compute capability
 (TensorRT), precision, profile, the ONNX's sha256 and every flag, which is what a runtime checks before
@@ -25,7 +27,8 @@ from calib import calibrate
 from calib.batcher import onnx_input
 from .artifacts import Artifact, atomic_path, prepare_output, sha256_file, write_manifest
 from .errors import ConfigError
-from .runners import onnx_precision
+from .artifacts import read_manifest
+from .runners import QUANT_OPS, onnx_precision
 from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
 
 logger = logging.getLogger(__name__)
@@ -60,7 +63,10 @@ class BuildConfig:
         workspace: TensorRT workspace pool limit (``2G``).
         timing_cache: TensorRT timing cache file to load and update.
         sparse_weights: let TensorRT use 2:4 sparse tensor cores (prune with ``--method 2:4`` first).
-        dla_core: build for this DLA core (Jetson), falling back to the GPU.
+        dla_core: build for this DLA core (Jetson), falling back to the GPU layer by layer; needs a static batch
+            (min = opt = max) and fp16 or int8. The manifest lists the layers that fell back.
+        tf32: TensorRT fp32 only: allow TF32 tensor-core math (faster on Ampere and later, 10-bit mantissa);
+            off by default so that fp32 means FP32.
     """
 
     onnx: str
@@ -78,6 +84,7 @@ class BuildConfig:
     timing_cache: str | None = None
     sparse_weights: bool = False
     dla_core: int | None = None
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -87,15 +94,46 @@ class BuildConfig:
         if self.backend == "onnxruntime" and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not offered for --backend onnxruntime: its CPU kernels have no "
                               "FP16 speed-up; use fp32 or int8, or --backend tensorrt")
-        if self.backend == "onnxruntime" and (self.sparse_weights or self.dla_core is not None or self.timing_cache):
-            raise ConfigError("--sparse-weights, --dla-core and --timing-cache are TensorRT options; drop them or "
-                              "use --backend tensorrt")
-        Profile(self.min_batch, self.opt_batch, self.max_batch)
+        if self.backend == "onnxruntime" and (self.sparse_weights or self.dla_core is not None or self.timing_cache
+                                              or self.tf32):
+            raise ConfigError("--sparse-weights, --dla-core, --timing-cache and --tf32 are TensorRT options; drop "
+                              "them or use --backend tensorrt")
+        if self.tf32 and self.precision != "fp32":
+            raise ConfigError(f"--tf32 applies to --precision fp32 only, not {self.precision}")
+        profile = Profile(self.min_batch, self.opt_batch, self.max_batch)
+        if self.dla_core is not None:
+            if self.dla_core < 0:
+                raise ConfigError("--dla-core must be 0 or more (a Jetson Orin/Xavier has cores 0 and 1)")
+            if self.precision == "fp32":
+                raise ConfigError("--dla-core needs --precision fp16 or int8: DLA has no FP32")
+            if not profile.static:
+                raise ConfigError(f"--dla-core needs a static batch: --min-batch, --opt-batch and --max-batch equal "
+                                  f"(got {self.min_batch}/{self.opt_batch}/{self.max_batch}); DLA takes no dynamic "
+                                  "shapes")
         parse_size(self.workspace)
 
 
 def is_quantized(path: str | Path) -> bool:
     return onnx_precision(path) == "int8"
+
+
+def check_tensorrt_input(path: Path, precision: str) -> None:
+    """Refuse ONNX files TensorRT would reject or build badly, before any work."""
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    qoperator = sorted(ops & (QUANT_OPS - {"QuantizeLinear", "DequantizeLinear"}))
+    if qoperator:
+        raise ConfigError(f"{path} is ONNX Runtime's QOperator INT8 form ({', '.join(qoperator)}), which TensorRT "
+                          "cannot parse; give the FP32 ONNX, or one from 'cli.py calibrate --target tensorrt'")
+    if "QuantizeLinear" not in ops:
+        return
+    if precision != "int8":
+        raise ConfigError(f"{path} is an INT8 (Q/DQ) model; build it with --precision int8, or give the FP32 ONNX "
+                          f"for --precision {precision}")
+    form = ((read_manifest(path) or {}).get("metrics") or {}).get("form")
+    if form is not None and form != "qdq-tensorrt":
+        raise ConfigError(f"{path} was quantized for the CPU ({form}): its Q/DQ placement breaks TensorRT's "
+                          "fusions; give the FP32 ONNX with --calib-data, or one from 'cli.py calibrate --target "
+                          "tensorrt'")
 
 
 def _int8_onnx(cfg: BuildConfig, target: str, work: Path) -> tuple[Path, dict[str, Any]]:
@@ -130,31 +168,38 @@ def _build_onnxruntime(cfg: BuildConfig, src: Path, out: Path) -> dict[str, Any]
 
 
 def _build_tensorrt(cfg: BuildConfig, src: Path, out: Path, work: Path, input_name: str, size: int) -> dict[str, Any]:
+    gpu = device_facts()  # before the build: no CUDA binding must mean no engine, not an engine without manifest
     builder = EngineBuilder()
-    if builder.major >= 11 and cfg.precision == "fp16":
-        src = to_fp16_onnx(src, work / "model.fp16.onnx")  # strongly typed: precision lives in the ONNX
+    fp16_conversion = None
+    if builder.strongly_typed and cfg.precision == "fp16":
+        fp16_conversion = to_fp16_onnx(src, work / "model.fp16.onnx")  # strongly typed: precision lives in the ONNX
+        src = work / "model.fp16.onnx"
     network, _parser = builder.create_network(src)
-    plan = builder.build(network, precision=cfg.precision, profile=Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch),
-                         input_name=input_name, input_chw=(3, size, size), workspace=parse_size(cfg.workspace),
-                         timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
-                         sparse_weights=cfg.sparse_weights, dla_core=cfg.dla_core)
+    plan, facts = builder.build(network, precision=cfg.precision,
+                                profile=Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch), input_name=input_name,
+                                input_chw=(3, size, size), workspace=parse_size(cfg.workspace),
+                                timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
+                                sparse_weights=cfg.sparse_weights, dla_core=cfg.dla_core, tf32=cfg.tf32)
     with atomic_path(out) as tmp:
         tmp.write_bytes(plan)
-    return {"tensorrt": str(builder.trt.__version__), **device_facts(),
-            "strongly_typed": builder.major >= 11, "flags": {"sparse_weights": cfg.sparse_weights,
-                                                             "dla_core": cfg.dla_core}}
+    return {"tensorrt": str(builder.trt.__version__), **gpu, **facts, "fp16_conversion": fp16_conversion,
+            "unquantized_layers": "fp32" if cfg.precision == "int8" else None,
+            "flags": {"sparse_weights": cfg.sparse_weights, "dla_core": cfg.dla_core, "tf32": cfg.tf32}}
 
 
 def run(cfg: BuildConfig) -> Artifact:
     """Build the engine ``cfg`` describes and write it with its manifest."""
-    if cfg.backend == "tensorrt":
-        import_tensorrt()  # fail before any work when it is absent
     src = Path(cfg.onnx)
     calibrate.check_onnx_file(src)
     input_name, size, dynamic = onnx_input(str(src))
     if not dynamic:
         raise ConfigError(f"{src} has a fixed batch size, so no batch profile fits it; export it with "
                           "'cli.py export' (symbolic batch axis)")
+    if cfg.backend == "tensorrt":
+        check_tensorrt_input(src, cfg.precision)
+        import_tensorrt()  # fail before any long work (calibration) when it is absent or too old
+    elif is_quantized(src) and cfg.precision != "int8":
+        raise ConfigError(f"{src} is an INT8 model; build it with --precision int8, or give the FP32 ONNX")
     out = prepare_output(cfg.out)
     preprocessing, class_names = calibrate.model_preprocessing(src)
     with tempfile.TemporaryDirectory(prefix="edgeopt-engine-") as tmp_dir:

@@ -1,24 +1,32 @@
-"""TensorRT engine building and running, for TensorRT 8.6 / 10.x (builder flags) and 11.x (strongly typed).
+"""TensorRT engine building and running, for TensorRT 8.5 (JetPack 5.1) to 11.x.
 
 Two steps, as in NVIDIA's samples: :meth:`EngineBuilder.create_network` parses the ONNX (every parser error is
 logged and raised) and :meth:`EngineBuilder.build` makes the serialized engine for one precision and one
 optimization profile. Precision by version:
 
-- 8.6 / 10.x: ``BuilderFlag.FP16``; INT8 with ``BuilderFlag.INT8`` from an explicitly quantized (Q/DQ) ONNX.
-  8.6 needs ``EXPLICIT_BATCH``; 10.x is explicit-batch only and deprecates the flag.
-- 11.x: strongly typed only (no precision flags, no calibrators): FP16 comes from converting the ONNX to FP16
-  first (I/O kept float32), INT8 from the Q/DQ ONNX.
+- 8.5 to 10.11 ("weakly typed"): ``BuilderFlag.FP16`` for fp16; ``BuilderFlag.INT8`` for an explicitly quantized
+  (Q/DQ) ONNX, without FP16, so the few layers left unquantized run in FP32 exactly as on the strongly typed
+  versions (the INT8 figures of 10.x and 11 stay comparable). 8.x needs ``EXPLICIT_BATCH``; 10.x is
+  explicit-batch only.
+- 10.12 and later ("strongly typed": the precision flags are deprecated there, and gone in 11): the network takes
+  its types from the ONNX. FP16 comes from converting the ONNX (:func:`to_fp16_onnx`: float32 I/O, numerically
+  sensitive ops and the classifier head kept in float32), INT8 from the Q/DQ ONNX.
+- fp32 engines run true FP32: TF32 is turned off unless asked for (it is on by default on Ampere and later).
 
 :class:`TensorRTRunner` checks an engine's manifest against the running TensorRT version and GPU *before*
 deserializing (an engine moves neither between GPUs nor TensorRT versions) and runs batches through device
-memory it owns (pycuda, or cuda-python when pycuda is absent).
+memory it owns on a stream of its own, with asynchronous copies from pinned host buffers. All CUDA work happens
+in the device's *primary* context, the one PyTorch and ONNX Runtime use, so the three can share one process:
+through cuda-python's runtime API (preferred) or pycuda's ``autoprimaryctx`` (never ``autoinit``, which creates
+a second context and leaves it current).
 
 Nothing here can run without an NVIDIA GPU; ``tests/test_tensorrt_api.py`` checks every ``trt.*`` name each
-version's path uses against that version's real Python bindings.
+version's path uses against that version's real Python bindings (8.5 against NVIDIA's sources).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,24 +38,45 @@ from .errors import EdgeoptError
 
 logger = logging.getLogger(__name__)
 
+MIN_VERSION = (8, 5)  # JetPack 5.1; every name used here exists in 8.5, several are missing in 8.4
+STRONGLY_TYPED_FROM = (10, 12)  # precision flags deprecated from here on, removed in 11
 INSTALL_HINT = ("TensorRT is not installed: on a Jetson it comes with JetPack; on a server 'pip install "
-                "tensorrt pycuda' (NVIDIA GPU and driver needed); '--backend onnxruntime' works without it")
+                "\"edgeopt[tensorrt]\"' (tensorrt + cuda-python; NVIDIA GPU and driver needed); '--backend onnxruntime' "
+                "works without it")
+CUDA_HINT = ("neither cuda-python nor pycuda is installed: 'pip install cuda-python' (or pycuda) to run TensorRT "
+             "engines")
+# op types kept in float32 by the FP16 conversion: reductions, exponentials and normalizations overflow or lose
+# too much in half precision (besides ONNX Runtime's own block list of ops without FP16 kernels)
+FP16_SENSITIVE_OPS = ("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf",
+                      "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
+                      "LayerNormalization", "InstanceNormalization", "GroupNormalization")
 
 
 class EngineError(EdgeoptError):
     """An engine cannot be built or run here."""
 
 
+def trt_version(trt) -> tuple[int, int]:
+    """``(major, minor)`` of an imported TensorRT module."""
+    parts = str(trt.__version__).split(".")
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def check_version(version: tuple[int, int], found: str) -> None:
+    """Refuse TensorRT older than :data:`MIN_VERSION` with the fix."""
+    if version < MIN_VERSION:
+        raise EngineError(f"TensorRT {found} is too old: edgeopt needs TensorRT 8.5 or later (JetPack 5.1 or "
+                          "later on a Jetson; 'pip install \"tensorrt>=8.5\"' on a server)")
+
+
 def import_tensorrt():
+    """The ``tensorrt`` module, 8.5 or later."""
     try:
         import tensorrt as trt
     except ImportError as e:
         raise EngineError(INSTALL_HINT) from e
+    check_version(trt_version(trt), str(trt.__version__))
     return trt
-
-
-def trt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -66,21 +95,33 @@ class Profile:
             raise EngineError(f"--max-batch {self.max_batch} is beyond any device's memory for a classifier; "
                               "use 4096 or less")
 
+    @property
+    def static(self) -> bool:
+        return self.min_batch == self.opt_batch == self.max_batch
 
-def to_fp16_onnx(src: Path, dst: Path) -> Path:
-    """FP16 copy of an ONNX model with float32 inputs and outputs (what TensorRT 11 builds FP16 from)."""
+
+def to_fp16_onnx(src: Path, dst: Path) -> dict[str, Any]:
+    """Write an FP16 copy of ``src`` for strongly typed TensorRT; returns what was kept in float32.
+
+    Inputs and outputs stay float32 (callers feed and read float32), ops in :data:`FP16_SENSITIVE_OPS` stay
+    float32, and so does the node producing each graph output (the classifier head: logits keep their precision,
+    so top-1 ties resolve as in FP32). Weights beyond FP16's range are clamped by the converter.
+    """
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = onnx.load(str(src))
+    outputs = {o.name for o in model.graph.output}
+    heads = [n.name for n in model.graph.node if n.name and outputs & set(n.output)]
+    blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_SENSITIVE_OPS))
+    present = sorted({n.op_type for n in model.graph.node} & set(blocked))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked, node_block_list=heads)
     onnx.save(model, str(dst))
-    return dst
+    return {"fp32_nodes": heads, "fp32_op_types": present, "io": "float32"}
 
 
 def _progress_monitor(trt):
     """A progress monitor logging each build phase (TensorRT 10 and later have the interface)."""
-    if not hasattr(trt, "IProgressMonitor"):
-        raise EngineError(f"TensorRT {trt.__version__} has no build progress monitor")
 
     class _Monitor(trt.IProgressMonitor):
         def __init__(self):
@@ -105,24 +146,26 @@ class EngineBuilder:
 
         builder = EngineBuilder()
         network, parser = builder.create_network("runs/model.int8.onnx")
-        plan = builder.build(network, precision="int8", profile=Profile(1, 8, 64), input_name="input",
-                             input_chw=(3, 32, 32), workspace=2 << 30)
+        plan, facts = builder.build(network, precision="int8", profile=Profile(1, 8, 64), input_name="input",
+                                    input_chw=(3, 32, 32), workspace=2 << 30)
     """
 
     def __init__(self, verbose: bool = False):
         self.trt = import_tensorrt()
-        self.major = trt_major(self.trt)
+        self.version = trt_version(self.trt)
+        self.major = self.version[0]
+        self.strongly_typed = self.version >= STRONGLY_TYPED_FROM
         severity = self.trt.Logger.VERBOSE if verbose else self.trt.Logger.WARNING
         self.logger = self.trt.Logger(severity)
         self.builder = self.trt.Builder(self.logger)
 
     def _network_flags(self) -> int:
         trt = self.trt
-        if self.major >= 11:
+        if self.version >= STRONGLY_TYPED_FROM:
             return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         if self.major < 10:
             return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        return 0  # 10.x: explicit batch is the only mode
+        return 0  # 10.0 to 10.11: explicit batch is the only mode
 
     def create_network(self, onnx_path: str | Path):
         """Parse ``onnx_path``; log every parser error and raise if any; log the I/O shapes."""
@@ -142,111 +185,171 @@ class EngineBuilder:
             logger.info("output %s %s %s", t.name, tuple(t.shape), t.dtype)
         return network, parser
 
+    def _set_precision(self, config, precision: str, tf32: bool) -> None:
+        trt = self.trt
+        if self.version < STRONGLY_TYPED_FROM:
+            if precision == "fp16":
+                config.set_flag(trt.BuilderFlag.FP16)
+            if precision == "int8":
+                config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ layers run INT8; the rest FP32, as when strongly typed
+        if precision == "fp32" and not tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
+
+    def _use_dla(self, config, network, dla_core: int) -> dict[str, Any]:
+        """Put the network on DLA core ``dla_core`` with GPU fallback; returns which layers run where."""
+        trt = self.trt
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        on_gpu = [network.get_layer(i).name for i in range(network.num_layers)
+                  if not config.can_run_on_DLA(network.get_layer(i))]
+        if len(on_gpu) == network.num_layers:
+            raise EngineError(f"no layer of this network can run on DLA core {dla_core}; drop --dla-core")
+        if on_gpu:
+            logger.warning("%d of %d layers fall back to the GPU from DLA core %d: %s", len(on_gpu),
+                           network.num_layers, dla_core, ", ".join(on_gpu[:8]))
+        return {"dla_core": dla_core, "layers": network.num_layers, "dla_layers": network.num_layers - len(on_gpu),
+                "gpu_fallback_layers": on_gpu}
+
+    def _load_timing_cache(self, config, timing_cache: Path):
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise EngineError(f"timing cache {timing_cache} was made on another GPU or TensorRT version (a timing "
+                              "cache must not move between devices); give another --timing-cache or delete it")
+        return cache
+
     def build(self, network, *, precision: str, profile: Profile, input_name: str, input_chw: tuple[int, int, int],
               workspace: int, timing_cache: Path | None = None, sparse_weights: bool = False,
-              dla_core: int | None = None) -> bytes:
-        """Build the serialized engine; the precision comes from flags (8.6/10) or the ONNX itself (11)."""
+              dla_core: int | None = None, tf32: bool = False) -> tuple[bytes, dict[str, Any]]:
+        """Build the serialized engine; returns it with the facts of the build (placement, typing, TF32)."""
         trt = self.trt
         config = self.builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        if self.major < 11:
-            if precision in ("fp16", "int8"):
-                config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without Q/DQ may run in FP16
-            if precision == "int8":
-                config.set_flag(trt.BuilderFlag.INT8)
+        self._set_precision(config, precision, tf32)
         if sparse_weights:
             config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+        facts: dict[str, Any] = {"strongly_typed": self.strongly_typed,
+                                 "tf32": precision == "fp32" and tf32, "device": "gpu"}
         if dla_core is not None:
-            config.default_device_type = trt.DeviceType.DLA
-            config.DLA_core = dla_core
-            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+            facts.update(device="dla", dla=self._use_dla(config, network, dla_core))
         opt_profile = self.builder.create_optimization_profile()
         opt_profile.set_shape(input_name, (profile.min_batch, *input_chw), (profile.opt_batch, *input_chw),
                               (profile.max_batch, *input_chw))
         config.add_optimization_profile(opt_profile)
-        cache = None
         if timing_cache is not None:
-            cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
-        if hasattr(trt, "IProgressMonitor"):  # 8.6 has none
+            self._load_timing_cache(config, timing_cache)
+        if hasattr(trt, "IProgressMonitor"):  # 10.0 and later
             config.progress_monitor = _progress_monitor(trt)
         plan = self.builder.build_serialized_network(network, config)
         if plan is None:
             raise EngineError("TensorRT failed to build the engine (see the errors above); try a larger "
                               "--workspace or another precision")
-        if cache is not None:
-            timing_cache.write_bytes(memoryview(cache.serialize()))
-        return bytes(plan)
+        if timing_cache is not None:  # what this build learned, not the cache that was passed in
+            timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        return bytes(plan), facts
 
 
-def device_facts() -> dict[str, Any]:
-    """Name and compute capability of GPU 0 (pycuda, else cuda-python)."""
-    try:
-        import pycuda.autoinit  # noqa: F401 - creates the context
-        import pycuda.driver as cuda
+class CudaRuntime:
+    """The few CUDA calls the runner needs, on device 0's primary context (the one PyTorch and ONNX Runtime use).
 
-        dev = cuda.Device(0)
-        return {"gpu": dev.name(), "compute_capability": "%d.%d" % dev.compute_capability()}
-    except ImportError:
-        from cuda.bindings import runtime as cudart
+    cuda-python's runtime API when installed (it always works in the primary context), else pycuda through
+    ``pycuda.autoprimaryctx``. Every call's status is checked.
+    """
 
-        err, props = cudart.cudaGetDeviceProperties(0)
-        _check(err)
-        return {"gpu": props.name.decode().rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
-
-
-def _check(err) -> None:
-    code = err[0] if isinstance(err, tuple) else err
-    if int(code) != 0:
-        raise EngineError(f"CUDA call failed with error {code}")
-
-
-class _DeviceBuffer:
-    """Device memory through pycuda, or cuda-python when pycuda is absent; freed with the object."""
-
-    def __init__(self, nbytes: int):
+    def __init__(self):
         try:
-            import pycuda.autoinit  # noqa: F401
-            import pycuda.driver as cuda
-
-            self._cuda, self._kind = cuda, "pycuda"
-            self.alloc = cuda.mem_alloc(nbytes)
-            self.ptr = int(self.alloc)
+            try:
+                from cuda.bindings import runtime as cudart
+            except ImportError:
+                from cuda import cudart  # cuda-python before 12.6
+            self.kind, self._rt = "cuda-python", cudart
         except ImportError:
-            from cuda.bindings import runtime as cudart
+            try:
+                import pycuda.autoprimaryctx  # noqa: F401 - retains and pushes the primary context
+                import pycuda.driver as cuda
+            except ImportError as e:
+                raise EngineError(CUDA_HINT) from e
+            self.kind, self._rt = "pycuda", cuda
 
-            self._cuda, self._kind = cudart, "cuda-python"
-            err, self.ptr = cudart.cudaMalloc(nbytes)
-            _check(err)
+    def _check(self, result):
+        """cuda-python returns ``(status, *values)``: raise on a non-zero status, return the values."""
+        status, *values = result if isinstance(result, tuple) else (result,)
+        if int(status) != 0:
+            name = self._rt.cudaGetErrorName(status)[1]
+            raise EngineError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
+        return values[0] if len(values) == 1 else values
 
-    def upload(self, host: np.ndarray) -> None:
-        if self._kind == "pycuda":
-            self._cuda.memcpy_htod(self.alloc, host)
+    def device(self) -> dict[str, str]:
+        """Name and compute capability of the device in use."""
+        if self.kind == "pycuda":
+            dev = self._rt.Context.get_device()
+            return {"gpu": dev.name(), "compute_capability": "%d.%d" % dev.compute_capability()}
+        props = self._check(self._rt.cudaGetDeviceProperties(self._check(self._rt.cudaGetDevice())))
+        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        return {"gpu": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+
+    def stream(self):
+        """A new non-blocking stream: ``(stream object, handle for execute_async_v3)``."""
+        if self.kind == "pycuda":
+            stream = self._rt.Stream()
+            return stream, stream.handle
+        stream = self._check(self._rt.cudaStreamCreateWithFlags(self._rt.cudaStreamNonBlocking))
+        return stream, int(stream)
+
+    def device_buffer(self, nbytes: int):
+        """Device memory: ``(owner, pointer)``."""
+        if self.kind == "pycuda":
+            owner = self._rt.mem_alloc(nbytes)
+            return owner, int(owner)
+        ptr = self._check(self._rt.cudaMalloc(nbytes))
+        return ptr, int(ptr)
+
+    def pinned(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        """Page-locked host memory (asynchronous copies need it), as a numpy array."""
+        if self.kind == "pycuda":
+            return self._rt.pagelocked_empty(shape, dtype)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        ptr = int(self._check(self._rt.cudaMallocHost(nbytes)))
+        return np.frombuffer((ctypes.c_byte * nbytes).from_address(ptr), dtype=dtype).reshape(shape)
+
+    def to_device(self, dst_ptr: int, host: np.ndarray, stream) -> None:
+        if self.kind == "pycuda":
+            self._rt.memcpy_htod_async(dst_ptr, host, stream)
         else:
-            _check(self._cuda.cudaMemcpy(self.ptr, host.ctypes.data, host.nbytes,
-                                         self._cuda.cudaMemcpyKind.cudaMemcpyHostToDevice))
+            self._check(self._rt.cudaMemcpyAsync(dst_ptr, host.ctypes.data, host.nbytes,
+                                                 self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
 
-    def download(self, host: np.ndarray) -> None:
-        if self._kind == "pycuda":
-            self._cuda.memcpy_dtoh(host, self.alloc)
+    def to_host(self, host: np.ndarray, src_ptr: int, stream) -> None:
+        if self.kind == "pycuda":
+            self._rt.memcpy_dtoh_async(host, src_ptr, stream)
         else:
-            _check(self._cuda.cudaMemcpy(host.ctypes.data, self.ptr, host.nbytes,
-                                         self._cuda.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+            self._check(self._rt.cudaMemcpyAsync(host.ctypes.data, src_ptr, host.nbytes,
+                                                 self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
 
-    def synchronize(self) -> None:
-        """Wait for all work queued on the device."""
-        if self._kind == "pycuda":
-            self._cuda.Context.synchronize()
+    def synchronize(self, stream) -> None:
+        if self.kind == "pycuda":
+            stream.synchronize()
         else:
-            _check(self._cuda.cudaDeviceSynchronize())
+            self._check(self._rt.cudaStreamSynchronize(stream))
 
-    def __del__(self):
-        if getattr(self, "_kind", None) == "cuda-python":
-            self._cuda.cudaFree(self.ptr)
+    def free(self, device_owners: list, pinned: list[np.ndarray], stream) -> None:
+        """Release what :meth:`device_buffer`, :meth:`pinned` and :meth:`stream` gave (pycuda frees its own)."""
+        if self.kind == "pycuda":
+            return
+        for owner in device_owners:
+            self._rt.cudaFree(owner)
+        for host in pinned:
+            self._rt.cudaFreeHost(host.ctypes.data)
+        self._rt.cudaStreamDestroy(stream)
+
+
+def device_facts() -> dict[str, str]:
+    """Name and compute capability of the GPU in use (raises :class:`EngineError` without a CUDA binding)."""
+    return CudaRuntime().device()
 
 
 class TensorRTRunner:
-    """Run a built engine: ``input_spec()``, ``output_spec()``, ``infer(batch)``.
+    """Run a built engine: ``input_spec()``, ``output_spec()``, ``infer(batch)``; ``prepare`` + ``run`` to time.
 
     Args:
         engine_path: the ``.engine`` file.
@@ -255,7 +358,8 @@ class TensorRTRunner:
 
     def __init__(self, engine_path: str | Path, manifest: dict[str, Any]):
         trt = import_tensorrt()
-        here = {"tensorrt": str(trt.__version__), **device_facts()}
+        self.cuda = CudaRuntime()
+        here = {"tensorrt": str(trt.__version__), **self.cuda.device()}
         built = manifest.get("engine", {})
         for key in ("tensorrt", "gpu", "compute_capability"):
             if built.get(key) != here[key]:
@@ -270,13 +374,18 @@ class TensorRTRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.min_batch = int(built["profile"]["min_batch"])
         self.max_batch = int(built["profile"]["max_batch"])
         self.chw = tuple(int(d) for d in self.engine.get_tensor_shape(self.input_name))[1:]
         self.classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
-        self._in = _DeviceBuffer(self.max_batch * int(np.prod(self.chw)) * 4)
-        self._out = _DeviceBuffer(self.max_batch * self.classes * 4)
-        self.context.set_tensor_address(self.input_name, self._in.ptr)
-        self.context.set_tensor_address(self.output_name, self._out.ptr)
+        self._stream, self._handle = self.cuda.stream()
+        self._in_owner, self._in = self.cuda.device_buffer(self.max_batch * int(np.prod(self.chw)) * 4)
+        self._out_owner, self._out = self.cuda.device_buffer(self.max_batch * self.classes * 4)
+        self._host_in = self.cuda.pinned((self.max_batch, *self.chw))
+        self._host_out = self.cuda.pinned((self.max_batch, self.classes))
+        for name, ptr in ((self.input_name, self._in), (self.output_name, self._out)):
+            if not self.context.set_tensor_address(name, ptr):
+                raise EngineError(f"TensorRT refused the device buffer of {name!r}")
 
     def input_spec(self) -> tuple[str, tuple, np.dtype]:
         return self.input_name, (-1, *self.chw), np.dtype(np.float32)
@@ -284,30 +393,41 @@ class TensorRTRunner:
     def output_spec(self) -> tuple[str, tuple, np.dtype]:
         return self.output_name, (-1, self.classes), np.dtype(np.float32)
 
+    def _stage(self, batch: np.ndarray) -> int:
+        """Set the input shape and queue the copy of ``batch``'s rows (only those) to the device."""
+        n = len(batch)
+        if not self.min_batch <= n <= self.max_batch:
+            raise EngineError(f"batch of {n} is outside the engine's profile (--min-batch {self.min_batch}, "
+                              f"--max-batch {self.max_batch})")
+        if not self.context.set_input_shape(self.input_name, (n, *self.chw)):
+            raise EngineError(f"TensorRT refused input shape {(n, *self.chw)} for {self.input_name!r}")
+        self._host_in[:n] = batch
+        self.cuda.to_device(self._in, self._host_in[:n], self._stream)
+        return n
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self._handle):  # our stream: the default one adds device syncs
+            raise EngineError("TensorRT execution failed")
+
     def prepare(self, batch: np.ndarray) -> int:
         """Copy ``batch`` into the engine's input buffer once (for timing ``run``); returns its size."""
-        if len(batch) > self.max_batch:
-            raise EngineError(f"batch of {len(batch)} is above the engine's --max-batch {self.max_batch}")
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        self.context.set_input_shape(self.input_name, tuple(batch.shape))
-        self._in.upload(batch)
-        return len(batch)
+        n = self._stage(batch)
+        self.cuda.synchronize(self._stream)
+        return n
 
     def run(self, prepared: int) -> int:
         """Execute on the input ``prepare`` left in device memory and wait for it to finish."""
-        if not self.context.execute_async_v3(0):
-            raise EngineError("TensorRT execution failed")
-        self._in.synchronize()
+        self._execute()
+        self.cuda.synchronize(self._stream)
         return prepared
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) > self.max_batch:
-            raise EngineError(f"batch of {len(batch)} is above the engine's --max-batch {self.max_batch}")
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        self.context.set_input_shape(self.input_name, tuple(batch.shape))
-        self._in.upload(batch)
-        if not self.context.execute_async_v3(0):
-            raise EngineError("TensorRT execution failed")
-        out = np.empty((len(batch), self.classes), dtype=np.float32)
-        self._out.download(out)  # synchronous copy on the default stream: waits for the execution
-        return out
+        n = self._stage(batch)
+        self._execute()
+        self.cuda.to_host(self._host_out[:n], self._out, self._stream)
+        self.cuda.synchronize(self._stream)
+        return self._host_out[:n].copy()
+
+    def __del__(self):
+        if hasattr(self, "_host_out"):
+            self.cuda.free([self._in_owner, self._out_owner], [self._host_in, self._host_out], self._stream)

@@ -72,3 +72,51 @@ def test_build_engine_bad_models(tmp_path):
     for path, expect in ((junk, "not a valid ONNX"), (fixed, "fixed batch")):
         proc = run_cli("-q", "build-engine", "--onnx", path, "--out", tmp_path / "x.onnx")
         assert proc.returncode == 2 and expect in error_line(proc)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--dla-core", "0", "--precision", "fp32", "--min-batch", "4", "--opt-batch", "4", "--max-batch", "4"],
+     "DLA has no FP32"),
+    (["--dla-core", "0", "--precision", "fp16"], "static batch"),
+    (["--dla-core", "-1", "--precision", "fp16", "--min-batch", "4", "--opt-batch", "4", "--max-batch", "4"],
+     "0 or more"),
+    (["--tf32", "--precision", "fp16"], "--tf32 applies to --precision fp32"),
+])
+def test_tensorrt_dla_and_tf32_option_errors(fp32_onnx, tmp_path, args, expect):
+    """DLA takes static shapes and FP16/INT8 only (TensorRT's DLA restrictions): refused before any work."""
+    out = tmp_path / "x.engine"
+    proc = run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--backend", "tensorrt", "--out", out, *args)
+    assert proc.returncode == 2 and expect in error_line(proc)
+    assert not out.exists()
+
+
+def test_tensorrt_refuses_onnx_it_cannot_use(fp32_onnx, tmp_path):
+    """A QOperator model (QLinearConv) TensorRT can't parse; a CPU-placed Q/DQ model would build slower than FP16;
+    any Q/DQ model asked for fp16 needs --precision int8. All refused with the fix, TensorRT installed or not."""
+    cpu = tmp_path / "cpu.int8.onnx"
+    proc = run_cli("-q", "calibrate", "--onnx", fp32_onnx, "--out", cpu, "--target", "cpu", "--num-images", "64",
+                   "--val-limit", "64", "--timing-seconds", "0.2", "--json", check=True)
+    form = json.loads(proc.stdout)["metrics"]["form"]
+    expect = "QOperator" if form == "qoperator-u8s8" else "quantized for the CPU"
+    proc = run_cli("-q", "build-engine", "--onnx", cpu, "--backend", "tensorrt", "--precision", "int8",
+                   "--out", tmp_path / "a.engine")
+    assert proc.returncode == 2 and expect in error_line(proc)
+    trt = tmp_path / "trt.int8.onnx"
+    run_cli("-q", "calibrate", "--onnx", fp32_onnx, "--out", trt, "--target", "tensorrt", "--num-images", "64",
+            "--val-limit", "64", check=True)
+    proc = run_cli("-q", "build-engine", "--onnx", trt, "--backend", "tensorrt", "--precision", "fp16",
+                   "--out", tmp_path / "b.engine")
+    assert proc.returncode == 2 and "--precision int8" in error_line(proc)
+    assert not list(tmp_path.glob("*.engine"))
+
+
+def test_tensorrt_older_than_8_5_is_refused_with_the_fix(fp32_onnx, tmp_path):
+    """JetPack 5.1's TensorRT 8.5 is the floor; an older one (here a stand-in module reporting 8.4.3, since no
+    TensorRT installs on this machine) gets one line naming the version and the way up."""
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "tensorrt.py").write_text("__version__ = '8.4.3.1'\n")
+    proc = run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--backend", "tensorrt", "--precision", "fp16",
+                   "--out", tmp_path / "x.engine", env={"PYTHONPATH": str(fake)})
+    line = error_line(proc)
+    assert proc.returncode == 2 and "TensorRT 8.4.3.1 is too old" in line and "JetPack 5.1" in line
