@@ -39,7 +39,7 @@ from optimize.artifacts import Artifact, atomic_path, library_versions, prepare_
 from optimize.data import DataSplits, default_preprocessing, load_data
 from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.preprocess import Preprocessing
-from optimize.runners import Runner, RunnerError, backend_of, default_threads, open_runner
+from optimize.runners import Runner, RunnerError, backend_of, default_threads, open_runner, ort_cuda_missing
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,13 @@ def environment(threads: int, device: str) -> dict[str, Any]:
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
             env["cuda"] = torch.version.cuda
+            env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import tensorrt
+
+            env["tensorrt"] = str(tensorrt.__version__)
+        except ImportError:
+            env["tensorrt"] = None
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True, timeout=20).stdout.strip() or None
@@ -430,9 +437,8 @@ def _measure(path: str, role: str, variant: dict[str, Any], cfg: BenchmarkConfig
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            device = "cpu"
-            row.device = "cpu"
-            logger.warning("%s: onnxruntime-gpu is not installed, so it runs on the CPU", path)
+            row.skipped = ort_cuda_missing()  # no silent CPU row in a CUDA report
+            return row
     try:
         runner = open_runner(speed_path, device=device, threads=threads, trust=cfg.trust_checkpoint,
                              image_size=cfg.input_size if backend == "torch" else None, **variant)
@@ -638,7 +644,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Environment", "",
               f"- CPU: {env['cpu']} ({env['cpu_cores']} cores), {env['threads']} threads for every CPU backend",
               f"- GPU: {env['gpu'] or 'none'}" + (f", driver {env['driver']}" if env.get("driver") else "")
-              + (f", CUDA {env['cuda']}" if env.get("cuda") else ""),
+              + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+              + (f", cuDNN {env['cudnn']}" if env.get("cudnn") else "")
+              + (f", TensorRT {env['tensorrt']}" if env.get("tensorrt") else ""),
               "- libraries: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
               f"- ONNX Runtime providers: {', '.join(env.get('onnxruntime_providers', []))}",
               f"- date: {env['date']}; {env['platform']}"]

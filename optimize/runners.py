@@ -123,6 +123,8 @@ class TorchRunner(Runner):
             raise RunnerError(f"PyTorch {precision} is only offered on CUDA (CPU kernels have no speed-up)")
         if device == "cuda" and not torch.cuda.is_available():
             raise RunnerError("--device cuda asked for, but PyTorch sees no CUDA device")
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         loaded = load_checkpoint(path, trust=trust)
         if device == "cpu":
             threads = threads or default_threads()
@@ -180,6 +182,26 @@ def onnx_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str
         return None, None
 
 
+def ort_cuda_missing() -> str:
+    """Why ONNX Runtime has no CUDA provider here, and the fix."""
+    from importlib import metadata
+
+    installed = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+            installed.add(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if installed == {"onnxruntime", "onnxruntime-gpu"}:
+        return ("onnxruntime and onnxruntime-gpu are both installed and the CPU one shadows the CUDA provider: "
+                "'pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu'")
+    if "onnxruntime-gpu" in installed:
+        return ("onnxruntime-gpu is installed but its CUDA provider did not load (CUDA or cuDNN libraries missing "
+                "or of another major version)")
+    return "ONNX Runtime has no CUDA provider here: swap onnxruntime for onnxruntime-gpu (see the README's GPU notes)"
+
+
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime on the CPU (``threads`` intra-op threads), or CUDA with inputs bound in device memory."""
 
@@ -192,7 +214,7 @@ class OnnxRuntimeRunner(Runner):
         opts = ort.SessionOptions()
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RunnerError("ONNX Runtime has no CUDA provider here; install onnxruntime-gpu for --device cuda")
+                raise RunnerError(ort_cuda_missing())
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             threads = threads or default_threads()
