@@ -100,8 +100,8 @@ class MicroBatcher:
 
     Args:
         infer: ``float32 [n, ...] -> [n, classes]``; runs in ``worker``, never twice at once.
-        worker: a one-thread executor: give the one the model was opened in, as a CUDA context (pycuda's)
-            belongs to the thread that made it. The caller shuts it down.
+        worker: a one-thread executor: give the one the model was opened in (a TensorRT runner's stream and
+            buffers belong to it; with pycuda, so does the pushed primary context). The caller shuts it down.
         max_batch: most images per call.
         max_wait_s: how long the first image of a batch waits for more.
         max_queue: most images waiting; :meth:`submit` raises a 503 :class:`RequestError` beyond.
