@@ -8,14 +8,16 @@ Layout of ``out``::
     model.plan, model.plan.json     when packaging a TensorRT engine: the engine and its build-engine manifest
     <name>.calib.json               the calibration cache, when the model is INT8
     labels.txt, preprocess.json     class names, one a line; edgeopt's preprocessing as JSON
-    runner.py, requirements.txt     classifies images with numpy + Pillow + onnxruntime (or tensorrt + pycuda)
-    build_engine.sh                 builds model.plan on the device with its own trtexec (8.6, 10 or 11)
+    runner.py, requirements.txt     classifies images with numpy + Pillow + onnxruntime (or tensorrt + cuda-python)
+    build_engine.sh                 builds model.plan on the device with its own trtexec (8.5 to 11)
     model_repository/<name>/        a Triton Inference Server repository: config.pbtxt, labels.txt, 1/model.*
+                                    (model.plan for an engine whose profile starts at batch 1, else model.onnx)
     bundle.json                     what was packaged, from what, and every file's sha256
 
 Everything is written into a temporary folder beside ``out`` and renamed into place at the end, so a failed run
 leaves no half-written bundle. The model's files are read from manifests and the ONNX graph; nothing here runs
-the model, so an engine can be packaged on a machine without its GPU.
+the model, so an engine can be packaged on a machine without its GPU. No TensorRT timing cache is packaged: its
+measurements belong to the GPU that made them (build_engine.sh names its own after the device's GPU).
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ REQUIREMENTS = """\
 numpy>=1.24
 Pillow>=9.5
 onnxruntime>=1.17
-# runner.py with a TensorRT model.plan: tensorrt (JetPack ships it on a Jetson) and pycuda>=2022.2 in place of
-# onnxruntime
+# runner.py with a TensorRT model.plan: tensorrt>=8.5 (JetPack 5.1+ ships it on a Jetson) and cuda-python (its
+# major version that of the device's CUDA), or pycuda>=2022.2, in place of onnxruntime
 """
 
 TRITON_CONFIG = """\
-name: {name}
+{comment}name: {name}
 platform: {platform}
 max_batch_size: {max_batch}
 input [
@@ -81,6 +83,11 @@ dynamic_batching {{
   preferred_batch_size: [ {preferred} ]
   max_queue_delay_microseconds: 2000
 }}
+"""
+# config.pbtxt's comment for a TensorRT plan: Triton deserializes it with its own TensorRT
+TRITON_PLAN_NOTE = """\
+model.plan must be built by the TensorRT version of the Triton container that serves it, not the host's: run
+build_engine.sh inside that container (TRTEXEC=/path/to/its trtexec) or where TensorRT and the GPU model match it.
 """
 
 
@@ -140,11 +147,13 @@ class ModelIO:
         return cls(input_name, size, output.name, output.type.tensor_type.shape.dim[-1].dim_value)
 
 
-def triton_config(name: str, platform: str, io: ModelIO, profile: Profile) -> str:
-    """Triton's ``config.pbtxt`` (protobuf text format): batch dim implied, dynamic batching up to the profile."""
+def triton_config(name: str, platform: str, io: ModelIO, profile: Profile, comment: str = "") -> str:
+    """Triton's ``config.pbtxt`` (protobuf text format): batch dim implied, dynamic batching up to the profile;
+    ``comment`` goes on top as ``#`` lines."""
     preferred = ", ".join(str(b) for b in sorted({profile.opt_batch, profile.max_batch}))
-    return TRITON_CONFIG.format(name=_quote(name), platform=_quote(platform), max_batch=profile.max_batch,
-                                input_name=_quote(io.input_name), size=io.image_size,
+    comment = "".join(f"# {line}\n" for line in comment.splitlines())
+    return TRITON_CONFIG.format(comment=comment, name=_quote(name), platform=_quote(platform),
+                                max_batch=profile.max_batch, input_name=_quote(io.input_name), size=io.image_size,
                                 output_name=_quote(io.output_name), classes=io.classes, preferred=preferred)
 
 
@@ -268,6 +277,20 @@ def _source(cfg: PackageConfig) -> _Source:
     return _Source(src, _engine_onnx(src, manifest, cfg.onnx), src, manifest)
 
 
+def _check_dla(source: _Source, precision: str, profile: Profile) -> None:
+    """An engine built for DLA is rebuilt for DLA by build_engine.sh: DLA runs fp16/int8 on a static batch only."""
+    dla_core = source.engine_facts.get("flags", {}).get("dla_core")
+    if dla_core is None:
+        return
+    if precision == "fp32":
+        raise ConfigError(f"--precision fp32: {source.engine} runs on DLA core {dla_core}, which has no FP32; give "
+                          "--precision fp16 or int8")
+    if not profile.static:
+        raise ConfigError(f"{source.engine} runs on DLA core {dla_core} with batch {profile.min_batch}/"
+                          f"{profile.opt_batch}/{profile.max_batch}, but DLA needs a static batch: rebuild it with "
+                          "equal --min-batch, --opt-batch and --max-batch")
+
+
 def _write_onnx(source: _Source, work: Path) -> Path | None:
     """``model.onnx`` (+ manifest) into ``work``: the model's ONNX, or for an INT8 engine built from an FP32 ONNX
     the Q/DQ ONNX re-made from its calibration cache. Returns the calibration cache, if any."""
@@ -287,35 +310,42 @@ def _write_onnx(source: _Source, work: Path) -> Path | None:
 
 
 def _write_triton(source: _Source, work: Path, name: str, io: ModelIO, profile: Profile, labels: str) -> str:
-    """``model_repository/<name>/`` for Triton; returns the platform."""
+    """``model_repository/<name>/`` for Triton; returns the platform: ``tensorrt_plan`` for an engine whose profile
+    starts at batch 1 (Triton sends any batch from 1 to max_batch_size), else ``onnxruntime_onnx``."""
     repo = work / "model_repository" / name
     (repo / "1").mkdir(parents=True)
-    if source.engine is not None:
-        platform = "tensorrt_plan"
+    comment = ""
+    if source.engine is not None and profile.min_batch == 1:
+        platform, comment = "tensorrt_plan", TRITON_PLAN_NOTE
         shutil.copyfile(source.engine, repo / "1" / "model.plan")
     else:
         platform = "onnxruntime_onnx"
         shutil.copyfile(work / "model.onnx", repo / "1" / "model.onnx")
-    (repo / "config.pbtxt").write_text(triton_config(name, platform, io, profile))
+        if source.engine is not None:
+            comment = (f"ONNX Runtime runs model.onnx: {source.engine.name}'s profile starts at batch "
+                       f"{profile.min_batch}, and Triton sends any batch from 1 to max_batch_size. Package an engine "
+                       "built with --min-batch 1 to serve it with TensorRT.")
+            logger.warning("the Triton repository runs the ONNX, not %s: %s", source.engine, comment)
+    (repo / "config.pbtxt").write_text(triton_config(name, platform, io, profile, comment))
     (repo / "labels.txt").write_text(labels)
     return platform
 
 
-def _write_scripts(source: _Source, work: Path, name: str, io: ModelIO, profile: Profile, precision: str,
-                   qdq: bool) -> None:
-    """``runner.py`` + ``requirements.txt`` and ``build_engine.sh`` with this model's profile and flags."""
+def _write_scripts(source: _Source, work: Path, io: ModelIO, profile: Profile, precision: str, qdq: bool,
+                   triton_plan: str) -> None:
+    """``runner.py`` + ``requirements.txt`` and ``build_engine.sh`` with this model's profile and flags;
+    ``triton_plan``: the Triton repository's plan that build_engine.sh replaces ("" for none)."""
     shutil.copyfile(TEMPLATES / "runner.py", work / "runner.py")
     (work / "requirements.txt").write_text(REQUIREMENTS)
     flags = source.engine_facts.get("flags", {})
-    device_flags = (["--sparsity=enable"] if flags.get("sparse_weights") else []) + (
-        [f"--useDLACore={flags['dla_core']}", "--allowGPUFallback"] if flags.get("dla_core") is not None else [])
+    dla_core = flags.get("dla_core")
     workspace = source.manifest.get("config", {}).get("workspace") if source.engine else None
     (work / "build_engine.sh").write_text(_render("build_engine.sh", {
         "PRECISION": precision, "MIN_BATCH": profile.min_batch, "OPT_BATCH": profile.opt_batch,
         "MAX_BATCH": profile.max_batch, "WORKSPACE_MIB": parse_size(workspace or DEFAULT_WORKSPACE) >> 20,
         "INPUT_NAME": io.input_name, "IMAGE_SIZE": io.image_size, "QDQ": int(qdq),
-        "DEVICE_FLAGS": " ".join(device_flags),
-        "TRITON_PLAN": f"model_repository/{name}/1/model.plan" if source.engine is not None else ""}))
+        "DLA_CORE": "" if dla_core is None else int(dla_core),
+        "SPARSITY_FLAG": "--sparsity=enable" if flags.get("sparse_weights") else "", "TRITON_PLAN": triton_plan}))
     for script in ("runner.py", "build_engine.sh"):
         os.chmod(work / script, 0o755)
 
@@ -339,10 +369,11 @@ def run(cfg: PackageConfig) -> Artifact:
         if precision == "int8" and not qdq:
             raise ConfigError(f"--precision int8 needs a Q/DQ ONNX ('cli.py calibrate --target tensorrt'); "
                               f"{source.onnx} is not one")
+        _check_dla(source, precision, profile)
         if issue:
             logger.warning("build_engine.sh cannot build from %s: %s; package the FP32 ONNX from 'export' or a Q/DQ "
                            "one from 'calibrate --target tensorrt' for TensorRT", source.onnx, issue)
-        if precision == "fp16":
+        if precision == "fp16" and not qdq:  # strongly typed TensorRT builds fp16 from it (a Q/DQ model is INT8)
             to_fp16_onnx(work / "model.onnx", work / "model.fp16.onnx")
         if source.engine is not None:
             shutil.copyfile(source.engine, work / "model.plan")
@@ -351,7 +382,8 @@ def run(cfg: PackageConfig) -> Artifact:
         (work / "labels.txt").write_text(labels)
         write_json(work / "preprocess.json", preprocessing.to_dict())
         platform = _write_triton(source, work, name, io, profile, labels)
-        _write_scripts(source, work, name, io, profile, precision, qdq)
+        _write_scripts(source, work, io, profile, precision, qdq,
+                       f"model_repository/{name}/1/model.plan" if platform == "tensorrt_plan" else "")
         payload = {
             "format": BUNDLE_FORMAT, "version": 1,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -111,6 +111,8 @@ def to_fp16_onnx(src: Path, dst: Path) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(src))
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise EngineError(f"{src} is an INT8 (Q/DQ) model: FP16 conversion takes the FP32 ONNX")
     outputs = {o.name for o in model.graph.output}
     heads = [n.name for n in model.graph.node if n.name and outputs & set(n.output)]
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_SENSITIVE_OPS))
@@ -161,6 +163,8 @@ class EngineBuilder:
 
     def _network_flags(self) -> int:
         trt = self.trt
+        if self.major >= 11:
+            return 0  # strongly typed and explicit batch are the only modes (the flag is deprecated, ignored)
         if self.version >= STRONGLY_TYPED_FROM:
             return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         if self.major < 10:

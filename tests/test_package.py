@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import ctypes
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +32,8 @@ ONNX_BUNDLE_FILES = {"bundle.json", "build_engine.sh", "labels.txt", "model.onnx
                      "preprocess.json", "requirements.txt", "runner.py", "model_repository/model/config.pbtxt",
                      "model_repository/model/labels.txt", "model_repository/model/1/model.onnx"}
 # What runner.py may import: the standard library it uses, numpy, Pillow and one inference backend.
-RUNNER_IMPORTS = {"__future__", "argparse", "importlib", "json", "pathlib", "sys", "numpy", "PIL", "onnxruntime",
-                  "tensorrt", "pycuda"}
+RUNNER_IMPORTS = {"__future__", "argparse", "ctypes", "importlib", "json", "pathlib", "sys", "numpy", "PIL",
+                  "onnxruntime", "tensorrt", "cuda", "pycuda"}
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +204,159 @@ def test_runner_in_a_fresh_venv_without_torch_matches_infer(bundle, exported_onn
                                    [c["probability"] for c in b["top_k"]], atol=1e-6)
 
 
+# -- runner.py's TensorRT path, with stand-ins for tensorrt and cuda-python ---------------------------------
+
+def test_runner_refuses_tensorrt_before_8_5(bundle, runner, tmp_path):
+    runner.check_tensorrt("8.5.2.2")
+    runner.check_tensorrt("10.3.0")
+    with pytest.raises(runner.RunnerError, match="TensorRT 8.4.3.1 is too old.*8.5 or later.*JetPack 5.1"):
+        runner.check_tensorrt("8.4.3.1")
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.py").write_text('__version__ = "8.4.3.1"\n')
+    (tmp_path / "model.plan").write_bytes(b"engine")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, bundle / "runner.py", tmp_path / "x.png", "--model",
+                           tmp_path / "model.plan"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: TensorRT 8.4.3.1 is too old"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+
+
+class FakeCudart:
+    """cuda-python's runtime API over host memory: ``(status, value)`` results; records copies and syncs."""
+
+    cudaStreamNonBlocking = 1
+    cudaMemcpyKind = type("cudaMemcpyKind", (), {"cudaMemcpyHostToDevice": "htod", "cudaMemcpyDeviceToHost": "dtoh"})
+    STREAM = 7
+
+    def __init__(self):
+        self.buffers, self.calls = [], []
+
+    def _alloc(self, nbytes):
+        self.buffers.append(ctypes.create_string_buffer(nbytes))
+        return 0, ctypes.addressof(self.buffers[-1])
+
+    cudaMalloc = cudaMallocHost = _alloc
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return 0, self.STREAM
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        self.calls.append((kind, nbytes, stream))
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        self.calls.append(("sync", stream))
+        return (0,)
+
+
+def fake_tensorrt(cudart: FakeCudart, batches=(2, 4, 8)):
+    """A tensorrt module whose engine (input [N, 3, 4, 4], logits [N, 10]) returns the first 10 input values of
+    each row; it records the stream and shape of each execution."""
+    io_mode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+
+    class Context:
+        def __init__(self):
+            self.address, self.runs = {}, []
+
+        def set_tensor_address(self, name, ptr):
+            self.address[name] = ptr
+            return True
+
+        def set_input_shape(self, name, shape):
+            self.shape = shape
+            return True
+
+        def execute_async_v3(self, stream):
+            self.runs.append((stream, self.shape))
+            rows = self.shape[0]
+            x = np.frombuffer((ctypes.c_float * (rows * 48)).from_address(self.address["input"]), np.float32)
+            y = np.frombuffer((ctypes.c_float * (rows * 10)).from_address(self.address["logits"]), np.float32)
+            y[:] = x.reshape(rows, 48)[:, :10].ravel()
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+        context = Context()
+
+        def get_tensor_name(self, i):
+            return ("input", "logits")[i]
+
+        def get_tensor_mode(self, name):
+            return io_mode.INPUT if name == "input" else io_mode.OUTPUT
+
+        def get_tensor_profile_shape(self, name, profile):
+            return [(b, 3, 4, 4) for b in batches]
+
+        def get_tensor_shape(self, name):
+            return (-1, 3, 4, 4) if name == "input" else (-1, 10)
+
+        def create_execution_context(self):
+            return self.context
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine()
+
+    return types.SimpleNamespace(__version__="8.5.2.2", Runtime=Runtime, TensorIOMode=io_mode,
+                                 Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None}))
+
+
+def test_runner_tensorrt_copies_only_the_batch_on_its_own_stream(runner, tmp_path, monkeypatch):
+    cudart = FakeCudart()
+    bindings = types.SimpleNamespace(runtime=cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cudart))
+    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(bindings=bindings))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    (tmp_path / "model.plan").write_bytes(b"engine")
+    model = runner.TensorRTModel(tmp_path / "model.plan")
+    assert (model.min_batch, model.max_batch) == (2, 8)
+    batch = np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(model.infer(batch), batch.reshape(3, 48)[:, :10])
+    np.testing.assert_array_equal(model.infer(batch[:1]), batch[:1].reshape(1, 48)[:, :10])  # padded to 2 rows
+    stream = FakeCudart.STREAM
+    assert model.context.runs == [(stream, (3, 3, 4, 4)), (stream, (2, 3, 4, 4))]
+    assert cudart.calls == [("htod", 3 * 192, stream), ("dtoh", 3 * 40, stream), ("sync", stream),
+                            ("htod", 2 * 192, stream), ("dtoh", 2 * 40, stream), ("sync", stream)]
+    cudart.cudaStreamSynchronize = lambda stream: (700,)
+    cudart.cudaGetErrorName = lambda status: (0, b"cudaErrorIllegalAddress")
+    with pytest.raises(runner.RunnerError, match="CUDA call failed: cudaErrorIllegalAddress"):
+        model.infer(batch)
+
+
+@pytest.mark.parametrize("version", ["8.5", "10.16", "11.1"])
+def test_runner_uses_only_tensorrt_names_of_each_version(version):
+    """Every ``trt.*`` name and engine, context and runtime method runner.py uses is in that version's bindings
+    (the names read from NVIDIA's sources and wheels by tests/fixtures/extract_tensorrt_api.py)."""
+    fixture = Path(__file__).with_name("fixtures") / f"tensorrt_{version}_api.json"
+    if not fixture.is_file():
+        pytest.skip(f"{fixture.name} is missing")
+    api = json.loads(fixture.read_text())
+
+    def members(name: str) -> set[str]:
+        names = set(api["classes"].get(name, [])) | set(api["enums"].get(name, []))
+        return names.union(*(members(base) for base in api["bases"].get(name, [])))
+
+    objects = {"self.engine": "ICudaEngine", "self.context": "IExecutionContext", "runtime": "Runtime"}
+    module = set(api["classes"]) | set(api["enums"]) | set(api["functions"]) | set(api["python"])
+    used = set()
+    for node in ast.walk(ast.parse((package.TEMPLATES / "runner.py").read_text())):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "trt":
+            assert node.attr in module, f"trt.{node.attr} is not in TensorRT {version}"
+        elif isinstance(node, ast.Attribute) and ast.unparse(node.value) in objects:
+            used.add((objects[ast.unparse(node.value)], node.attr))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and ast.unparse(node.value.value) == "trt":
+            used.add((node.value.attr, node.attr))
+    assert {("Runtime", "deserialize_cuda_engine"), ("ICudaEngine", "num_io_tensors"),
+            ("IExecutionContext", "execute_async_v3"), ("Logger", "WARNING"), ("TensorIOMode", "INPUT")} <= used
+    assert {(cls, attr) for cls, attr in used if attr not in members(cls)} == set()
+
 # -- build_engine.sh with a stand-in trtexec ---------------------------------------------------------------
 
 FAKE_TRTEXEC = """#!/bin/sh
@@ -215,38 +370,77 @@ for a in "$@"; do case "$a" in --saveEngine=*) printf plan > "${a#--saveEngine=}
 
 
 def build_engine(bundle: Path, version: str, *args: str, tmp_path: Path, out: Path | None = None,
-                 trtexec: str | None = None):
-    """Run the bundle's build_engine.sh with a fake trtexec claiming TensorRT ``version`` (or ``trtexec``);
-    returns the process and the arguments trtexec got (None when it was not run)."""
+                 trtexec: str | None = None, gpu: str | None = None, **env_vars: str):
+    """Run the bundle's build_engine.sh with a fake trtexec claiming TensorRT ``version`` (or ``trtexec``) and,
+    with ``gpu``, a fake nvidia-smi printing it (else none); ``env_vars`` (DLA_CORE, MIN_BATCH...) go to its
+    environment. Returns the process and the arguments trtexec got (None when it was not run)."""
     fake = tmp_path / "trtexec"
     fake.write_text(FAKE_TRTEXEC)
     fake.chmod(0o755)
     record = tmp_path / "trtexec.args"
     record.unlink(missing_ok=True)
-    env = {**os.environ, "TRTEXEC": trtexec or str(fake), "FAKE_TRT_VERSION": version, "FAKE_TRT_ARGS": str(record)}
+    env = {**os.environ, "TRTEXEC": trtexec or str(fake), "FAKE_TRT_VERSION": version, "FAKE_TRT_ARGS": str(record),
+           "NVIDIA_SMI": "", **env_vars}
+    if gpu is not None:
+        smi = tmp_path / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\nprintf '%s\\n' '{gpu}'\n")
+        smi.chmod(0o755)
+        env["NVIDIA_SMI"] = str(smi)
     if out is not None:
         env["OUT"] = str(out)
     proc = subprocess.run(["bash", bundle / "build_engine.sh", *args], env=env, capture_output=True, text=True)
     return proc, record.read_text().splitlines() if record.exists() else None
 
 
-@pytest.mark.parametrize("version, precision, expect, refuse", [
-    ("8601", "fp32", [], ["--fp16", "--int8", "--stronglyTyped"]),
-    ("8601", "fp16", ["--fp16"], ["--int8", "--stronglyTyped"]),
-    ("100300", "fp16", ["--fp16"], ["--stronglyTyped"]),
-    ("110000", "fp32", ["--stronglyTyped"], ["--fp16", "--int8"]),
+PRECISION_FLAGS = {"--fp16", "--int8", "--stronglyTyped"}
+
+
+@pytest.fixture(scope="module")
+def bundle_fp16(exported_onnx, tmp_path_factory) -> Path:
+    """The FP32 model packaged for fp16: with model.fp16.onnx, what strongly typed TensorRT builds fp16 from."""
+    out = tmp_path_factory.mktemp("dist16") / "bundle"
+    run_cli("-q", "package", "--model", exported_onnx, "--out", out, "--precision", "fp16", check=True)
+    assert (out / "model.fp16.onnx").is_file()
+    return out
+
+
+@pytest.mark.parametrize("version, precision, expect, onnx_file", [
+    ("8502", "fp32", [], "model.onnx"),                       # JetPack 5.1
+    ("8601", "fp16", ["--fp16"], "model.onnx"),
+    ("100300", "fp16", ["--fp16"], "model.onnx"),             # JetPack 6: builder flags up to 10.11
+    ("101200", "fp16", ["--stronglyTyped"], "model.fp16.onnx"),  # 10.12+: strongly typed, the flags deprecated
+    ("101200", "fp32", ["--stronglyTyped"], "model.onnx"),
+    ("110400", "fp16", [], "model.fp16.onnx"),                # strongly typed only: --stronglyTyped is a no-op
+    ("110400", "fp32", [], "model.onnx"),
 ])
-def test_build_engine_sh_flags(bundle, tmp_path, version, precision, expect, refuse):
-    proc, args = build_engine(bundle, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan")
+def test_build_engine_sh_flags(bundle_fp16, tmp_path, version, precision, expect, onnx_file):
+    proc, args = build_engine(bundle_fp16, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan")
     assert proc.returncode == 0, proc.stderr
-    assert {"--onnx=model.onnx", f"--saveEngine={tmp_path / 'model.plan'}", "--minShapes=input:1x3x16x16",
+    assert {f"--onnx={onnx_file}", f"--saveEngine={tmp_path / 'model.plan'}", "--minShapes=input:1x3x16x16",
             "--optShapes=input:8x3x16x16", "--maxShapes=input:64x3x16x16",
             "--memPoolSize=workspace:2048"} <= set(args)
-    assert set(expect) <= set(args) and not set(refuse) & set(args)
+    assert PRECISION_FLAGS & set(args) == set(expect)
+    assert not [a for a in args if a.startswith("--timingCacheFile")]  # no nvidia-smi: no cache
+
+
+def test_build_engine_sh_fp16_on_a_strongly_typed_tensorrt_needs_the_fp16_onnx(bundle, tmp_path):
+    proc, args = build_engine(bundle, "110400", "fp16", tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert proc.returncode == 2 and "model.fp16.onnx is not in this bundle" in proc.stderr and args is None
+
+
+def test_build_engine_sh_names_the_timing_cache_after_the_gpu(bundle, tmp_path):
+    """A timing cache must not travel between devices: its name carries the GPU, compute capability, TensorRT."""
+    _, args = build_engine(bundle, "100300", "fp16", tmp_path=tmp_path, out=tmp_path / "model.plan",
+                           gpu="NVIDIA GeForce RTX 4090, 8.9")
+    assert "--timingCacheFile=timing.NVIDIA_GeForce_RTX_4090_8.9.trt100300.cache" in args
+    _, args = build_engine(bundle, "100300", "fp16", tmp_path=tmp_path, out=tmp_path / "model.plan", gpu="")
+    assert not [a for a in args if a.startswith("--timingCacheFile")]  # nvidia-smi printed nothing
 
 
 @pytest.mark.parametrize("version, precision, trtexec, message", [
-    ("110000", "fp16", None, "model.fp16.onnx is not in this bundle"),  # strongly typed: FP16 must be in the ONNX
+    ("8401", "fp32", None, "TensorRT 8.4 found; 8.5 or later is needed: JetPack 5.1 or later"),
+    ("7203", "fp16", None, "TensorRT 7.2 found"),
+    ("110400", "fp16", None, "model.fp16.onnx is not in this bundle"),  # strongly typed: FP16 must be in the ONNX
     ("100300", "int8", None, "Q/DQ"),                                    # no INT8 from a float ONNX without scales
     ("100300", "fp8", None, "precision must be"),
     ("100300", "fp32", "/nonexistent/trtexec", "trtexec not found"),
@@ -258,16 +452,38 @@ def test_build_engine_sh_refuses(bundle, tmp_path, version, precision, trtexec, 
     assert args is None and not (tmp_path / "model.plan").exists()
 
 
-def fake_engine(tmp_path: Path, onnx_path: Path, precision: str = "fp16") -> Path:
-    """An engine file with the manifest build-engine writes (packaging reads the manifest, never the plan)."""
+@pytest.mark.parametrize("precision, env, message", [
+    ("fp32", {"MIN_BATCH": "8", "OPT_BATCH": "8", "MAX_BATCH": "8"}, "DLA has no FP32"),
+    ("fp16", {}, "DLA needs a static batch: MIN_BATCH, OPT_BATCH and MAX_BATCH equal (got 1/8/64)"),
+    ("fp16", {"MIN_BATCH": "8", "OPT_BATCH": "8", "MAX_BATCH": "16"}, "(got 8/8/16)"),
+])
+def test_build_engine_sh_refuses_what_dla_cannot_run(bundle, tmp_path, precision, env, message):
+    proc, args = build_engine(bundle, "8502", precision, tmp_path=tmp_path, DLA_CORE="0", **env)
+    assert proc.returncode == 2 and message in proc.stderr and "DLA_CORE=" in proc.stderr, proc.stderr
+    assert args is None
+
+
+def test_build_engine_sh_builds_for_dla(bundle, tmp_path):
+    proc, args = build_engine(bundle, "8502", "fp16", tmp_path=tmp_path, out=tmp_path / "model.plan", DLA_CORE="1",
+                              MIN_BATCH="4", OPT_BATCH="4", MAX_BATCH="4")
+    assert proc.returncode == 0, proc.stderr
+    assert {"--useDLACore=1", "--allowGPUFallback", "--fp16", "--maxShapes=input:4x3x16x16"} <= set(args)
+
+
+def fake_engine(tmp_path: Path, onnx_path: Path, precision: str = "fp16", batches: tuple[int, int, int] = (1, 4, 16),
+                dla_core: int | None = None) -> Path:
+    """An engine file with the manifest build-engine writes (packaging reads the manifest, never the plan), and
+    the timing cache its build used (which no bundle may ship)."""
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"serialized engine")
+    (tmp_path / "timing.cache").write_bytes(b"this GPU's timings")
     (tmp_path / "model.engine.json").write_text(json.dumps({
-        "stage": "build-engine", "config": {"workspace": "1G", "calib_method": "entropy"},
+        "stage": "build-engine",
+        "config": {"workspace": "1G", "calib_method": "entropy", "timing_cache": str(tmp_path / "timing.cache")},
         "inputs": {"onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)}},
         "engine": {"backend": "tensorrt", "precision": precision, "tensorrt": "10.3.0", "gpu": "Orin",
-                   "profile": {"min_batch": 1, "opt_batch": 4, "max_batch": 16},
-                   "flags": {"sparse_weights": False, "dla_core": None}}}))
+                   "profile": dict(zip(("min_batch", "opt_batch", "max_batch"), batches)),
+                   "flags": {"sparse_weights": False, "dla_core": dla_core}}}))
     return engine
 
 
@@ -278,25 +494,61 @@ def test_package_an_engine(exported_onnx, tmp_path):
     assert artifact.path == out and artifact.manifest["precision"] == "fp16"
     assert {"model.plan", "model.plan.json", "model.fp16.onnx", "model_repository/model/1/model.plan"} <= set(
         artifact.manifest["files"])
+    assert not [f for f in artifact.manifest["files"] if "cache" in f]  # timing caches stay with their GPU
     fp16 = onnx.load(str(out / "model.fp16.onnx"))
     assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # I/O stays float32
     config = parse_triton_config(out / "model_repository/model/config.pbtxt")
     assert (config.platform, config.max_batch_size) == ("tensorrt_plan", 16)
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert "built by the TensorRT version of the Triton container" in (
+        out / "model_repository/model/config.pbtxt").read_text()
 
-    proc, args = build_engine(out, "110000", tmp_path=tmp_path)  # TensorRT 11: FP16 ONNX, no precision flag
+    proc, args = build_engine(out, "110400", tmp_path=tmp_path)  # TensorRT 11: FP16 ONNX, no precision flag
     assert proc.returncode == 0, proc.stderr
-    assert {"--onnx=model.fp16.onnx", "--stronglyTyped", "--maxShapes=input:16x3x16x16",
-            "--memPoolSize=workspace:1024"} <= set(args) and "--fp16" not in args
+    assert {"--onnx=model.fp16.onnx", "--maxShapes=input:16x3x16x16",
+            "--memPoolSize=workspace:1024"} <= set(args) and not PRECISION_FLAGS & set(args)
     assert (out / "model_repository/model/1/model.plan").read_bytes() == b"plan"  # Triton gets the new engine
+    assert "Triton loads it only if its own TensorRT is 11.4" in proc.stdout
     proc, args = build_engine(out, "100300", tmp_path=tmp_path)
     assert proc.returncode == 0 and {"--onnx=model.onnx", "--fp16"} <= set(args)
+    (out / "model_repository/model/1/model.plan").write_bytes(b"Triton's plan")
+    proc, _ = build_engine(out, "100300", tmp_path=tmp_path, MIN_BATCH="2")  # Triton sends batches from 1
+    assert proc.returncode == 0 and "left as it was" in proc.stdout
+    assert (out / "model_repository/model/1/model.plan").read_bytes() == b"Triton's plan"
 
     with pytest.raises(ConfigError, match="built for batch 1/4/16"):
         package.run(package.PackageConfig(model=str(engine), out=str(tmp_path / "b2"), max_batch=32))
     with pytest.raises(package.PackageError, match="sha256"):
         package.run(package.PackageConfig(model=str(engine), out=str(tmp_path / "b3"), onnx=str(engine)))
+
+
+def test_package_a_dla_engine(exported_onnx, tmp_path):
+    """DLA: fp16/int8 on a static batch. A profile that does not start at 1 cannot serve Triton's batches of 1 to
+    max_batch_size, so the Triton repository runs the ONNX instead."""
+    engine = fake_engine(tmp_path, exported_onnx, batches=(8, 8, 8), dla_core=1)
+    out = tmp_path / "bundle"
+    manifest = package.run(package.PackageConfig(model=str(engine), out=str(out))).manifest
+    assert manifest["triton"]["platform"] == "onnxruntime_onnx"
+    assert "model_repository/model/1/model.onnx" in manifest["files"]
+    config_text = (out / "model_repository/model/config.pbtxt").read_text()
+    assert "profile starts at batch 8" in config_text
+    assert parse_triton_config(out / "model_repository/model/config.pbtxt").max_batch_size == 8
+
+    proc, args = build_engine(out, "8502", tmp_path=tmp_path)  # the bundle builds for DLA core 1 by default
+    assert proc.returncode == 0, proc.stderr
+    assert {"--useDLACore=1", "--allowGPUFallback", "--fp16", "--minShapes=input:8x3x16x16"} <= set(args)
+    assert not list((out / "model_repository/model/1").glob("*.plan"))  # nothing copied into Triton's repository
+    proc, args = build_engine(out, "8502", "fp32", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "DLA has no FP32" in proc.stderr
+    proc, args = build_engine(out, "8502", "fp32", tmp_path=tmp_path, DLA_CORE="")  # the GPU takes fp32
+    assert proc.returncode == 0 and not [a for a in args if "DLA" in a]
+
+    with pytest.raises(ConfigError, match="DLA core 1, which has no FP32; give --precision fp16 or int8"):
+        package.run(package.PackageConfig(model=str(engine), out=str(tmp_path / "b2"), precision="fp32"))
+    dynamic = fake_engine(tmp_path, exported_onnx, batches=(1, 4, 16), dla_core=0)
+    with pytest.raises(ConfigError, match="equal --min-batch, --opt-batch and --max-batch"):
+        package.run(package.PackageConfig(model=str(dynamic), out=str(tmp_path / "b3")))
 
 
 def tiny_onnx(path: Path, *, qdq: bool) -> Path:
@@ -338,9 +590,27 @@ def test_package_a_qdq_onnx_builds_int8(tmp_path):
     config = parse_triton_config(out / "model_repository/tiny-int8/config.pbtxt")
     assert [list(o.dims) for o in config.output] == [[10]] and [list(i.dims) for i in config.input] == [[3, 8, 8]]
     _, args = build_engine(out, "8601", tmp_path=tmp_path, out=tmp_path / "model.plan")
-    assert {"--int8", "--fp16", "--minShapes=input:1x3x8x8"} <= set(args)
-    _, args = build_engine(out, "110000", tmp_path=tmp_path, out=tmp_path / "model.plan")
-    assert "--stronglyTyped" in args and not {"--int8", "--fp16"} & set(args)
+    assert {"--int8", "--minShapes=input:1x3x8x8"} <= set(args) and "--fp16" not in args
+
+
+@pytest.mark.parametrize("version, precision, flags, onnx_file", [
+    ("8502", "fp32", {"--int8"}, "model.onnx"),  # TensorRT refuses Q/DQ nodes without --int8
+    ("100300", "fp16", {"--int8", "--fp16"}, "model.onnx"),
+    ("100300", "int8", {"--int8"}, "model.onnx"),  # no --fp16: unquantized layers FP32, as when strongly typed
+    ("101200", "int8", {"--stronglyTyped"}, "model.onnx"),
+    ("110400", "fp32", set(), "model.onnx"),      # strongly typed: the Q/DQ nodes say INT8
+    ("110400", "fp16", set(), "model.onnx"),      # no FP16 copy of a Q/DQ model: INT8 layers, the rest FP32
+    ("110400", "int8", set(), "model.onnx"),
+])
+def test_build_engine_sh_on_a_qdq_bundle(tmp_path, version, precision, flags, onnx_file):
+    out = tmp_path / "bundle"
+    package.run(package.PackageConfig(model=str(tiny_onnx(tmp_path / "tiny.onnx", qdq=True)), out=str(out),
+                                      precision="fp16" if precision == "fp16" else None))
+    assert not (out / "model.fp16.onnx").exists()
+    proc, args = build_engine(out, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert proc.returncode == 0, proc.stderr
+    assert PRECISION_FLAGS & set(args) == flags and f"--onnx={onnx_file}" in args
+    assert ("those layers run INT8" in proc.stdout) == (precision != "int8")
 
 
 def test_package_an_int8_engine_remakes_its_qdq_onnx_from_the_cache(tmp_path):

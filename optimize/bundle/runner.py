@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Classify images with the model of this bundle, without torch or edgeopt.
 
-Needs numpy + Pillow + onnxruntime for ``model.onnx`` (requirements.txt), or numpy + Pillow + tensorrt + pycuda
-for a TensorRT engine (``model.plan``, built on this device by ``build_engine.sh``). Reads ``preprocess.json``
-and ``labels.txt`` beside this file; its preprocessing reproduces edgeopt's eval transform with Pillow and numpy
-(any image mode -> RGB, resize the shorter side, center crop, scale to [0, 1], normalize).
+Needs numpy + Pillow + onnxruntime for ``model.onnx`` (requirements.txt), or numpy + Pillow + tensorrt 8.5 or later
++ cuda-python (or pycuda) for a TensorRT engine (``model.plan``, built on this device by ``build_engine.sh``).
+Reads ``preprocess.json`` and ``labels.txt`` beside this file; its preprocessing reproduces edgeopt's eval
+transform with Pillow and numpy (any image mode -> RGB, resize the shorter side, center crop, scale to [0, 1],
+normalize).
 
     python runner.py IMAGE_OR_DIR... [--model model.onnx|model.plan] [--top-k 5] [--json] [--batch-size 32]
 
@@ -15,6 +16,7 @@ Prints the top-k classes per image (``--json``: a list of {"image", "top_k": [{"
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+MIN_TENSORRT = (8, 5)  # JetPack 5.1; TensorRTModel uses names that 8.4 lacks
 
 
 class RunnerError(Exception):
@@ -95,15 +98,94 @@ class OnnxModel:
         return self.session.run(None, {self.input: batch})[0]
 
 
+class Cuda:
+    """The few CUDA calls TensorRTModel needs, in the device's primary context (the one TensorRT uses): through
+    cuda-python's runtime API, else pycuda's ``autoprimaryctx`` (``autoinit`` would make a second context and
+    leave it current). Every call's status is checked (pycuda raises on an error itself)."""
+
+    def __init__(self):
+        try:
+            try:
+                from cuda.bindings import runtime as rt
+            except ImportError:
+                from cuda import cudart as rt  # cuda-python before 12.6
+            self.rt, self.pycuda = rt, None
+        except ImportError:
+            try:
+                import pycuda.autoprimaryctx  # noqa: F401 - retains the primary context and makes it current
+                import pycuda.driver
+            except ImportError:
+                raise RunnerError("a TensorRT engine needs cuda-python ('pip install cuda-python', its major "
+                                  "version that of this device's CUDA) or pycuda; or run model.onnx") from None
+            self.rt, self.pycuda = None, pycuda.driver
+
+    def check(self, result):
+        """cuda-python returns ``(status, *values)``: raise on an error status, else return the value(s)."""
+        status, *values = result
+        if int(status) != 0:
+            name = self.rt.cudaGetErrorName(status)[1]
+            raise RunnerError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
+        return values[0] if len(values) == 1 else values
+
+    def stream(self):
+        """A stream of our own: the default stream would add device-wide synchronizations."""
+        if self.pycuda:
+            return self.pycuda.Stream()
+        return self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking))
+
+    def handle(self, stream) -> int:
+        return stream.handle if self.pycuda else int(stream)
+
+    def pinned(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Page-locked float32 host memory, which asynchronous copies need."""
+        if self.pycuda:
+            return self.pycuda.pagelocked_empty(shape, np.float32)
+        nbytes = int(np.prod(shape)) * 4
+        ptr = self.check(self.rt.cudaMallocHost(nbytes))
+        return np.frombuffer((ctypes.c_byte * nbytes).from_address(int(ptr)), np.float32).reshape(shape)
+
+    def device(self, nbytes: int):
+        """Device memory; ``int()`` of it is its address."""
+        return self.pycuda.mem_alloc(nbytes) if self.pycuda else self.check(self.rt.cudaMalloc(nbytes))
+
+    def to_device(self, dst, host: np.ndarray, stream) -> None:
+        if self.pycuda:
+            self.pycuda.memcpy_htod_async(dst, host, stream)
+        else:
+            self.check(self.rt.cudaMemcpyAsync(int(dst), host.ctypes.data, host.nbytes,
+                                               self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+
+    def to_host(self, host: np.ndarray, src, stream) -> None:
+        if self.pycuda:
+            self.pycuda.memcpy_dtoh_async(host, src, stream)
+        else:
+            self.check(self.rt.cudaMemcpyAsync(host.ctypes.data, int(src), host.nbytes,
+                                               self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+
+    def synchronize(self, stream) -> None:
+        if self.pycuda:
+            stream.synchronize()
+        else:
+            self.check(self.rt.cudaStreamSynchronize(stream))
+
+
+def check_tensorrt(version: str) -> None:
+    """Refuse a TensorRT older than :data:`MIN_TENSORRT`."""
+    parts = [int(p) if p.isdigit() else 0 for p in (version.split(".") + ["0"])[:2]]
+    if tuple(parts) < MIN_TENSORRT:
+        raise RunnerError(f"TensorRT {version} is too old: model.plan needs TensorRT 8.5 or later (JetPack 5.1 or "
+                          "later on a Jetson); or run model.onnx with onnxruntime")
+
+
 class TensorRTModel:
-    """A TensorRT engine built on this device (TensorRT 8.6 and later), buffers in pinned and device memory."""
+    """A TensorRT engine built on this device (TensorRT 8.5 and later), run on a stream of its own with
+    asynchronous copies between pinned host buffers and device memory. The process exit frees them."""
 
     def __init__(self, path: Path):
-        import pycuda.autoinit  # noqa: F401 - creates the CUDA context
-        import pycuda.driver as cuda
         import tensorrt as trt
 
-        self.cuda = cuda
+        check_tensorrt(str(trt.__version__))
+        self.cuda = cuda = Cuda()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -113,26 +195,32 @@ class TensorRTModel:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0])
+        smallest, _, largest = self.engine.get_tensor_profile_shape(self.input, 0)
+        self.min_batch, self.max_batch = int(smallest[0]), int(largest[0])
         chw = tuple(int(d) for d in self.engine.get_tensor_shape(self.input))[1:]
         classes = int(self.engine.get_tensor_shape(output)[-1])
-        self.stream = cuda.Stream()
-        self.host_in = cuda.pagelocked_empty((self.max_batch, *chw), np.float32)
-        self.host_out = cuda.pagelocked_empty((self.max_batch, classes), np.float32)
-        self.device_in = cuda.mem_alloc(self.host_in.nbytes)
-        self.device_out = cuda.mem_alloc(self.host_out.nbytes)
-        self.context.set_tensor_address(self.input, int(self.device_in))
-        self.context.set_tensor_address(output, int(self.device_out))
+        self.stream = cuda.stream()
+        self.host_in = cuda.pinned((self.max_batch, *chw))
+        self.host_out = cuda.pinned((self.max_batch, classes))
+        self.device_in = cuda.device(self.host_in.nbytes)
+        self.device_out = cuda.device(self.host_out.nbytes)
+        for name, buffer in ((self.input, self.device_in), (output, self.device_out)):
+            if not self.context.set_tensor_address(name, int(buffer)):
+                raise RunnerError(f"TensorRT refused the device buffer of {name!r}")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of ``batch``; a batch smaller than the engine's smallest (a static DLA engine) is padded."""
         n = len(batch)
+        rows = max(n, self.min_batch)
         self.host_in[:n] = batch
-        self.context.set_input_shape(self.input, tuple(batch.shape))
-        self.cuda.memcpy_htod_async(self.device_in, self.host_in, self.stream)
-        if not self.context.execute_async_v3(self.stream.handle):
+        self.host_in[n:rows] = 0
+        if not self.context.set_input_shape(self.input, (rows, *batch.shape[1:])):
+            raise RunnerError(f"TensorRT refused input shape {(rows, *batch.shape[1:])}")
+        self.cuda.to_device(self.device_in, self.host_in[:rows], self.stream)  # only the rows of this batch
+        if not self.context.execute_async_v3(self.cuda.handle(self.stream)):
             raise RunnerError("TensorRT execution failed")
-        self.cuda.memcpy_dtoh_async(self.host_out, self.device_out, self.stream)
-        self.stream.synchronize()
+        self.cuda.to_host(self.host_out[:rows], self.device_out, self.stream)
+        self.cuda.synchronize(self.stream)
         return self.host_out[:n].copy()
 
 
@@ -144,10 +232,9 @@ def open_model(path: Path | None):
     if not path.is_file():
         raise RunnerError(f"model {path} does not exist; give --model, or build model.plan with ./build_engine.sh")
     if path.suffix.lower() in ENGINE_SUFFIXES:
-        for module in ("tensorrt", "pycuda"):
-            if not _importable(module):
-                raise RunnerError(f"{path.name} needs {module}: on a Jetson TensorRT comes with JetPack; "
-                                  "'pip install pycuda'; or run model.onnx with onnxruntime")
+        if not _importable("tensorrt"):
+            raise RunnerError(f"{path.name} needs tensorrt (8.5 or later): on a Jetson it comes with JetPack; or run "
+                              "model.onnx with onnxruntime")
         return TensorRTModel(path)
     if not _importable("onnxruntime"):
         raise RunnerError("model.onnx needs onnxruntime: pip install -r requirements.txt")
