@@ -16,12 +16,13 @@ onnxruntime-gpu versions of its own and pulls gigabytes of CUDA wheels). The rul
 1. Nodes to quantize: every Conv whose channels suit TensorRT's INT8 kernels (:func:`conv_is_quantizable`);
    every Gemm / MatMul large enough for tensor cores (N and K >= 16: a 10-class head stays float); every residual
    Add (both inputs computed, one of them on a conv branch, :func:`residual_inputs`); pooling nodes that are not
-   part of a ``Conv -> ReLU -> MaxPool`` chain and feed or follow a quantized node.
+   part of a conv's fused kernel (:data:`BACKBONE_PATHS`) and feed or follow a Conv / Gemm, quantized or not (so
+   a ResNet's stem MaxPool after a BN-folded conv and its GlobalAveragePool get Q/DQ on their inputs).
 2. No output quantization for any op type, and ReLU / copy ops never quantized (they are not in the node list).
 3. After ONNX Runtime placed the pairs, :func:`finish` removes the pair on each residual Add's conv-branch input.
 
-Which Add input is the conv branch (Model Optimizer's rule): trace each input back through
-``BatchNormalization / ReLU / MaxPool / bias Add / scale Mul`` to the Conv that computes it (its "backbone"). If
+Which Add input is the conv branch (Model Optimizer's rule): trace each input back along :data:`BACKBONE_PATHS`
+to the Conv whose kernel computes it (its "backbone"). If
 both inputs have different backbones, the conv branch is the one farther from their lowest common ancestor (a
 basic block's two convs vs the downsample conv's one); if only one input has a backbone, it is the conv branch
 unless it *is* the common ancestor.
@@ -37,11 +38,15 @@ import onnx
 
 logger = logging.getLogger(__name__)
 
-WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 POOL_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 COPY_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")
-# what may stand between a Conv and the tensor that leaves its fused kernel (TensorRT fuses these into the conv)
-FUSIBLE_TAIL = ("BatchNormalization", "Relu", "MaxPool", "BiasAdd", "ConstMul")
+# The chains TensorRT fuses into a Conv kernel, read backwards from the tensor that leaves the kernel (Model
+# Optimizer's list); BiasAdd / ConstMul (Add / Mul by a constant) may be absent, copy ops are skipped. A MaxPool
+# belongs to the kernel only behind ReLU *and* BatchNormalization: after a BN-folded stem it is a node of its own.
+BACKBONE_PATHS = (("BiasAdd", "ConstMul", "Conv"), ("Relu", "BiasAdd", "ConstMul", "Conv"),
+                  ("BatchNormalization", "BiasAdd", "Conv"), ("Relu", "BatchNormalization", "BiasAdd", "Conv"),
+                  ("MaxPool", "Relu", "BatchNormalization", "BiasAdd", "Conv"))
+OPTIONAL_IN_PATH = ("BiasAdd", "ConstMul")
 MIN_GEMM_DIM = 16  # TensorRT's INT8 GEMM kernels want N and K of 16 or more; smaller heads stay float
 
 
@@ -88,23 +93,28 @@ class _Graph:
 
 
 def backbone(g: _Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
-    """The Conv whose fused kernel produces ``node``'s output, or None (see the module docstring)."""
-    while node is not None:
-        kind = g.kind(node)
-        if kind == "Conv":
-            return node
-        if kind not in FUSIBLE_TAIL or (kind == "MaxPool" and not _is_after_relu(g, node)):
-            return None
-        parents = g.parents(node)
-        if len(parents) != 1:
-            return None
-        node = parents[0]
+    """The Conv whose fused kernel produces ``node``'s output (one of :data:`BACKBONE_PATHS`), or None."""
+    for path in BACKBONE_PATHS:
+        conv = _match_backwards(g, node, path)
+        if conv is not None:
+            return conv
     return None
 
 
-def _is_after_relu(g: _Graph, node: onnx.NodeProto) -> bool:
-    parents = g.parents(node)
-    return len(parents) == 1 and parents[0].op_type == "Relu"
+def _match_backwards(g: _Graph, node: onnx.NodeProto, path: tuple[str, ...]) -> onnx.NodeProto | None:
+    kind = g.kind(node)
+    if kind in COPY_OPS:
+        parents = g.parents(node)
+        return _match_backwards(g, parents[0], path) if len(parents) == 1 else None
+    if kind != path[0]:
+        return _match_backwards(g, node, path[1:]) if path[0] in OPTIONAL_IN_PATH else None
+    if len(path) == 1:
+        return node
+    for parent in g.parents(node):
+        found = _match_backwards(g, parent, path[1:])
+        if found is not None:
+            return found
+    return None
 
 
 def _ancestor_distances(g: _Graph, node: onnx.NodeProto) -> dict[str, int]:
@@ -207,13 +217,16 @@ def plan(model: onnx.ModelProto) -> Plan:
     g = _Graph(model)
     result = Plan()
     chosen: set[str] = set()
+    weighted: set[str] = set()  # Conv / Gemm nodes, quantized or not: pooling next to them is quantized
     for node in g.graph.node:
         if node.op_type == "Conv":
+            weighted.add(node.name)
             if conv_is_quantizable(g, node):
                 chosen.add(node.name)
             else:
                 result.excluded[node.name] = "channels unsuited to TensorRT's INT8 conv kernels"
         elif node.op_type in ("Gemm", "MatMul"):
+            weighted.add(node.name)
             if gemm_is_quantizable(g, node):
                 chosen.add(node.name)
             else:
@@ -224,21 +237,22 @@ def plan(model: onnx.ModelProto) -> Plan:
                 chosen.add(node.name)
                 result.residual[node.name] = node.input[sides[0]]
 
-    def feeds_chosen(tensor: str) -> bool:
+    neighbours = chosen | weighted  # Model Optimizer decides pooling before it drops the small Gemm / Conv
+
+    def feeds(tensor: str) -> bool:
         for consumer in g.consumers.get(tensor, []):
-            if consumer.name in chosen or (consumer.op_type in COPY_OPS and feeds_chosen(consumer.output[0])):
+            if consumer.name in neighbours or (consumer.op_type in COPY_OPS and feeds(consumer.output[0])):
                 return True
         return False
 
-    def follows_chosen(node: onnx.NodeProto) -> bool:
+    def follows(node: onnx.NodeProto) -> bool:
         for parent in g.parents(node):
-            if parent.name in chosen or (parent.op_type in COPY_OPS and follows_chosen(parent)):
+            if parent.name in neighbours or (parent.op_type in COPY_OPS and follows(parent)):
                 return True
         return False
 
     for node in g.graph.node:
-        if node.op_type in POOL_OPS and backbone(g, node) is None and (feeds_chosen(node.output[0])
-                                                                     or follows_chosen(node)):
+        if node.op_type in POOL_OPS and backbone(g, node) is None and (feeds(node.output[0]) or follows(node)):
             chosen.add(node.name)
     result.nodes = [n.name for n in g.graph.node if n.name in chosen]
     result.op_types = sorted({n.op_type for n in g.graph.node if n.name in chosen})
@@ -246,8 +260,10 @@ def plan(model: onnx.ModelProto) -> Plan:
 
 
 def quantizer_options(model: onnx.ModelProto) -> dict:
-    """``extra_options`` for ONNX Runtime's ``quantize_static``: symmetric INT8, float biases, no output Q/DQ."""
+    """``extra_options`` for ONNX Runtime's ``quantize_static``: symmetric INT8, float biases, no output Q/DQ,
+    and pooling quantized even when its input was not already (ONNX Runtime's default skips such MaxPools)."""
     return {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+            "ForceQuantizeNoInputCheck": True,
             "OpTypesToExcludeOutputQuantization": sorted({n.op_type for n in model.graph.node})}
 
 
