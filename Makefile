@@ -12,11 +12,13 @@ PYTEST_ARGS ?=
 # one worker per core, a test file per worker (module fixtures stay shared): 8 min instead of 12 on 2 cores
 PYTEST_PARALLEL ?= -n auto --dist loadfile
 
-.PHONY: help setup data test demo clean
+.PHONY: help setup data test test-modelopt gpu-check demo clean
 
 help:
 	@echo "make demo   set up, then the whole pipeline on Fashion-MNIST (PRESET=standard|quick; writes $(RUNS)/)"
 	@echo "make test   set up, then run the test suite"
+	@echo "make test-modelopt   opt-in: our TensorRT Q/DQ placement against NVIDIA Model Optimizer's (own venv, ~6 GB)"
+	@echo "make gpu-check       on a GPU machine: every GPU backend over $(RUNS) (run make demo first), context check"
 
 setup: $(STAMP)
 
@@ -39,6 +41,28 @@ data:
 test: setup data
 	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
+# Opt-in (not part of `make test`): our `calibrate --target tensorrt` placement against NVIDIA Model Optimizer's
+# INT8 ONNX PTQ on a trained ResNet-18 and ResNet-50 (tests/modelopt/, about 10 minutes on 2 cores). Model
+# Optimizer gets a venv of its own: its [onnx] extra pins onnx / onnxruntime-gpu versions that clash with ours
+# and pulls CUDA wheels, so it is installed without the extra, plus the CPU packages its ONNX INT8 path imports
+# (its base requirements still bring torch). Files of the last run stay in $(MODELOPT_RUNS).
+MODELOPT_VERSION := 0.47.0
+MODELOPT_VENV ?= .venv-modelopt
+MODELOPT_STAMP := $(MODELOPT_VENV)/.installed-$(MODELOPT_VERSION)
+MODELOPT_RUNS ?= runs/test-modelopt
+
+$(MODELOPT_STAMP):
+	$(PYTHON) -m venv $(MODELOPT_VENV)
+	$(MODELOPT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MODELOPT_VENV)/bin/python -m pip install --quiet 'nvidia-modelopt==$(MODELOPT_VERSION)' 'onnx~=1.21.0' \
+		'onnxruntime~=1.24.2' 'onnx-graphsurgeon>=0.6.1' 'onnxconverter-common~=1.16.0' ml_dtypes \
+		'onnxslim>=0.1.76' onnxscript lief
+	touch $@
+
+test-modelopt: setup data $(MODELOPT_STAMP)
+	EDGEOPT_MODELOPT_PYTHON=$(abspath $(MODELOPT_VENV))/bin/python $(PY) -m pytest -s tests/modelopt \
+		--basetemp=$(MODELOPT_RUNS) $(PYTEST_ARGS)
+
 # The demo: the whole pipeline on the default data (Fashion-MNIST from Debian's package): a ResNet-50 teacher,
 # distilled into a ResNet-18, channel-pruned, exported, INT8-calibrated, ONNX Runtime engines built, and the
 # benchmark report against the teacher (runs/demo/report/report.md). PRESET=standard takes about 25 minutes on
@@ -46,6 +70,12 @@ test: setup data
 PRESET ?= standard
 demo: setup data
 	$(PY) cli.py pipeline --preset $(PRESET) --data fashion-mnist --out $(RUNS)
+
+# On a GPU machine, after `make demo` (or `make demo PRESET=quick`): nvidia-smi facts, TensorRT fp32/fp16/int8
+# engines when TensorRT is installed, the benchmark on --device cuda (torch FP32/FP16/BF16, ONNX Runtime CUDA
+# with onnxruntime-gpu, TensorRT), each absent backend with its reason, and the CUDA context check.
+gpu-check: setup data
+	$(PY) cli.py gpu-check --runs $(RUNS)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
