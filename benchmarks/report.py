@@ -467,6 +467,9 @@ def _measure(path: str, role: str, variant: dict[str, Any], cfg: BenchmarkConfig
         if runner.max_batch and b > runner.max_batch:
             logger.warning("%s: batch %d is above its max batch %d; not timed", path, b, runner.max_batch)
             continue
+        if b < getattr(runner, "min_batch", 1):
+            logger.warning("%s: batch %d is below its min batch %d; not timed", path, b, runner.min_batch)
+            continue
         x = rng.standard_normal((b, 3, size, size)).astype(np.float32)
         times = time_runs(runner, x, seconds=cfg.seconds, warmup=cfg.warmup)
         row.throughput[str(b)] = b * len(times) / sum(times)

@@ -272,6 +272,7 @@ class TensorRTEngineRunner(Runner):
         if device != "cuda":
             raise RunnerError(f"{path} is a TensorRT engine: it runs on CUDA only (use --device cuda)")
         self.trt_runner = TensorRTRunner(path, manifest)
+        self.min_batch = self.trt_runner.min_batch  # a static (DLA) engine pads smaller batches: not timed there
         pre = manifest.get("preprocessing")
         super().__init__(path, "tensorrt", manifest["engine"].get("precision", "fp32"), "cuda",
                          int(self.trt_runner.chw[-1]), Preprocessing.from_dict(pre) if pre else None,

@@ -398,16 +398,18 @@ class TensorRTRunner:
         return self.output_name, (-1, self.classes), np.dtype(np.float32)
 
     def _stage(self, batch: np.ndarray) -> int:
-        """Set the input shape and queue the copy of ``batch``'s rows (only those) to the device."""
+        """Set the input shape and queue the copy of ``batch``'s rows (only those) to the device; a batch below
+        the profile's minimum (a static DLA engine) is padded with zeros. Returns the rows run."""
         n = len(batch)
-        if not self.min_batch <= n <= self.max_batch:
-            raise EngineError(f"batch of {n} is outside the engine's profile (--min-batch {self.min_batch}, "
-                              f"--max-batch {self.max_batch})")
-        if not self.context.set_input_shape(self.input_name, (n, *self.chw)):
-            raise EngineError(f"TensorRT refused input shape {(n, *self.chw)} for {self.input_name!r}")
+        if n > self.max_batch:
+            raise EngineError(f"batch of {n} is above the engine's --max-batch {self.max_batch}")
+        rows = max(n, self.min_batch)
+        if not self.context.set_input_shape(self.input_name, (rows, *self.chw)):
+            raise EngineError(f"TensorRT refused input shape {(rows, *self.chw)} for {self.input_name!r}")
         self._host_in[:n] = batch
-        self.cuda.to_device(self._in, self._host_in[:n], self._stream)
-        return n
+        self._host_in[n:rows] = 0
+        self.cuda.to_device(self._in, self._host_in[:rows], self._stream)
+        return rows
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self._handle):  # our stream: the default one adds device syncs
@@ -426,11 +428,11 @@ class TensorRTRunner:
         return prepared
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        n = self._stage(batch)
+        rows = self._stage(batch)
         self._execute()
-        self.cuda.to_host(self._host_out[:n], self._out, self._stream)
+        self.cuda.to_host(self._host_out[:rows], self._out, self._stream)
         self.cuda.synchronize(self._stream)
-        return self._host_out[:n].copy()
+        return self._host_out[:len(batch)].copy()
 
     def __del__(self):
         if hasattr(self, "_host_out"):
