@@ -49,7 +49,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -373,11 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = compare(cfg)
     except EdgeoptError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error("error: %s", e)
         return e.exit_code
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result))
+    logger.info("\n%s", summary(result))  # scripts in benchmarks/ log, like the stages; only cli.py prints
     return 0
 
 
