@@ -190,7 +190,9 @@ def _read_cache(path: Path, onnx_sha: str, preprocessing: Preprocessing, method:
     return cache
 
 
-def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path, reader: _Reader | None) -> None:
+def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path,
+              reader: _Reader | None) -> qdq.Placement | None:
+    """Write ``dst`` in ``form``; for ``qdq-tensorrt`` also return where its Q/DQ pairs ended up."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
@@ -218,10 +220,12 @@ def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path, rea
                         **kwargs)
     if chatter.getvalue().strip():
         logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
-    if placement is not None:
-        model = onnx.load(str(dst))
-        qdq.finish(model, placement.residual)
-        onnx.save(model, str(dst))
+    if placement is None:
+        return None
+    model = onnx.load(str(dst))
+    qdq.finish(model, placement.residual)
+    onnx.save(model, str(dst))
+    return qdq.placement(model)
 
 
 def run(cfg: CalibConfig) -> Artifact:
@@ -275,11 +279,10 @@ def run(cfg: CalibConfig) -> Artifact:
         candidates: dict[str, dict[str, Any]] = {}
         for form in forms:
             dst = tmp / f"{form}.onnx"
-            _quantize(prepared, dst, form, cfg.method, ort_cache, reader)
+            placed = _quantize(prepared, dst, form, cfg.method, ort_cache, reader)
             reader = None  # the ranges are in ort_cache now: later forms reuse them
             candidates[form] = {"path": dst}
-            if form == "qdq-tensorrt":
-                placed = qdq.placement(onnx.load(str(dst)))
+            if placed is not None:
                 candidates[form]["qdq"] = {"activation_pairs": placed.pairs, "by_consumer": placed.by_consumer}
 
         figures: dict[str, Any] = {"fp32": {"top1": None}}

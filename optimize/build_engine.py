@@ -25,9 +25,8 @@ import onnx
 
 from calib import calibrate
 from calib.batcher import onnx_input
-from .artifacts import Artifact, atomic_path, prepare_output, sha256_file, write_manifest
+from .artifacts import Artifact, atomic_path, prepare_output, read_manifest, sha256_file, write_manifest
 from .errors import ConfigError
-from .artifacts import read_manifest
 from .runners import QUANT_OPS, onnx_precision
 from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
 
@@ -117,8 +116,8 @@ def is_quantized(path: str | Path) -> bool:
     return onnx_precision(path) == "int8"
 
 
-def check_tensorrt_input(path: Path, precision: str) -> None:
-    """Refuse ONNX files TensorRT would reject or build badly, before any work."""
+def check_tensorrt_input(path: Path) -> None:
+    """Refuse INT8 ONNX files TensorRT would reject or build badly, before any work."""
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     qoperator = sorted(ops & (QUANT_OPS - {"QuantizeLinear", "DequantizeLinear"}))
     if qoperator:
@@ -126,9 +125,6 @@ def check_tensorrt_input(path: Path, precision: str) -> None:
                           "cannot parse; give the FP32 ONNX, or one from 'cli.py calibrate --target tensorrt'")
     if "QuantizeLinear" not in ops:
         return
-    if precision != "int8":
-        raise ConfigError(f"{path} is an INT8 (Q/DQ) model; build it with --precision int8, or give the FP32 ONNX "
-                          f"for --precision {precision}")
     form = ((read_manifest(path) or {}).get("metrics") or {}).get("form")
     if form is not None and form != "qdq-tensorrt":
         raise ConfigError(f"{path} was quantized for the CPU ({form}): its Q/DQ placement breaks TensorRT's "
@@ -195,11 +191,12 @@ def run(cfg: BuildConfig) -> Artifact:
     if not dynamic:
         raise ConfigError(f"{src} has a fixed batch size, so no batch profile fits it; export it with "
                           "'cli.py export' (symbolic batch axis)")
+    if is_quantized(src) and cfg.precision != "int8":
+        raise ConfigError(f"{src} is an INT8 model; build it with --precision int8, or give the FP32 ONNX for "
+                          f"--precision {cfg.precision}")
     if cfg.backend == "tensorrt":
-        check_tensorrt_input(src, cfg.precision)
+        check_tensorrt_input(src)
         import_tensorrt()  # fail before any long work (calibration) when it is absent or too old
-    elif is_quantized(src) and cfg.precision != "int8":
-        raise ConfigError(f"{src} is an INT8 model; build it with --precision int8, or give the FP32 ONNX")
     out = prepare_output(cfg.out)
     preprocessing, class_names = calibrate.model_preprocessing(src)
     with tempfile.TemporaryDirectory(prefix="edgeopt-engine-") as tmp_dir:

@@ -165,7 +165,7 @@ class EngineBuilder:
         trt = self.trt
         if self.major >= 11:
             return 0  # strongly typed and explicit batch are the only modes (the flag is deprecated, ignored)
-        if self.version >= STRONGLY_TYPED_FROM:
+        if self.strongly_typed:
             return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         if self.major < 10:
             return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
@@ -191,7 +191,7 @@ class EngineBuilder:
 
     def _set_precision(self, config, precision: str, tf32: bool) -> None:
         trt = self.trt
-        if self.version < STRONGLY_TYPED_FROM:
+        if not self.strongly_typed:
             if precision == "fp16":
                 config.set_flag(trt.BuilderFlag.FP16)
             if precision == "int8":
