@@ -25,9 +25,9 @@ from .checkpoint import load_checkpoint
 from .data import default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
 from .evaluate import check_model_fits_data
-from .loop import LoopConfig, LossFn
+from .loop import LoopConfig, LossFn, class_weights
 from .models import build_resnet
-from .train import CheckpointWriter, train_model
+from .train import CheckpointWriter, check_augment, loss_weights_record, train_model, with_augment
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,19 @@ STUDENTS = ("resnet18", "resnet34")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
-            temperature: float, alpha: float) -> torch.Tensor:
-    """The distillation loss of one batch (see the module docstring)."""
+            temperature: float, alpha: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The distillation loss of one batch (see the module docstring); ``weight``: class weights of the label term."""
     t = temperature
     soft = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
                     reduction="batchmean", log_target=True)
-    hard = F.cross_entropy(student_logits.float(), targets)
+    if weight is not None and weight.device != student_logits.device:
+        weight = weight.to(student_logits.device)
+    hard = F.cross_entropy(student_logits.float(), targets, weight=weight)
     return alpha * t * t * soft + (1.0 - alpha) * hard
 
 
-def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float) -> LossFn:
+def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
+                      weight: torch.Tensor | None = None) -> LossFn:
     """A loss for :func:`optimize.loop.fit` that runs ``teacher`` on each batch's images.
 
     Example::
@@ -58,9 +61,11 @@ def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float) -
     def loss(student_logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         if next(iter(teacher.parameters()), images).device != images.device:
             teacher.to(images.device)
+        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+            teacher.to(memory_format=torch.channels_last)  # the student's layout: no reorder per conv
         with torch.no_grad():
             teacher_logits = teacher(images)
-        return kd_loss(student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha)
+        return kd_loss(student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha, weight=weight)
 
     return loss
 
@@ -88,6 +93,7 @@ class DistillConfig:
         data / image_size / train_limit / val_limit: as for ``train``; the teacher's recorded preprocessing
             wins over ``image_size``.
         stem: the student's stem; None takes the teacher's (or ``imagenet``).
+        augment: training augmentation; None: the one the teacher's preprocessing records.
         resume: continue from ``<out>.last.pth``.
         loop: options of the shared training loop.
     """
@@ -103,6 +109,7 @@ class DistillConfig:
     data: str = "fashion-mnist"
     image_size: int | None = None
     stem: str | None = None
+    augment: str | None = None
     train_limit: int | None = None
     val_limit: int | None = None
     resume: bool = False
@@ -119,7 +126,8 @@ def run(cfg: DistillConfig) -> Artifact:
     out = prepare_output(cfg.out)
     # any checkpoint the foundation loads can teach (TorchScript too): it only has to run forward
     teacher = load_checkpoint(cfg.teacher, arch=cfg.teacher_arch, trust=cfg.trust_checkpoint)
-    preprocessing = teacher.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
+    preprocessing = with_augment(teacher.preprocessing or default_preprocessing(cfg.data, cfg.image_size),
+                                 cfg.augment)
     splits = load_data(cfg.data, preprocessing, train_limit=cfg.train_limit, val_limit=cfg.val_limit)
     check_model_fits_data(teacher, splits)
     stem = cfg.stem or teacher.stem or "imagenet"
@@ -139,8 +147,10 @@ def run(cfg: DistillConfig) -> Artifact:
     if cfg.student_init:
         inputs["student_init"] = {"path": cfg.student_init, "sha256": init.sha256}
     writer = CheckpointWriter(out, stage="distill", arch=cfg.student, stem=stem, class_names=splits.class_names,
-                              preprocessing=preprocessing, config=cfg, inputs=inputs)
-    loss = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha)
+                              preprocessing=preprocessing, config=cfg, inputs=inputs,
+                              extra=loss_weights_record(splits, cfg.loop))
+    loss = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha,
+                             weight=class_weights(splits.train.labels, splits.num_classes, cfg.loop.class_weights))
     result = train_model(student, splits, cfg.loop, writer, cfg.resume, loss_fn=loss)
     logger.info("student best val top-1 %.4f at epoch %d", result.best.get("val_top1", float("nan")),
                 result.best.get("epoch", 0))

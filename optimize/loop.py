@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "plateau", "none")
+SCHEDULES = ("warmup-cosine", "cosine", "step", "plateau", "none")
+CLASS_WEIGHTS = ("none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -52,19 +53,27 @@ class LoopConfig:
         batch_size: images per step per process.
         optimizer: ``adamw`` (the default: on the short CPU budgets measured here it reached 51% top-1 where
             SGD at 0.05 / 0.01 reached 13% / 29%, ResNet-50, 6k images, 1 epoch) or ``sgd`` (momentum, nesterov).
-        lr: peak learning rate; None picks 1e-3 for AdamW and 0.05 for SGD.
+        lr: peak learning rate; None picks 2e-3 for AdamW (87.0% vs 86.6% for 1e-3, ResNet-18, 20k images, 1
+            epoch, warm-up cosine) and 0.05 for SGD.
         momentum: SGD momentum.
         weight_decay: None picks 0.05 (AdamW's decoupled decay) or 5e-4 (SGD's L2).
-        schedule: ``cosine`` (to 0 over ``epochs``), ``step`` (x ``gamma`` every ``step_size`` epochs),
-            ``plateau`` (x 0.1 when val top-1 stalls) or ``none``.
+        schedule: ``warmup-cosine`` (per optimizer step: linear warm-up over the first ``warmup`` of the run's
+            steps, then cosine to 0), ``cosine`` (per epoch, to 0 over ``epochs``), ``step`` (x ``gamma`` every
+            ``step_size`` epochs), ``plateau`` (x 0.1 when val top-1 stalls) or ``none``.
+        warmup: fraction of the run's optimizer steps spent warming up, for ``warmup-cosine``.
         step_size: epochs between decays for ``step``.
         gamma: decay factor for ``step``.
         patience: stop when val top-1 has not improved for this many epochs (0: never stop early).
         accumulate: micro-batches per optimizer step (gradient accumulation).
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        class_weights: ``none`` or ``balanced``: the label loss weighs class ``c`` by ``n / (k * n_c)`` over the
+            training split's counts (uneven folders); the weights are recorded in the manifest.
+        clip_grad_norm: clip the gradients' global L2 norm to this before each step (None: no clipping).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        amp: float16 autocast + grad scaling on CUDA (ignored on the CPU).
-        channels_last: NHWC memory format on CUDA (ignored on the CPU).
+        amp: mixed precision while training: float16 autocast + grad scaling on CUDA, bfloat16 autocast on a CPU
+            with native bfloat16 (AVX512-BF16 or AMX; 1.9x faster ResNet-50 training measured on a 2-core EPYC),
+            ignored on other CPUs. Evaluation always runs in float32 on the CPU.
+        channels_last: NHWC memory format (1.2x faster ResNet-50 training on the CPU measured here).
         seed: seeds weights, shuffling and augmentation; a resumed run continues the same sequence.
         workers: DataLoader worker processes; None: 0 on a CPU of 2 cores or fewer (workers would steal the
             cores the model needs), else up to 8.
@@ -77,12 +86,15 @@ class LoopConfig:
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
-    schedule: str = "cosine"
+    schedule: str = "warmup-cosine"
+    warmup: float = 0.1
     step_size: int = 10
     gamma: float = 0.1
     patience: int = 0
     accumulate: int = 1
     label_smoothing: float = 0.0
+    class_weights: str = "none"
+    clip_grad_norm: float | None = None
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -101,6 +113,10 @@ class LoopConfig:
             (self.patience >= 0, "--patience must be 0 (off) or more"),
             (self.accumulate >= 1, f"--accumulate must be at least 1 (got {self.accumulate})"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (0 <= self.warmup < 1, f"--warmup must be in [0, 1) (got {self.warmup})"),
+            (self.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {CLASS_WEIGHTS}"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0,
+             f"--clip-grad-norm must be positive (got {self.clip_grad_norm})"),
             (self.device in DEVICES, f"--device must be one of {DEVICES}"),
             (self.workers is None or self.workers >= 0, "--workers must be 0 or more"),
         ]
@@ -110,7 +126,7 @@ class LoopConfig:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 2e-3)
 
     @property
     def decay(self) -> float:
@@ -207,9 +223,54 @@ def make_loader(dataset: LabeledImages, *, batch_size: int, shuffle: bool, devic
 
 # -- one epoch --------------------------------------------------------------------------------------
 
+def _precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1, support and whether the class occurs at all (zero division -> 0)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
+    return precision, recall, f1, support, (support > 0) | (predicted > 0)
+
+
+def classification_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows true, columns predicted).
+
+    As scikit-learn's ``classification_report`` with ``zero_division=0``, without its warning: a class never
+    predicted has precision 0, a class absent from the labels recall 0, and F1 is 0 where precision + recall is.
+    Macro averages weigh alike every class that occurs in the labels or the predictions (a class in neither is
+    left out, as scikit-learn leaves out labels it never sees); weighted averages weigh by support (weighted
+    recall is top-1).
+
+    Example::
+
+        classification_metrics([[5, 1], [2, 3]], ["cat", "dog"])["per_class"]["cat"]
+        # {"precision": 0.714..., "recall": 0.833..., "f1": 0.769..., "support": 6}
+    """
+    precision, recall, f1, support, seen = _precision_recall_f1(confusion)
+    weights = support / max(support.sum(), 1.0)
+
+    def macro(values: np.ndarray) -> float:
+        return float(values[seen].mean()) if seen.any() else 0.0
+
+    return {
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for name, p, r, f, n in zip(class_names, precision, recall, f1, support)},
+        "macro_precision": macro(precision), "macro_recall": macro(recall), "macro_f1": macro(f1),
+        "weighted_precision": float((precision * weights).sum()), "weighted_recall": float((recall * weights).sum()),
+        "weighted_f1": float((f1 * weights).sum()),
+    }
+
+
 @dataclass
 class EvalMetrics:
-    """Metrics of one pass over a labelled split."""
+    """Metrics of one pass over a labelled split.
+
+    Precision, recall and F1 follow :func:`classification_metrics` (zero division gives 0); per-class accuracy
+    is recall, except that a class with no samples gets NaN there.
+    """
 
     loss: float
     top1: float
@@ -222,19 +283,43 @@ class EvalMetrics:
         totals = self.confusion.sum(axis=1)
         return [float(self.confusion[i, i] / t) if t else float("nan") for i, t in enumerate(totals)]
 
+    def classification(self, class_names: list[str] | None = None) -> dict[str, Any]:
+        """:func:`classification_metrics` of this pass; classes are named ``"0"``, ``"1"``... without names."""
+        names = class_names if class_names is not None else [str(i) for i in range(len(self.confusion))]
+        return classification_metrics(self.confusion, names)
+
     def summary(self) -> dict[str, float]:
         return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count}
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+
+
+def mixed_precision(device: torch.device, amp: bool) -> str:
+    """The autocast dtype training uses on ``device``: ``float16`` (CUDA), ``bfloat16`` (a bf16 CPU) or ``float32``."""
+    if not amp:
+        return "float32"
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def _autocast(device: torch.device, amp: bool, *, training: bool = False):
+    dtype = mixed_precision(device, amp)
+    if dtype == "float16":
         return torch.autocast("cuda", dtype=torch.float16)
+    if dtype == "bfloat16" and training:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
     x = x.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
 
@@ -253,11 +338,23 @@ def _broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
             tdist.broadcast(buffer, src=0)
 
 
+def _keep_frozen_norms(model: nn.Module) -> None:
+    """Batch-norm layers whose parameters are frozen keep their running statistics too (transfer learning)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+            m.eval()
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: LossFn, *,
                     device: torch.device, scaler: torch.amp.GradScaler, cfg: LoopConfig,
-                    ctx: DistContext = DistContext(), desc: str = "train") -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss and top-1 of the training batches (all ranks)."""
+                    ctx: DistContext = DistContext(), desc: str = "train",
+                    on_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss and top-1 of the training batches (all ranks).
+
+    ``on_step`` runs after every optimizer step (a per-step learning-rate schedule).
+    """
     model.train()
+    _keep_frozen_norms(model)
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     optimizer.zero_grad(set_to_none=True)
     steps = len(loader)
@@ -271,16 +368,22 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         sync = contextlib.nullcontext() if boundary or not isinstance(model, nn.parallel.DistributedDataParallel) \
             else model.no_sync()
         with sync:
-            with _autocast(device, cfg.amp):
+            with _autocast(device, cfg.amp, training=True):
                 logits = model(x)
                 loss = loss_fn(logits, y, x)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at step {i}; lower --lr")
             scaler.scale(loss / cfg.accumulate).backward()
         if boundary:
+            if cfg.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               cfg.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step()
         n = len(y)
         sums += torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
@@ -337,9 +440,31 @@ class FitResult:
     stopped_early: bool = False
 
 
-def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
-    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    return lambda logits, targets, images: ce(logits, targets)
+def cross_entropy_loss(label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> LossFn:
+    ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if ce.weight is not None and ce.weight.device != logits.device:
+            ce.to(logits.device)
+        return ce(logits.float(), targets)
+
+    return loss
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") -> torch.Tensor | None:
+    """Per-class loss weights ``n / (k * n_c)`` from the training labels (scikit-learn's "balanced"), or None.
+
+    A class absent from ``labels`` gets weight 0 (nothing of it is trained on either way).
+    """
+    if mode == "none":
+        return None
+    if mode not in CLASS_WEIGHTS:
+        raise ConfigError(f"--class-weights must be one of {CLASS_WEIGHTS}")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
@@ -352,7 +477,19 @@ def _make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.peak_lr)
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig):
+def warmup_cosine(step: int, total: int, warmup: float) -> float:
+    """Learning-rate factor at optimizer step ``step`` of ``total``: linear warm-up, then cosine to 0."""
+    warm = int(round(warmup * total))
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig, steps_per_epoch: int):
+    if cfg.schedule == "warmup-cosine":
+        total = cfg.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, cfg.warmup))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     if cfg.schedule == "step":
@@ -384,13 +521,20 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
     device = resolve_device(cfg.device, ctx.local_rank)
     seed_everything(cfg.seed)
     model.to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    if loss_fn is None:
+        loss_fn = cross_entropy_loss(cfg.label_smoothing,
+                                     class_weights(splits.train.labels, splits.num_classes, cfg.class_weights))
     optimizer = _make_optimizer(model, cfg)
-    scheduler = _make_scheduler(optimizer, cfg)
+    # optimizer steps per epoch (the per-step schedule's length), as the training loader will make them
+    batches = math.ceil(math.ceil(len(splits.train) / ctx.world_size) / cfg.batch_size)
+    scheduler = _make_scheduler(optimizer, cfg, max(1, math.ceil(batches / cfg.accumulate)))
+    per_step = cfg.schedule == "warmup-cosine"
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     result = FitResult()
+    logger.info("training in %s on %s%s", mixed_precision(device, cfg.amp), device,
+                ", channels_last" if cfg.channels_last else "")
     best_top1, since_best, start = -1.0, 0, 0
 
     if resume_state:
@@ -426,13 +570,14 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
             train_loader.sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
-                                cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                                cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                on_step=scheduler.step if per_step else None)
         _broadcast_buffers(model, ctx)  # every rank evaluates (and rank 0 saves) the same BN statistics
         val = evaluate(model, val_loader, num_classes=splits.num_classes, device=device, amp=cfg.amp,
                        channels_last=cfg.channels_last, ctx=ctx)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val.top1)
-        elif scheduler is not None:
+        elif scheduler is not None and not per_step:
             scheduler.step()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5}

@@ -73,6 +73,31 @@ def build_resnet(arch: str, num_classes: int, *, stem: str = "imagenet", pretrai
     return model
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def set_trainable(model: nn.Module, *, freeze_backbone: bool = False, trainable_layers: int | None = None) -> list[str]:
+    """Freeze a ResNet for transfer learning; returns the top-level children left trainable.
+
+    ``freeze_backbone``: only the classifier ``fc`` trains. ``trainable_layers=N``: the last ``N`` of the four
+    residual stages train too (0 is the same as ``freeze_backbone``, 4 leaves the stem frozen). Frozen
+    parameters get ``requires_grad=False``; the training loop keeps their BatchNorm statistics as well.
+    """
+    if freeze_backbone and trainable_layers not in (None, 0):
+        raise ConfigError("--freeze-backbone trains only the classifier; drop it or --trainable-layers")
+    if not freeze_backbone and trainable_layers is None:
+        return [name for name, _ in model.named_children()]
+    n = 0 if freeze_backbone else trainable_layers
+    if not 0 <= n <= len(STAGES):
+        raise ConfigError(f"--trainable-layers must be 0..{len(STAGES)} (got {n})")
+    if not all(isinstance(getattr(model, name, None), nn.Module) for name in (*STAGES, "fc")):
+        raise ConfigError("--freeze-backbone / --trainable-layers need a torchvision-style ResNet (layer1-4, fc)")
+    trainable = {"fc", *STAGES[len(STAGES) - n:]}
+    for name, child in model.named_children():
+        child.requires_grad_(name in trainable)
+    return [name for name, _ in model.named_children() if name in trainable]
+
+
 _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 

@@ -27,7 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 
-AUGMENTS = ("crop-flip", "random-resized-crop", "none")
+AUGMENTS = ("flip", "crop-flip", "crop-flip-rotate", "random-resized-crop", "random-resized-crop-rotate", "none")
+ROTATION_DEGREES = 15  # the seeds' RandomRotation(15)
 _INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                    "nearest": T.InterpolationMode.NEAREST}
 
@@ -42,8 +43,9 @@ class Preprocessing:
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel standard deviation divided by after subtracting the mean.
         interpolation: resampling filter for the resize.
-        train_augment: training-time augmentation: ``crop-flip`` (pad-and-crop + horizontal flip, for small
-            images), ``random-resized-crop`` (+ flip, for photos) or ``none``.
+        train_augment: training-time augmentation: ``flip`` (horizontal flip only), ``crop-flip`` (pad-and-crop
+            + horizontal flip, for small images), ``random-resized-crop`` (+ flip, for photos), either with ``-rotate`` (+ a random rotation
+            of up to 15 degrees, as the seeds do) or ``none``.
     """
 
     image_size: int
@@ -97,10 +99,11 @@ class Preprocessing:
     def train_transform(self) -> T.Compose:
         """PIL image (any mode) -> normalized float tensor with the recorded augmentation."""
         interp = _INTERPOLATIONS[self.interpolation]
-        if self.train_augment == "random-resized-crop":
+        augment = self.train_augment.removesuffix("-rotate")
+        if augment == "random-resized-crop":
             geometric = [T.RandomResizedCrop(self.image_size, interpolation=interp, antialias=True),
                          T.RandomHorizontalFlip()]
-        elif self.train_augment == "crop-flip":
+        elif augment == "crop-flip":
             geometric = [T.Resize(self.resize_size, interpolation=interp, antialias=True),
                          T.CenterCrop(self.image_size),
                          T.RandomCrop(self.image_size, padding=max(1, self.image_size // 8)),
@@ -108,13 +111,21 @@ class Preprocessing:
         else:
             geometric = [T.Resize(self.resize_size, interpolation=interp, antialias=True),
                          T.CenterCrop(self.image_size)]
+            if augment == "flip":
+                geometric.append(T.RandomHorizontalFlip())
+        if self.train_augment.endswith("-rotate"):
+            geometric.append(T.RandomRotation(ROTATION_DEGREES, interpolation=interp))
         return T.Compose([T.Lambda(to_rgb), *geometric, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
 def fashion_mnist_preset(*, image_size: int = 32) -> Preprocessing:
-    """28x28 grayscale clothing: upscale to ``image_size``, no crop margin, pad-and-crop augmentation."""
+    """28x28 grayscale clothing: upscale to ``image_size``, no crop margin, horizontal flips.
+
+    Flips only: pad-and-crop costs a short run dearly (ResNet-18, 20k images, 1 epoch: 79.7% with crop-flip,
+    86.6% with none; ResNet-50: 81.5% none, 82.7% flip); long runs (the ``full`` preset) add crop-flip.
+    """
     return Preprocessing(image_size=image_size, resize_size=image_size, mean=FASHION_MNIST_MEAN,
-                         std=FASHION_MNIST_STD, train_augment="crop-flip")
+                         std=FASHION_MNIST_STD, train_augment="flip")
 
 
 def folder_preset(*, image_size: int = 224) -> Preprocessing:

@@ -20,9 +20,9 @@ from .artifacts import Artifact, prepare_output, write_manifest
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
-from .loop import FitResult, LoopConfig, fit
-from .models import ARCHS, STEMS, build_resnet
-from .preprocess import Preprocessing
+from .loop import FitResult, LoopConfig, class_weights, fit
+from .models import ARCHS, STEMS, build_resnet, set_trainable
+from .preprocess import AUGMENTS, Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class TrainConfig:
         image_size: input side; None: 32 for Fashion-MNIST, 224 for folders.
         stem: ``imagenet`` (torchvision's) or ``cifar`` (3x3, no pool: better on small images, ~13x slower).
         pretrained: start from torchvision's ImageNet weights (needs the network).
+        freeze_backbone: train only the new classifier (transfer learning on a small folder).
+        trainable_layers: train the classifier and the last N residual stages (0-4); None: everything.
+        augment: training augmentation (see :data:`optimize.preprocess.AUGMENTS`); None: the data's preset.
         train_limit / val_limit: class-stratified subsets, for quick runs.
         resume: continue from ``<out>.last.pth``.
         loop: options of the shared training loop.
@@ -52,16 +55,39 @@ class TrainConfig:
     image_size: int | None = None
     stem: str = "imagenet"
     pretrained: bool = False
+    freeze_backbone: bool = False
+    trainable_layers: int | None = None
+    augment: str | None = None
     train_limit: int | None = None
     val_limit: int | None = None
     resume: bool = False
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
+        check_augment(self.augment)
         if self.arch not in ARCHS:
             raise ConfigError(f"--arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
         if self.stem not in STEMS:
             raise ConfigError(f"--stem must be one of {', '.join(STEMS)} (got {self.stem!r})")
+
+
+def check_augment(augment: str | None) -> None:
+    if augment is not None and augment not in AUGMENTS:
+        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)} (got {augment!r})")
+
+
+def with_augment(preprocessing: Preprocessing, augment: str | None) -> Preprocessing:
+    """``preprocessing`` with another training augmentation (recorded with the checkpoint), or as it is."""
+    return preprocessing if augment is None else dataclasses.replace(preprocessing, train_augment=augment)
+
+
+def loss_weights_record(splits: DataSplits, loop: LoopConfig) -> dict[str, Any]:
+    """What the manifest says about class weighting: the mode and, when on, each class's weight."""
+    weights = class_weights(splits.train.labels, splits.num_classes, loop.class_weights)
+    record: dict[str, Any] = {"class_weights": loop.class_weights}
+    if weights is not None:
+        record["class_weight_values"] = dict(zip(splits.class_names, [round(float(w), 6) for w in weights]))
+    return record
 
 
 def last_path(out: str | Path) -> Path:
@@ -79,22 +105,25 @@ class CheckpointWriter:
         arch / stem / class_names / preprocessing: what the checkpoint records.
         config: the stage's config (recorded in both files; compared on resume).
         inputs: identities (sha256) of what the stage read, for the manifest.
+        extra: more top-level manifest keys (what was frozen, class weights).
     """
 
     def __init__(self, out: Path, *, stage: str, arch: str, stem: str, class_names: list[str],
-                 preprocessing: Preprocessing, config: Any, inputs: dict[str, Any]):
+                 preprocessing: Preprocessing, config: Any, inputs: dict[str, Any],
+                 extra: dict[str, Any] | None = None):
         self.out, self.last = Path(out), last_path(out)
         self.stage, self.arch, self.stem = stage, arch, stem
         self.class_names, self.preprocessing = class_names, preprocessing
         self.config = dataclasses.asdict(config)
         self.inputs = inputs
+        self.extra = {"arch": arch, "stem": stem, **(extra or {})}
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
         save_checkpoint(self.out, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
                         preprocessing=self.preprocessing, metrics=metrics)
         write_manifest(self.out, stage=self.stage, config=self.config, inputs=self.inputs,
                        preprocessing=self.preprocessing.to_dict(), class_names=self.class_names, metrics=metrics,
-                       extra={"arch": self.arch, "stem": self.stem})
+                       extra=self.extra)
 
     def save_last(self, model: nn.Module, train_state: dict[str, Any]) -> None:
         save_checkpoint(self.last, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
@@ -141,12 +170,17 @@ def train_model(model: nn.Module, splits: DataSplits, loop: LoopConfig, writer: 
 def run(cfg: TrainConfig) -> Artifact:
     """Train ``cfg.arch`` on ``cfg.data`` and return the best checkpoint written."""
     out = prepare_output(cfg.out)
-    preprocessing = default_preprocessing(cfg.data, cfg.image_size)
+    preprocessing = with_augment(default_preprocessing(cfg.data, cfg.image_size), cfg.augment)
     splits = load_data(cfg.data, preprocessing, train_limit=cfg.train_limit, val_limit=cfg.val_limit)
     torch.manual_seed(cfg.loop.seed)
     model = build_resnet(cfg.arch, splits.num_classes, stem=cfg.stem, pretrained=cfg.pretrained)
+    trainable = set_trainable(model, freeze_backbone=cfg.freeze_backbone, trainable_layers=cfg.trainable_layers)
+    if (cfg.freeze_backbone or cfg.trainable_layers is not None) and not cfg.pretrained:
+        logger.warning("freezing layers of a network that starts untrained: its frozen layers stay random; "
+                       "add --pretrained, or train everything")
     writer = CheckpointWriter(out, stage="train", arch=cfg.arch, stem=cfg.stem, class_names=splits.class_names,
-                              preprocessing=preprocessing, config=cfg, inputs={"data": splits.describe()})
+                              preprocessing=preprocessing, config=cfg, inputs={"data": splits.describe()},
+                              extra={"trainable": trainable, **loss_weights_record(splits, cfg.loop)})
     result = train_model(model, splits, cfg.loop, writer, cfg.resume)
     logger.info("best val top-1 %.4f at epoch %d of %d%s", result.best.get("val_top1", float("nan")),
                 result.best.get("epoch", 0), result.epochs_run, " (stopped early)" if result.stopped_early else "")

@@ -1,0 +1,116 @@
+"""The training options of the seeds: class weights, frozen layers, gradient clipping, rotation, the schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, error_line, fashion_arrays, run_cli
+from optimize.checkpoint import load_checkpoint
+from optimize.loop import class_weights, cross_entropy_loss, warmup_cosine
+from optimize.models import build_resnet
+from optimize.preprocess import fashion_mnist_preset
+
+
+@pytest.fixture(scope="module")
+def uneven_folder(tmp_path_factory):
+    """Three Fashion-MNIST classes with 60 / 15 / 5 training images (val: 10 each)."""
+    root = tmp_path_factory.mktemp("uneven")
+    images, labels = fashion_arrays("train")
+    for split, counts in {"train": {0: 60, 1: 15, 7: 5}, "val": {0: 10, 1: 10, 7: 10}}.items():
+        offset = 0 if split == "train" else 100
+        for label, count in counts.items():
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for k, i in enumerate(np.flatnonzero(labels == label)[offset:offset + count]):
+                Image.fromarray(images[i]).save(folder / f"{k}.png")
+    return root
+
+
+def test_balanced_weights_follow_the_class_counts_and_change_the_loss():
+    labels = np.array([0] * 60 + [1] * 15 + [2] * 5)
+    weights = class_weights(labels, 3, "balanced")
+    assert weights.tolist() == pytest.approx([80 / (3 * 60), 80 / (3 * 15), 80 / (3 * 5)])
+    assert class_weights(labels, 3, "none") is None
+    # a balanced slice weighs every class 1: the loss is plain cross-entropy
+    assert class_weights(np.array([0, 1, 2] * 7), 3).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(80, 3), torch.as_tensor(labels)
+    plain = cross_entropy_loss()(logits, targets, None).item()
+    weighted = cross_entropy_loss(weight=weights)(logits, targets, None).item()
+    per_item = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    w = weights[targets]
+    assert weighted == pytest.approx(float((w * per_item).sum() / w.sum()), rel=1e-6)
+    assert abs(weighted - plain) > 1e-3
+
+
+def test_class_weights_are_recorded_by_train(uneven_folder, tmp_path):
+    out = tmp_path / "weighted.pth"
+    run_cli("-q", "train", "--arch", "resnet18", "--image-size", "16", "--batch-size", "32", "--epochs", "1",
+            "--data", uneven_folder, "--class-weights", "balanced", "--out", out, check=True)
+    manifest = json.loads(out.with_name("weighted.pth.json").read_text())
+    assert manifest["config"]["loop"]["class_weights"] == "balanced"
+    assert manifest["class_weight_values"] == pytest.approx({"class0": 80 / 180, "class1": 80 / 45,
+                                                             "class7": 80 / 15}, rel=1e-5)
+
+
+def _initial_resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)  # what train does before building the model (seed 0)
+    return build_resnet("resnet18", 10)
+
+
+@pytest.mark.parametrize("flags, trainable", [(["--freeze-backbone"], {"fc"}),
+                                              (["--trainable-layers", "1"], {"fc", "layer4"})])
+def test_frozen_layers_stay_bit_identical(flags, trainable, tmp_path):
+    out = tmp_path / "frozen.pth"
+    run_cli("-q", "train", *TINY, *flags, "--out", out, check=True)
+    before = _initial_resnet18().state_dict()
+    after = load_checkpoint(out).model.state_dict()
+    for key, value in before.items():
+        same = torch.equal(value, after[key])
+        if key.split(".")[0] in trainable and key.endswith("weight"):
+            assert not same, f"{key} should have trained"
+        elif key.split(".")[0] not in trainable:
+            assert same, f"{key} changed although it is frozen"  # weights and BatchNorm statistics alike
+    manifest = json.loads(out.with_name("frozen.pth.json").read_text())
+    assert set(manifest["trainable"]) == trainable
+
+
+def test_freezing_options_that_contradict(tmp_path):
+    proc = run_cli("train", *TINY, "--freeze-backbone", "--trainable-layers", "2", "--out", tmp_path / "x.pth")
+    assert proc.returncode == 2 and "--trainable-layers" in error_line(proc)
+    proc = run_cli("train", *TINY, "--trainable-layers", "7", "--out", tmp_path / "x.pth")
+    assert proc.returncode == 2 and "0..4" in error_line(proc)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_clip_grad_norm_and_rotation_run_and_are_recorded(tmp_path):
+    out = tmp_path / "clipped.pth"
+    run_cli("-q", "train", *TINY, "--clip-grad-norm", "1.0", "--augment", "crop-flip-rotate", "--out", out,
+            check=True)
+    manifest = json.loads(out.with_name("clipped.pth.json").read_text())
+    assert manifest["config"]["loop"]["clip_grad_norm"] == 1.0
+    assert manifest["preprocessing"]["train_augment"] == "crop-flip-rotate"
+    proc = run_cli("train", *TINY, "--clip-grad-norm", "0", "--out", tmp_path / "y.pth")
+    assert proc.returncode == 2 and "--clip-grad-norm" in error_line(proc)
+
+
+def test_rotation_rotates_and_eval_does_not():
+    pre = dataclasses.replace(fashion_mnist_preset(image_size=32), train_augment="crop-flip-rotate")
+    names = [type(t).__name__ for t in pre.train_transform().transforms]
+    assert "RandomRotation" in names
+    assert "RandomRotation" not in [type(t).__name__ for t in pre.eval_transform().transforms]
+
+
+def test_warmup_cosine_rises_then_falls_to_zero():
+    total = 100
+    factors = [warmup_cosine(s, total, 0.1) for s in range(total + 1)]
+    assert factors[0] < factors[5] < factors[10] == pytest.approx(1.0, abs=0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-9)
