@@ -11,6 +11,11 @@ Methods:
     ``2:4``: semi-structured sparsity for sparse tensor cores (Ampere, Orin): in every conv whose input channel
         count is a multiple of 4, each group of 4 weights along the input channels keeps its 2 largest.
 
+Channel pruning leaves every BatchNorm's running statistics describing channels that are gone from the layer
+before it, which is why a pruned network used to score chance before fine-tuning; ``bn_images`` training
+images are therefore run through the pruned network first (no gradients, no weight changes) to re-estimate
+those statistics.
+
 Fine-tuning runs the shared loop with the pruning masks held by ``torch.nn.utils.prune``'s re-parametrization
 (weight = weight_orig * mask), so zeros stay zero; the masks are made permanent before saving. With
 ``steps`` > 1 the amount is reached in equal rounds with fine-tuning after each.
@@ -33,7 +38,7 @@ from .data import DataSplits, load_data
 from .distill import check_distillation_params, distillation_loss
 from .errors import CheckpointError, ConfigError
 from .evaluate import check_model_fits_data
-from .loop import LoopConfig, evaluate, fit, make_loader, resolve_device
+from .loop import LoopConfig, class_weights, evaluate, fit, make_loader, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,15 @@ class PruneConfig:
         teacher: distil from this checkpoint while fine-tuning.
         temperature / alpha: distillation parameters, as for ``distill``.
         round_to: ``l1-channel`` keeps channel counts multiples of this (tensor-core friendly).
+        max_layer_amount: ``l1-channel`` removes at most this fraction of any one layer's channels (Torch-Pruning's
+            per-layer cap), so global ranking can never nearly empty a layer. Not binding at amount 0.5 on the
+            demo's ResNet-18 (0.6 / 0.75 / 0.9 gave the same network); it matters at higher amounts.
+        isomorphic: ``l1-channel`` ranks channels only against groups of the same structure (Torch-Pruning's
+            isomorphic pruning) instead of across the whole network (measured: 86.0% vs 85.4% before fine-tuning,
+            2.92x vs 2.95x fewer MACs; off by default until a fine-tuned comparison says otherwise).
+        bn_images: training images run through the network after each pruning round to re-estimate the
+            BatchNorm statistics (0: off). Measured on a 91.2% ResNet-18 at amount 0.5: 17.1% right after
+            pruning, 85.4% after re-estimating from 2048 images, in seconds.
         include_stem_and_fc: ``l1-unstructured`` also prunes the first conv and the classifier.
         arch / trust_checkpoint: how to load ``model``.
         data / train_limit / val_limit: data for fine-tuning and the before/after accuracy.
@@ -71,6 +85,9 @@ class PruneConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     round_to: int = 8
+    max_layer_amount: float = 0.75
+    isomorphic: bool = False
+    bn_images: int = 2048
     include_stem_and_fc: bool = False
     arch: str | None = None
     trust_checkpoint: bool = False
@@ -88,6 +105,13 @@ class PruneConfig:
             raise ConfigError(f"--amount must be in [0, 1) (got {self.amount})")
         if self.finetune_epochs < 0 or self.steps < 1 or self.round_to < 1:
             raise ConfigError("--finetune-epochs must be >= 0, --steps and --round-to >= 1")
+        if not 0.0 < self.max_layer_amount < 1.0:
+            raise ConfigError(f"--max-layer-amount must be in (0, 1) (got {self.max_layer_amount})")
+        if self.amount is not None and self.amount > self.max_layer_amount:
+            raise ConfigError(f"--amount {self.amount} is above --max-layer-amount {self.max_layer_amount}; no layer "
+                              "may lose that much, so the amount cannot be reached: raise --max-layer-amount")
+        if self.bn_images < 0:
+            raise ConfigError(f"--bn-images must be 0 (off) or more (got {self.bn_images})")
         if self.method == "2:4" and self.steps != 1:
             raise ConfigError("--method 2:4 is one round; drop --steps")
         check_distillation_params(self.temperature, self.alpha)
@@ -169,8 +193,43 @@ def make_channel_pruner(model: nn.Module, cfg: PruneConfig, image_size: int):
         model, torch.zeros(1, 3, image_size, image_size),
         importance=tp.importance.MagnitudeImportance(p=1),
         global_pruning=True, pruning_ratio=cfg.target, iterative_steps=cfg.steps,
-        max_pruning_ratio=0.9,  # never empty a layer, however unimportant it ranks
+        max_pruning_ratio=cfg.max_layer_amount, isomorphic=cfg.isomorphic,
         ignored_layers=[model.conv1, model.fc], round_to=cfg.round_to)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, splits: DataSplits, loop: LoopConfig, images: int) -> int:
+    """Recompute every BatchNorm's running mean and variance from ``images`` training images.
+
+    A cumulative average over the batches (momentum None), in train mode under no_grad: the weights do not
+    change. Returns the number of images used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or images <= 0 or len(splits.train) == 0:
+        return 0
+    device = resolve_device(loop.device)
+    model.to(device)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    loader = make_loader(splits.train, batch_size=min(256, images), shuffle=True, device=device,
+                         workers=loop.workers, seed=loop.seed)
+    was_training, seen = model.training, 0
+    model.train()
+    try:
+        for x, _ in loader:
+            if len(x) == 0:
+                continue
+            model(x[: images - seen].to(device))
+            seen += min(len(x), images - seen)
+            if seen >= images:
+                break
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
 
 
 def make_permanent(model: nn.Module) -> None:
@@ -224,7 +283,11 @@ def run(cfg: PruneConfig) -> Artifact:
                 macs_before / 1e6, params_before / 1e6)
 
     pruner = make_channel_pruner(model, cfg, size) if cfg.method == "l1-channel" else None
-    loss_fn = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha) if teacher else None
+    loss_fn = None
+    if teacher:
+        loss_fn = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha,
+                                    weight=class_weights(splits.train.labels, splits.num_classes,
+                                                         cfg.loop.class_weights))
     rounds, done = [], 0.0
     for step in range(1, cfg.steps + 1):
         model.cpu()
@@ -237,12 +300,19 @@ def run(cfg: PruneConfig) -> Artifact:
         else:
             apply_two_four(model)
         row: dict[str, Any] = {"step": step, "top1_pruned": _accuracy(model, splits, cfg.loop)}
+        if cfg.method == "l1-channel" and cfg.bn_images:
+            row["bn_images"] = reestimate_batchnorm(model, splits, cfg.loop, cfg.bn_images)
+            row["top1_bn"] = _accuracy(model, splits, cfg.loop)
         if cfg.finetune_epochs:
-            loop = dataclasses.replace(cfg.loop, epochs=cfg.finetune_epochs)
+            # masks held by torch.nn.utils.prune need plain NCHW weights (its global ranking views them flat)
+            loop = dataclasses.replace(cfg.loop, epochs=cfg.finetune_epochs,
+                                       channels_last=cfg.loop.channels_last and cfg.method == "l1-channel")
             fit(model, splits, loop, loss_fn=loss_fn)
+            model.to(memory_format=torch.contiguous_format)
             row["top1_finetuned"] = _accuracy(model, splits, cfg.loop)
         rounds.append(row)
-        logger.info("round %d/%d: top-1 %.4f after pruning%s", step, cfg.steps, row["top1_pruned"],
+        logger.info("round %d/%d: top-1 %.4f after pruning%s%s", step, cfg.steps, row["top1_pruned"],
+                    f", {row['top1_bn']:.4f} with BatchNorm re-estimated" if "top1_bn" in row else "",
                     f", {row['top1_finetuned']:.4f} after fine-tuning" if "top1_finetuned" in row else "")
 
     model.cpu().eval()
@@ -253,6 +323,8 @@ def run(cfg: PruneConfig) -> Artifact:
     metrics = {
         "method": cfg.method, "amount": 0.5 if cfg.method == "2:4" else cfg.target,
         "top1_before": top1_before, "top1_pruned": rounds[-1]["top1_pruned"],
+        # before any fine-tuning: with re-estimated BatchNorm statistics when bn_images > 0
+        "top1_before_finetune": rounds[-1].get("top1_bn", rounds[-1]["top1_pruned"]),
         "top1_after": rounds[-1].get("top1_finetuned", rounds[-1]["top1_pruned"]),
         "macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
         "params_after": params_after, "nonzero_params_after": params_after - report["zeros"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import error_line, run_cli
+from conftest import TINY, error_line, run_cli
 from optimize.checkpoint import load_checkpoint
 from optimize.distill import kd_loss
 from optimize.prune import count_macs_params, prunable_layers, two_four_mask
@@ -111,6 +111,24 @@ def test_l1_channel_shrinks_macs_and_keeps_outputs(student, tmp_path):
     widths = [mod.out_channels for name, mod in after.named_modules() if isinstance(mod, torch.nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths) and after.conv1.out_channels == 64
     run_cli("-q", "evaluate", "--model", out, "--val-limit", "64", check=True)
+
+
+def test_channel_pruning_with_the_defaults_stays_above_chance_before_fine_tuning(tmp_path):
+    learned = tmp_path / "learned.pth"  # the 1-epoch fixtures sit near chance: 3 epochs learn (see test_training_learns)
+    run_cli("-q", "train", *TINY, "--epochs", "3", "--out", learned, check=True)
+    # without the BatchNorm re-estimation the pruned network's statistics describe removed channels
+    raw = _prune(learned, tmp_path / "raw.pth", "--method", "l1-channel", "--amount", "0.5", "--bn-images", "0")
+    m = _prune(learned, tmp_path / "bn.pth", "--method", "l1-channel", "--amount", "0.5")
+    assert m["top1_before"] > 0.4, m  # a model worth pruning
+    assert m["rounds"][0]["bn_images"] == 512  # the whole 512-image slice (the default asks for 2048)
+    assert m["top1_pruned"] == pytest.approx(raw["top1_pruned"])  # the same pruned network, before re-estimation
+    assert raw["top1_before_finetune"] == raw["top1_pruned"]
+    assert m["top1_before_finetune"] > max(0.3, raw["top1_pruned"] + 0.05), (raw, m)  # chance is 0.1
+    assert m["top1_before_finetune"] >= 0.5 * m["top1_before"]
+    # re-estimation changes statistics only: the same pruned weights
+    a, b = load_checkpoint(tmp_path / "raw.pth").model, load_checkpoint(tmp_path / "bn.pth").model
+    assert torch.equal(a.layer1[0].conv1.weight, b.layer1[0].conv1.weight)
+    assert not torch.equal(a.layer1[0].bn1.running_mean, b.layer1[0].bn1.running_mean)
 
 
 def test_two_four_pattern_in_every_eligible_conv(student, tmp_path):
