@@ -38,6 +38,7 @@ from optimize.artifacts import Artifact, atomic_path, library_versions, prepare_
     write_json
 from optimize.data import DataSplits, default_preprocessing, load_data
 from optimize.errors import ConfigError, DataError, EdgeoptError
+from optimize.loop import classification_metrics
 from optimize.preprocess import Preprocessing
 from optimize.runners import Runner, RunnerError, backend_of, default_threads, open_runner, ort_cuda_missing
 
@@ -137,6 +138,7 @@ class Row:
     top1: float | None = None
     top5: float | None = None
     agreement: float | None = None
+    classification: dict[str, Any] | None = None  # per-class precision / recall / F1, macro averages
     val_images: int = 0
     latency_ms_b1: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -361,6 +363,9 @@ def _accuracy(row: Row, runner: Runner, cache: _ValCache, cfg: BenchmarkConfig) 
     row.top1 = float((pred == y).mean())
     row.top5 = float((top5 == y[:, None]).any(axis=1).mean())
     row.val_images = int(len(y))
+    k = splits.num_classes
+    confusion = np.bincount(y.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)
+    row.classification = classification_metrics(confusion, splits.class_names)
     if row.role == "baseline" and cache.baseline_pred is None:
         cache.baseline_pred = pred
     if cache.baseline_pred is not None and len(cache.baseline_pred) == len(pred):
@@ -533,6 +538,20 @@ def _goals(rows: list[Row], cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     return goals
 
 
+def _pruning(entries: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """What each pruned checkpoint's manifest says about its pruning: top-1 at every point, MACs before/after."""
+    found = []
+    for path, _ in entries:
+        manifest = read_manifest(path) or {}
+        m = manifest.get("metrics") or {}
+        if manifest.get("stage") != "prune" or "top1_pruned" not in m:
+            continue
+        found.append({"model": Path(path).name, "method": m.get("method"), "amount": m.get("amount"),
+                      "macs_ratio": m["macs_before"] / m["macs_after"] if m.get("macs_after") else None,
+                      **{k: m.get(k) for k in ("top1_before", "top1_pruned", "top1_before_finetune", "top1_after")}})
+    return found
+
+
 def run(cfg: BenchmarkConfig) -> Artifact:
     """Benchmark every artifact of ``cfg`` and write the report; returns report.json with the report as manifest."""
     from tqdm import tqdm
@@ -569,7 +588,8 @@ def run(cfg: BenchmarkConfig) -> Artifact:
     _int8_gates(rows, cfg)
     report = {"format": "edgeopt-benchmark", "version": 1, "config": asdict(cfg),
               "environment": environment(threads, cfg.device), "reference_batch": cfg.reference_batch,
-              "baseline": base.name, "rows": [asdict(r) for r in rows], "goals": _goals(rows, cfg)}
+              "baseline": base.name, "rows": [asdict(r) for r in rows], "goals": _goals(rows, cfg),
+              "pruning": _pruning(entries)}
     plots = _plots(rows, cfg, out)
     report["plots"] = [p.name for p in plots]
     write_json(out / REPORT_JSON, report)
@@ -638,6 +658,23 @@ def render_markdown(report: dict[str, Any]) -> str:
             verdict = "FLAGGED: " + "; ".join(g["flags"]) if g["flags"] else "passed"
             lines.append(f"- {r['name']} vs {g['sibling']}: {_fmt(g['speedup'], '.2f')}x, top-1 "
                          f"{_fmt(_neg(g['drop_pt']), '+.2f')} pt: {verdict}")
+    for p in report.get("pruning") or []:
+        lines += ["", f"## Pruning of {p['model']} ({p['method']} {_fmt(p['amount'], 'g')}, "
+                      f"{_fmt(p['macs_ratio'], '.2f')}x fewer MACs)", "",
+                  f"- top-1 before pruning {_fmt(p['top1_before'], '.2%')}; right after pruning "
+                  f"{_fmt(p['top1_pruned'], '.2%')}; before any fine-tuning, BatchNorm statistics re-estimated "
+                  f"{_fmt(p.get('top1_before_finetune'), '.2%')}; after fine-tuning {_fmt(p['top1_after'], '.2%')} "
+                  "(the checkpoint's manifest, on its own val split)"]
+    final = next((g["artifact"] for g in report["goals"] if g["goal"].startswith("final CPU artifact")), None)
+    final_row = next((r for r in report["rows"] if r["name"] == final and r.get("classification")), None)
+    if final_row:
+        c = final_row["classification"]
+        lines += ["", f"## Per-class metrics of the final CPU artifact ({final})", "",
+                  f"Macro precision {c['macro_precision']:.2%}, recall {c['macro_recall']:.2%}, F1 "
+                  f"{c['macro_f1']:.2%}; F1 weighted by support {c['weighted_f1']:.2%}.", "",
+                  "| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {k['precision']:.2%} | {k['recall']:.2%} | {k['f1']:.2%} | {k['support']} |"
+                  for name, k in c["per_class"].items()]
     if report["goals"]:
         lines += ["", "## Goals", ""]
         for g in report["goals"]:

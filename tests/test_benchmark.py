@@ -46,6 +46,15 @@ def test_report_holds_every_figure(report_dir, trained, exported_onnx):
 def test_report_markdown_and_plots_are_written(report_dir, exported_onnx):
     md = (report_dir / "report.md").read_text()
     assert exported_onnx.name in md and "| model |" in md and "## Environment" in md and "## Goals" in md
+    # the final CPU artifact's per-class figures, from the same predictions as its top-1
+    report = json.loads((report_dir / "report.json").read_text())
+    final = next(r for r in report["rows"] if r["name"] == exported_onnx.name)["classification"]
+    supports = [k["support"] for k in final["per_class"].values()]
+    recall = sum(k["recall"] * k["support"] for k in final["per_class"].values()) / sum(supports)
+    assert sum(supports) == 128 and recall == pytest.approx(
+        next(r for r in report["rows"] if r["name"] == exported_onnx.name)["top1"])
+    assert f"## Per-class metrics of the final CPU artifact ({exported_onnx.name})" in md
+    assert "| Ankle boot |" in md and f"F1 {final['macro_f1']:.2%}" in md
     for png in ("accuracy_vs_throughput.png", "latency_vs_batch.png"):
         data = (report_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY, error_line, run_cli
@@ -43,9 +44,68 @@ def test_evaluate_reports_the_figures_training_recorded(trained, tmp_path):
     assert abs(sum(confusion[i][i] for i in range(10)) / 256 - report["top1"]) < 1e-9
     assert report["top5"] >= report["top1"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    maps = tmp_path / "cm.conv1.png"
+    assert report["feature_maps"] == str(maps) and maps.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # precision / recall / F1 agree with the confusion matrix the same report holds
+    for i, name in enumerate(report["class_names"]):
+        row, col = confusion[i], [r[i] for r in confusion]
+        k = report["per_class"][name]
+        assert k["support"] == sum(row)
+        assert k["recall"] == (confusion[i][i] / sum(row) if sum(row) else 0.0)
+        assert k["precision"] == (confusion[i][i] / sum(col) if sum(col) else 0.0)
+    assert 0.0 <= report["macro_f1"] <= 1.0
 
     text = run_cli("-q", "evaluate", "--model", trained, "--val-limit", "256", check=True).stdout
-    assert "top-1" in text and "per-class accuracy" in text and "Ankle boot" in text
+    assert "top-1" in text and "precision" in text and "macro" in text and "Ankle boot" in text
+
+
+def test_classification_metrics_match_a_hand_computation():
+    import numpy as np
+
+    from optimize.loop import EvalMetrics, classification_metrics
+
+    # rows: true a, b, c; columns: predicted a, b, c. c is never predicted.
+    confusion = [[5, 1, 0],
+                 [2, 3, 0],
+                 [1, 1, 0]]
+    m = classification_metrics(confusion, ["a", "b", "c"])
+    a, b, c = (m["per_class"][n] for n in "abc")
+    assert (a["precision"], a["recall"], a["support"]) == (5 / 8, 5 / 6, 6)
+    assert (b["precision"], b["recall"], b["support"]) == (3 / 5, 3 / 5, 5)
+    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 2)  # zero division -> 0
+    f1_a, f1_b = 2 * (5 / 8) * (5 / 6) / (5 / 8 + 5 / 6), 0.6
+    assert a["f1"] == pytest.approx(f1_a) and b["f1"] == pytest.approx(f1_b)
+    assert m["macro_precision"] == pytest.approx((5 / 8 + 3 / 5 + 0) / 3)
+    assert m["macro_recall"] == pytest.approx((5 / 6 + 3 / 5 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
+    assert m["weighted_f1"] == pytest.approx((6 * f1_a + 5 * f1_b) / 13)
+    assert m["weighted_recall"] == pytest.approx(8 / 13)  # top-1
+
+    metrics = EvalMetrics(loss=1.0, top1=8 / 13, top5=1.0, count=13, confusion=np.array(confusion))
+    assert metrics.classification(["a", "b", "c"]) == m
+    # a class in neither the labels nor the predictions is left out of the macro averages
+    absent = EvalMetrics(loss=1.0, top1=1.0, top5=1.0, count=5, confusion=np.array([[2, 0, 0], [0, 3, 0], [0, 0, 0]]))
+    c = absent.classification()
+    assert c["macro_precision"] == c["macro_recall"] == c["macro_f1"] == 1.0
+    assert list(c["per_class"]) == ["0", "1", "2"]
+
+
+def test_first_conv_feature_maps_of_torchscript_models(tmp_path, caplog):
+    from optimize.evaluate import _traced_conv, plot_first_conv
+    from optimize.models import build_resnet
+
+    model = build_resnet("resnet18", 10, stem="cifar").eval()
+    x = torch.randn(1, 3, 16, 16)
+    torch.jit.trace(model, x).save(str(tmp_path / "traced.pt"))
+    traced = torch.jit.load(str(tmp_path / "traced.pt"))
+    # a traced conv1 cannot be called alone: it is redone from its graph, and gives the eager layer's output
+    torch.testing.assert_close(_traced_conv(traced.conv1)(x), model.conv1(x))
+    png = plot_first_conv(traced, x[0], tmp_path / "maps.png", "traced")
+    assert png == tmp_path / "maps.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # freezing inlines conv1: no plot, a warning
+    frozen = torch.jit.freeze(torch.jit.script(model))
+    assert plot_first_conv(frozen, x[0], tmp_path / "frozen.png", "frozen") is None
+    assert "no feature-map plot" in caplog.text and not (tmp_path / "frozen.png").exists()
 
 
 def test_training_learns(tmp_path):
