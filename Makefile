@@ -15,7 +15,7 @@ PYTEST_PARALLEL ?= -n auto --dist loadfile
 .PHONY: help setup data test test-modelopt gpu-check demo clean
 
 help:
-	@echo "make demo   set up, then the whole pipeline on Fashion-MNIST (PRESET=standard|quick; writes $(RUNS)/)"
+	@echo "make demo   set up, then the whole pipeline on Fashion-MNIST (PRESET=standard|quick|full; writes $(RUNS)/)"
 	@echo "make test   set up, then run the test suite"
 	@echo "make test-modelopt   opt-in: our TensorRT Q/DQ placement against NVIDIA Model Optimizer's (own venv, ~6 GB)"
 	@echo "make gpu-check       on a GPU machine: every GPU backend over $(RUNS) (run make demo first), context check"
@@ -65,8 +65,9 @@ test-modelopt: setup data $(MODELOPT_STAMP)
 
 # The demo: the whole pipeline on the default data (Fashion-MNIST from Debian's package): a ResNet-50 teacher,
 # distilled into a ResNet-18, channel-pruned, exported, INT8-calibrated, ONNX Runtime engines built, and the
-# benchmark report against the teacher (runs/demo/report/report.md). PRESET=standard takes about 25 minutes on
-# 2 CPU cores; PRESET=quick about 3. A second `make demo` skips every unchanged stage; a killed one resumes.
+# benchmark report against the teacher (runs/demo/report/report.md). PRESET=standard takes about 30 minutes on
+# 2 CPU cores; PRESET=quick about 3; PRESET=full is the GPU recipe. A second `make demo` skips every unchanged
+# stage; a killed one resumes.
 PRESET ?= standard
 demo: setup data
 	$(PY) cli.py pipeline --preset $(PRESET) --data fashion-mnist --out $(RUNS)

@@ -1,0 +1,157 @@
+"""The demo's models against the issue's targets: ``docs/RESULTS.md``, section ``demo-models``.
+
+Usage (after ``make demo``)::
+
+    python -m benchmarks.demo_models --run runs/demo
+
+Reads what the pipeline wrote (``pipeline.json``, every checkpoint's manifest, ``report/report.json``) and
+trains the one model the pipeline does not: a ResNet-18 from scratch with the distilled student's data, epochs,
+seed and loop options, so "distillation beats scratch" is measured on equal terms. The scratch checkpoint is
+kept under ``--work`` and reused while its config is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import cpu_name
+from benchmarks.results_doc import write_section
+from optimize import train
+from optimize.artifacts import Artifact, read_manifest
+from optimize.errors import ConfigError
+from optimize.loop import LoopConfig
+
+logger = logging.getLogger("benchmarks.demo_models")
+
+TARGETS = {"teacher": 0.880, "kd_over_scratch_pt": 0.5, "kd_below_teacher_pt": 1.0, "mac_ratio": 2.0,
+           "pruned_below_student_pt": 1.0, "pruned_before_ft": 0.50, "int8_drop_pt": 0.3, "final_speedup": 20.0}
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    manifest = read_manifest(path)
+    if not manifest:
+        raise ConfigError(f"{path} or its manifest is missing; run 'make demo' (or pass --run) first")
+    return manifest
+
+
+def scratch_config(student: dict[str, Any], out: Path) -> train.TrainConfig:
+    """A ResNet-18 from scratch trained exactly as the student was (data, limits, loop, augmentation)."""
+    cfg = student["config"]
+    loop = LoopConfig(**{**cfg["loop"], "progress": False})
+    return train.TrainConfig(out=str(out), arch=cfg["student"], data=cfg["data"], image_size=cfg["image_size"],
+                             stem=student.get("stem") or "imagenet", augment=cfg.get("augment"),
+                             train_limit=cfg["train_limit"], val_limit=cfg["val_limit"], loop=loop)
+
+
+def _reuse_or_train(cfg: train.TrainConfig) -> Artifact:
+    manifest = read_manifest(cfg.out)
+    if manifest and Path(cfg.out).exists() and manifest.get("config") == json.loads(
+            json.dumps(dataclasses.asdict(cfg))):
+        logger.info("reusing %s", cfg.out)
+        return Artifact.of(cfg.out)
+    return train.run(cfg)
+
+
+def _row(report: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((r for r in report["rows"] if r["name"] == name and not r.get("skipped")), None)
+
+
+def _mark(ok: bool | None) -> str:
+    return "—" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/demo", help="the pipeline's --out folder")
+    parser.add_argument("--work", default="runs/bench-demo-models", help="folder for the scratch ResNet-18")
+    parser.add_argument("--doc", default="docs/RESULTS.md", help="markdown file to (re)write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    run = Path(args.run)
+    state = json.loads((run / "pipeline.json").read_text())
+    teacher, student, pruned = (_manifest(run / n) for n in ("teacher.pth", "student.pth", "pruned.pth"))
+    report = json.loads((run / "report" / "report.json").read_text())
+    scratch = _reuse_or_train(scratch_config(student, Path(args.work) / "scratch_r18.pth")).manifest
+
+    t1, s1, k1 = (m["metrics"]["val_top1"] for m in (teacher, scratch, student))
+    pm = pruned["metrics"]
+    int8 = _row(report, "model.int8.onnx")
+    fp32 = _row(report, "model.onnx")
+    final = next((g for g in report.get("goals", []) if g["goal"].startswith("final CPU artifact")), None)
+    ref = str(report.get("reference_batch", 8))
+    base = next(r for r in report["rows"] if r.get("role") == "baseline")
+    epochs = {k: m["config"]["loop"]["epochs"] for k, m in (("teacher", teacher), ("student", student))}
+    ft = pruned["config"]["finetune_epochs"]
+
+    def tput(row: dict[str, Any] | None) -> str:
+        return f"{row['throughput'][ref]:.0f}" if row and row.get("throughput", {}).get(ref) else "—"
+
+    rows = [
+        ("teacher ResNet-50", f"{epochs['teacher']} ep", t1, teacher, base),
+        ("ResNet-18 from scratch", f"{epochs['student']} ep", s1, scratch, None),
+        (f"ResNet-18 distilled (T={student['config']['temperature']:g}, alpha={student['config']['alpha']:g})",
+         f"{epochs['student']} ep", k1, student, _row(report, "student.pth")),
+        (f"l1-channel {pm['amount']:g}, right after pruning", "—", pm["top1_pruned"], None, None),
+        ("… with BatchNorm re-estimated (no training)", f"{pm['rounds'][-1].get('bn_images', 0)} img",
+         pm["top1_before_finetune"], None, None),
+        ("… fine-tuned with KD", f"+{ft} ep", pm["top1_after"], pruned, _row(report, "pruned.pth")),
+        ("INT8 ONNX (CPU form)", "512 img calib", int8["top1"] if int8 else None, None, int8),
+    ]
+    lines = [
+        "## The demo's models (`benchmarks/demo_models.py`)",
+        "",
+        f"Made on {dt.date.today().isoformat()} with `make demo` then `python -m benchmarks.demo_models --run "
+        f"{args.run}`: data {teacher['inputs']['data']['data']}, {teacher['inputs']['data']['train_images']} training "
+        f"images, top-1 on {teacher['inputs']['data']['val_images']} val images, "
+        f"{teacher['preprocessing']['image_size']} px, augmentation `{teacher['preprocessing']['train_augment']}`. "
+        f"{cpu_name()}, {os.cpu_count()} cores. The scratch row is trained here with the student's exact loop "
+        "options and seed.",
+        "",
+        f"| model | budget | top-1 | img/s b{ref} (report) |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for label, budget, top1, _, bench in rows:
+        lines.append(f"| {label} | {budget} | {'—' if top1 is None else f'{top1:.2%}'} | {tput(bench)} |")
+    macs_x = pm["macs_before"] / pm["macs_after"]
+    int8_drop = 100 * (fp32["top1"] - int8["top1"]) if int8 and fp32 else None
+    checks = [
+        (f"teacher >= {TARGETS['teacher']:.0%}", t1 >= TARGETS["teacher"], f"{t1:.2%}"),
+        ("teacher > scratch ResNet-18 (same data, epochs of the student)", t1 > s1, f"{t1:.2%} vs {s1:.2%}"),
+        ("distilled >= scratch + 0.5 pt", 100 * (k1 - s1) >= TARGETS["kd_over_scratch_pt"],
+         f"{100 * (k1 - s1):+.2f} pt"),
+        ("distilled >= teacher - 1.0 pt", 100 * (t1 - k1) <= TARGETS["kd_below_teacher_pt"],
+         f"{100 * (k1 - t1):+.2f} pt"),
+        (">= 2x fewer MACs", macs_x >= TARGETS["mac_ratio"], f"{macs_x:.2f}x"),
+        ("pruned + FT <= 1.0 pt below the student", 100 * (k1 - pm["top1_after"]) <= TARGETS["pruned_below_student_pt"],
+         f"{100 * (pm['top1_after'] - k1):+.2f} pt"),
+        ("pruned, before any fine-tuning, >= 50%", pm["top1_before_finetune"] >= TARGETS["pruned_before_ft"],
+         f"{pm['top1_before_finetune']:.2%} (raw, BatchNorm statistics not re-estimated: {pm['top1_pruned']:.2%})"),
+        ("INT8 within 0.3 pt of its FP32 ONNX", None if int8_drop is None else int8_drop <= TARGETS["int8_drop_pt"],
+         "—" if int8_drop is None else f"{-int8_drop:+.2f} pt"),
+        (f"final CPU artifact >= 20x the teacher at batch {ref}",
+         None if not final else final["speedup"] >= TARGETS["final_speedup"],
+         "—" if not final else f"{final['artifact']}: {final['speedup']:.1f}x"),
+    ]
+    timings = state.get("timings", {})
+    minutes = sum(timings.values()) / 60
+    checks.append(("`make demo` within 35 min on this machine", minutes <= 35,
+                   f"{minutes:.1f} min of stages; the install, not timed here, adds 1-3 min"))
+    lines += ["", "Targets:"] + [f"- {what}: {_mark(ok)} ({figure})" for what, ok, figure in checks]
+    lines += ["", f"Stage wall times of the run ({minutes:.1f} min in all, install not included):",
+              "", "| step | seconds |", "| --- | ---: |"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
+    write_section(Path(args.doc), "demo-models", "\n".join(lines))
+    logger.info("wrote %s:\n%s", args.doc, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
