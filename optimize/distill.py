@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint
 from .data import default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
 from .evaluate import check_model_fits_data
-from .loop import LoopConfig, LossFn, class_weights
+from .loop import LoopConfig, LossFn, split_class_weights
 from .models import build_resnet
 from .train import CheckpointWriter, check_augment, loss_weights_record, train_model, with_augment
 
@@ -58,11 +58,13 @@ def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
     for p in teacher.parameters():
         p.requires_grad_(False)
 
+    layout: list[tuple[torch.device, bool]] = []  # where the teacher was last put: (device, channels_last)
+
     def loss(student_logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if next(iter(teacher.parameters()), images).device != images.device:
-            teacher.to(images.device)
-        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-            teacher.to(memory_format=torch.channels_last)  # the student's layout: no reorder per conv
+        wanted = (images.device, images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous())
+        if layout[-1:] != [wanted]:  # the student's device and layout: no reorder per conv
+            teacher.to(images.device, memory_format=torch.channels_last if wanted[1] else torch.contiguous_format)
+            layout[:] = [wanted]
         with torch.no_grad():
             teacher_logits = teacher(images)
         return kd_loss(student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha, weight=weight)
@@ -146,11 +148,11 @@ def run(cfg: DistillConfig) -> Artifact:
     inputs = {"data": splits.describe(), "teacher": teacher.describe()}
     if cfg.student_init:
         inputs["student_init"] = {"path": cfg.student_init, "sha256": init.sha256}
+    weights = split_class_weights(splits, cfg.loop)
     writer = CheckpointWriter(out, stage="distill", arch=cfg.student, stem=stem, class_names=splits.class_names,
                               preprocessing=preprocessing, config=cfg, inputs=inputs,
-                              extra=loss_weights_record(splits, cfg.loop))
-    loss = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha,
-                             weight=class_weights(splits.train.labels, splits.num_classes, cfg.loop.class_weights))
+                              extra=loss_weights_record(splits, cfg.loop, weights))
+    loss = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha, weight=weights)
     result = train_model(student, splits, cfg.loop, writer, cfg.resume, loss_fn=loss)
     logger.info("student best val top-1 %.4f at epoch %d", result.best.get("val_top1", float("nan")),
                 result.best.get("epoch", 0))

@@ -467,6 +467,11 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def split_class_weights(splits: DataSplits, cfg: LoopConfig) -> torch.Tensor | None:
+    """:func:`class_weights` of ``splits``' training labels under ``cfg.class_weights``: what every stage's loss uses."""
+    return class_weights(splits.train.labels, splits.num_classes, cfg.class_weights)
+
+
 def _make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
     # no weight decay on biases and batch-norm parameters, as in torchvision's reference recipes
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -524,8 +529,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if loss_fn is None:
-        loss_fn = cross_entropy_loss(cfg.label_smoothing,
-                                     class_weights(splits.train.labels, splits.num_classes, cfg.class_weights))
+        loss_fn = cross_entropy_loss(cfg.label_smoothing, split_class_weights(splits, cfg))
     optimizer = _make_optimizer(model, cfg)
     # optimizer steps per epoch (the per-step schedule's length), as the training loader will make them
     batches = math.ceil(math.ceil(len(splits.train) / ctx.world_size) / cfg.batch_size)

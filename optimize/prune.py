@@ -38,7 +38,7 @@ from .data import DataSplits, load_data
 from .distill import check_distillation_params, distillation_loss
 from .errors import CheckpointError, ConfigError
 from .evaluate import check_model_fits_data
-from .loop import LoopConfig, class_weights, evaluate, fit, make_loader, resolve_device
+from .loop import LoopConfig, evaluate, fit, make_loader, resolve_device, split_class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def reestimate_batchnorm(model: nn.Module, splits: DataSplits, loop: LoopConfig,
     """Recompute every BatchNorm's running mean and variance from ``images`` training images.
 
     A cumulative average over the batches (momentum None), in train mode under no_grad: the weights do not
-    change. Returns the number of images used.
+    change. The images go through the eval transform. Returns the number of images used.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or images <= 0 or len(splits.train) == 0:
@@ -213,8 +213,11 @@ def reestimate_batchnorm(model: nn.Module, splits: DataSplits, loop: LoopConfig,
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    loader = make_loader(splits.train, batch_size=min(256, images), shuffle=True, device=device,
-                         workers=loop.workers, seed=loop.seed)
+    # un-augmented training images in a seeded order: the statistics of what evaluation feeds, the same every run
+    plain = splits.train.without_transform()
+    plain.transform = splits.val.transform
+    loader = make_loader(plain, batch_size=min(256, images), shuffle=True, device=device, workers=loop.workers,
+                         seed=loop.seed)
     was_training, seen = model.training, 0
     model.train()
     try:
@@ -286,8 +289,7 @@ def run(cfg: PruneConfig) -> Artifact:
     loss_fn = None
     if teacher:
         loss_fn = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha,
-                                    weight=class_weights(splits.train.labels, splits.num_classes,
-                                                         cfg.loop.class_weights))
+                                    weight=split_class_weights(splits, cfg.loop))
     rounds, done = [], 0.0
     for step in range(1, cfg.steps + 1):
         model.cpu()

@@ -20,7 +20,7 @@ from .artifacts import Artifact, prepare_output, write_manifest
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
-from .loop import FitResult, LoopConfig, class_weights, fit
+from .loop import FitResult, LoopConfig, fit, split_class_weights
 from .models import ARCHS, STEMS, build_resnet, set_trainable
 from .preprocess import AUGMENTS, Preprocessing
 
@@ -81,9 +81,8 @@ def with_augment(preprocessing: Preprocessing, augment: str | None) -> Preproces
     return preprocessing if augment is None else dataclasses.replace(preprocessing, train_augment=augment)
 
 
-def loss_weights_record(splits: DataSplits, loop: LoopConfig) -> dict[str, Any]:
+def loss_weights_record(splits: DataSplits, loop: LoopConfig, weights: torch.Tensor | None) -> dict[str, Any]:
     """What the manifest says about class weighting: the mode and, when on, each class's weight."""
-    weights = class_weights(splits.train.labels, splits.num_classes, loop.class_weights)
     record: dict[str, Any] = {"class_weights": loop.class_weights}
     if weights is not None:
         record["class_weight_values"] = dict(zip(splits.class_names, [round(float(w), 6) for w in weights]))
@@ -180,7 +179,8 @@ def run(cfg: TrainConfig) -> Artifact:
                        "add --pretrained, or train everything")
     writer = CheckpointWriter(out, stage="train", arch=cfg.arch, stem=cfg.stem, class_names=splits.class_names,
                               preprocessing=preprocessing, config=cfg, inputs={"data": splits.describe()},
-                              extra={"trainable": trainable, **loss_weights_record(splits, cfg.loop)})
+                              extra={"trainable": trainable,
+                                     **loss_weights_record(splits, cfg.loop, split_class_weights(splits, cfg.loop))})
     result = train_model(model, splits, cfg.loop, writer, cfg.resume)
     logger.info("best val top-1 %.4f at epoch %d of %d%s", result.best.get("val_top1", float("nan")),
                 result.best.get("epoch", 0), result.epochs_run, " (stopped early)" if result.stopped_early else "")
