@@ -306,9 +306,13 @@ def run(cfg: PruneConfig) -> Artifact:
             row["bn_images"] = reestimate_batchnorm(model, splits, cfg.loop, cfg.bn_images)
             row["top1_bn"] = _accuracy(model, splits, cfg.loop)
         if cfg.finetune_epochs:
-            # masks held by torch.nn.utils.prune need plain NCHW weights (its global ranking views them flat)
+            # masks held by torch.nn.utils.prune: plain NCHW weights (its global ranking views them flat) and
+            # float32 (masked zeros were found non-zero after bf16 fine-tuning in 2 of 4 full test runs; cause
+            # not pinned down, see the issue note)
+            held = cfg.method != "l1-channel"
             loop = dataclasses.replace(cfg.loop, epochs=cfg.finetune_epochs,
-                                       channels_last=cfg.loop.channels_last and cfg.method == "l1-channel")
+                                       channels_last=cfg.loop.channels_last and not held,
+                                       amp=cfg.loop.amp and not held)
             fit(model, splits, loop, loss_fn=loss_fn)
             model.to(memory_format=torch.contiguous_format)
             row["top1_finetuned"] = _accuracy(model, splits, cfg.loop)
