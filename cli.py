@@ -244,10 +244,16 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
                                    calib_method=args.calib_method, num_images=args.num_images,
                                    min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                                    workspace=args.workspace, timing_cache=args.timing_cache,
-                                   sparse_weights=args.sparse_weights, dla_core=args.dla_core, tf32=args.tf32)
+                                   sparse_weights=args.sparse_weights, dla_core=args.dla_core, tf32=args.tf32,
+                                   compare_rounds=args.compare_rounds, compare_seconds=args.compare_seconds,
+                                   threads=args.threads)
     artifact = build_engine.run(cfg)
     e = artifact.manifest["engine"]
     where = f"TensorRT {e['tensorrt']} on {e['gpu']}" if e["backend"] == "tensorrt" else f"ONNX Runtime {e['onnxruntime']}"
+    if e["backend"] == "onnxruntime" and e.get("comparison"):
+        c = e["comparison"]
+        where += (f"; kept the {e['kept']} graph (optimized/input {c['ratio']:.2f}x at batch {c['batch']}, "
+                  f"{c['verdict']})")
     _print_artifact(artifact, args.json, f"{where}, {e['precision']}, batch {e['profile']['min_batch']}/"
                                          f"{e['profile']['opt_batch']}/{e['profile']['max_batch']}")
     return 0
@@ -332,8 +338,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     cfg = report.BenchmarkConfig(models=tuple(args.models), out=args.out, baseline=args.baseline, data=args.data,
                                  batch_sizes=tuple(args.batch_sizes), device=args.device, threads=args.threads,
-                                 seconds=args.seconds, warmup=args.warmup, val_limit=args.val_limit,
-                                 input_size=args.input_size, max_accuracy_drop=args.max_accuracy_drop,
+                                 rounds=args.rounds, seconds=args.seconds, warmup=args.warmup,
+                                 val_limit=args.val_limit, input_size=args.input_size,
+                                 max_accuracy_drop=args.max_accuracy_drop, min_speedup=args.min_speedup,
                                  e2e_batch=args.e2e_batch, trust_checkpoint=args.trust_checkpoint,
                                  progress=not args.quiet)
     artifact = report.run(cfg)
@@ -530,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dla-core", type=int, default=None,
                    help="TensorRT: build for this DLA core (Jetson; fp16/int8, min = opt = max batch)")
     p.add_argument("--tf32", action="store_true", help="TensorRT fp32: allow TF32 math (off: fp32 means FP32)")
+    p.add_argument("--compare-rounds", type=int, default=5,
+                   help="ONNX Runtime: rounds timing the optimized model against its input at --opt-batch; the "
+                        "faster is kept (0: keep the optimized one unmeasured)")
+    p.add_argument("--compare-seconds", type=float, default=0.3, help="ONNX Runtime: one window of that timing")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime: CPU threads (default: all cores)")
     p.add_argument("--out", required=True, help="engine to write: runs/model.engine (TensorRT), "
                                                 "runs/model.ort.onnx (ONNX Runtime)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -581,16 +593,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="reference artifact, e.g. the original teacher checkpoint "
                                                     "(default: the first of --models)")
     p.add_argument("--models", nargs="+", default=[], metavar="ARTIFACT",
-                   help=".pth / .onnx / .engine files to compare, in pipeline order (the last CPU one is 'final')")
+                   help=".pth / .onnx / .engine files to compare; the final artifact is the fastest within "
+                        "--max-accuracy-drop of the baseline")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: all cores)")
-    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per artifact and batch size")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs before each timing")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="timing rounds; the artifacts take turns in each, figures are medians over the rounds")
+    p.add_argument("--seconds", type=float, default=0.4,
+                   help="one timing window: per artifact, batch size and round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before an artifact's first window")
     p.add_argument("--input-size", type=int, default=None,
                    help="speed-only run at this input side (e.g. 224): random inputs, no accuracy")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
-                   help="top-1 points an INT8 artifact may lose against its FP32/FP16 sibling before it is flagged")
+                   help="your accuracy budget in top-1 points: the final artifact against the baseline, an INT8 "
+                        "artifact against its FP32/FP16 sibling")
+    p.add_argument("--min-speedup", type=float, default=1.0,
+                   help="your speed budget: the final artifact's throughput at the reference batch in multiples of "
+                        "the baseline's")
     p.add_argument("--e2e-batch", type=int, default=8, help="batch size of the end-to-end (preprocessing included) "
                                                            "figure")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled whole-module checkpoints")

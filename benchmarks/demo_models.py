@@ -17,7 +17,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     pm = pruned["metrics"]
     int8 = _row(report, "model.int8.onnx")
     fp32 = _row(report, "model.onnx")
-    final = next((g for g in report.get("goals", []) if g["goal"].startswith("final CPU artifact")), None)
+    final = next((v for v in report.get("verdicts", []) if v["verdict"].startswith("final artifact")), None)
     ref = str(report.get("reference_batch", 8))
     base = next(r for r in report["rows"] if r.get("role") == "baseline")
     epochs = {k: m["config"]["loop"]["epochs"] for k, m in (("teacher", teacher), ("student", student))}
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.run}`: data {teacher['inputs']['data']['data']}, {teacher['inputs']['data']['train_images']} training "
         f"images, top-1 on {teacher['inputs']['data']['val_images']} val images, "
         f"{teacher['preprocessing']['image_size']} px, augmentation `{teacher['preprocessing']['train_augment']}`. "
-        f"{cpu_name()}, {os.cpu_count()} cores. The scratch row is trained here with the student's exact loop "
+        f"{cpu_name()}. The scratch row is trained here with the student's exact loop "
         "options and seed.",
         "",
         f"| model | budget | top-1 | img/s b{ref} (report) |",

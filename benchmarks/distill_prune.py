@@ -18,7 +18,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 from pathlib import Path
 
 from benchmarks.report import cpu_name
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
         f"Data: {args.data}, {teacher.manifest['inputs']['data']['train_images']} training images (class-stratified), "
         f"top-1 on {teacher.manifest['inputs']['data']['val_images']} val images, "
         f"{teacher.manifest['preprocessing']['image_size']}x{teacher.manifest['preprocessing']['image_size']} input. "
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, CPU only; torch {library_versions().get('torch')}.",
+        f"Machine: {cpu_name()}, CPU only; torch {library_versions().get('torch')}.",
         "Pruned rows start from the distilled ResNet-18 (alpha=0.9) and fine-tune with the teacher (KD, T=4, "
         "alpha=0.9); Δ is against that student.",
         "MACs are dense multiply-accumulates per image (unstructured and 2:4 zeros still count: only sparse-aware "

@@ -2,6 +2,9 @@
 
 - ``onnxruntime`` (CPU edge boxes; runs anywhere): the ONNX Runtime-optimized model (``fp32``, or ``int8``
   through :mod:`calib.calibrate` with the ``cpu`` target, which keeps the INT8 form measured fastest here).
+  The optimized graph is not always faster (measured: an offline-optimized FP32 model slower than its input on
+  a 2-core EPYC), so it is timed against its input on the spot, in interleaved rounds (:mod:`optimize.timing`),
+  and the faster of the two by median is written; the manifest says which, with both figures.
 - ``tensorrt`` (Jetson, NVIDIA servers; TensorRT 8.5 to 11): a serialized TensorRT engine
   (:mod:`optimize.tensorrt_backend`); ``int8`` needs a Q/DQ ONNX placed for TensorRT, made here through
   :mod:`calib.calibrate` with the ``tensorrt`` target when the given ONNX is not quantized yet. ONNX Runtime's
@@ -16,6 +19,7 @@ loading it.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from .artifacts import Artifact, atomic_path, prepare_output, read_manifest, sha
 from .errors import ConfigError
 from .runners import QUANT_OPS, onnx_precision
 from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
+from .timing import Spread, compare, cpu_facts, interleaved, time_runs
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,10 @@ class BuildConfig:
             (min = opt = max) and fp16 or int8. The manifest lists the layers that fell back.
         tf32: TensorRT fp32 only: allow TF32 tensor-core math (faster on Ampere and later, 10-bit mantissa);
             off by default so that fp32 means FP32.
+        compare_rounds / compare_seconds: ONNX Runtime only: rounds and window length of the timing of the
+            optimized model against its input at ``opt_batch`` (``compare_rounds`` 0: keep the optimized one
+            unmeasured).
+        threads: ONNX Runtime only: CPU threads for that timing (default: every core this process may use).
     """
 
     onnx: str
@@ -84,6 +93,9 @@ class BuildConfig:
     sparse_weights: bool = False
     dla_core: int | None = None
     tf32: bool = False
+    compare_rounds: int = 5
+    compare_seconds: float = 0.3
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -97,6 +109,8 @@ class BuildConfig:
                                               or self.tf32):
             raise ConfigError("--sparse-weights, --dla-core, --timing-cache and --tf32 are TensorRT options; drop "
                               "them or use --backend tensorrt")
+        if self.compare_rounds < 0 or self.compare_seconds <= 0 or (self.threads is not None and self.threads < 1):
+            raise ConfigError("--compare-rounds must be >= 0, --compare-seconds > 0 and --threads >= 1")
         if self.tf32 and self.precision != "fp32":
             raise ConfigError(f"--tf32 applies to --precision fp32 only, not {self.precision}")
         profile = Profile(self.min_batch, self.opt_batch, self.max_batch)
@@ -154,13 +168,62 @@ def _build_onnxruntime(cfg: BuildConfig, src: Path, out: Path) -> dict[str, Any]
     opts = ort.SessionOptions()
     # EXTENDED fusions stay portable across CPUs; ALL would bake in this CPU's blocked layouts
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    facts: dict[str, Any] = {"onnxruntime": ort.__version__, "optimization": "ORT_ENABLE_EXTENDED",
+                             "provider": "CPUExecutionProvider", "kept": "optimized", "comparison": None}
     with atomic_path(out) as tmp:
         opts.optimized_model_filepath = str(tmp)
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
         optimized = onnx.load(str(tmp))
         onnx.helper.set_model_props(optimized, calibrate.metadata_props(src))
         onnx.save(optimized, str(tmp))
-    return {"onnxruntime": ort.__version__, "optimization": "ORT_ENABLE_EXTENDED", "provider": "CPUExecutionProvider"}
+        if cfg.compare_rounds:
+            comparison = time_optimized_against_input(tmp, src, batch=cfg.opt_batch, rounds=cfg.compare_rounds,
+                                                      seconds=cfg.compare_seconds, threads=cfg.threads)
+            facts["comparison"] = comparison
+            facts["kept"] = comparison["kept"]
+            if comparison["kept"] == "input":
+                logger.warning("the ONNX Runtime-optimized model ran %.2fx its input %s at batch %d (%s): keeping "
+                               "the input's graph as %s", comparison["ratio"], src.name, cfg.opt_batch,
+                               comparison["verdict"], out.name)
+                shutil.copyfile(src, tmp)
+                facts["optimization"] = "none (the optimized graph was slower here)"
+    return facts
+
+
+def faster_form(optimized: Spread, original: Spread) -> dict[str, Any]:
+    """Which of the optimized model and its input to keep: the higher median img/s (the optimized one on a tie).
+
+    The comparison (ratio optimized / input, its range over the rounds, ``faster``/``slower``/``within noise``)
+    goes into the manifest, so a reader sees when the choice was within noise.
+    """
+    c = compare(optimized, original)
+    kept = "input" if original.median > optimized.median else "optimized"
+    return {"kept": kept, **c, "optimized_img_per_s": optimized.to_dict(), "input_img_per_s": original.to_dict()}
+
+
+def time_optimized_against_input(optimized: Path, original: Path, *, batch: int, rounds: int, seconds: float,
+                                 threads: int | None) -> dict[str, Any]:
+    """Both models on ONNX Runtime's CPU provider at ``batch``, interleaved rounds; :func:`faster_form` of them."""
+    import numpy as np
+
+    from .runners import OnnxRuntimeRunner
+
+    windows = {}
+    for name, path in (("optimized", optimized), ("input", original)):
+        runner = OnnxRuntimeRunner(path, threads=threads)
+        x = runner.prepare(np.random.default_rng(0).standard_normal(
+            (batch, 3, runner.image_size, runner.image_size)).astype(np.float32))
+        time_runs(lambda r=runner, x=x: r.run(x), seconds=0, warmup=3, min_runs=0)
+
+        def window(secs: float, r=runner, x=x) -> float:
+            times = time_runs(lambda: r.run(x), seconds=secs, warmup=1)
+            return batch * len(times) / sum(times)
+
+        windows[name] = window
+    figures = interleaved(windows, rounds=rounds, seconds=seconds)
+    result = faster_form(Spread.of(figures["optimized"]), Spread.of(figures["input"]))
+    result.update(batch=batch, rounds=rounds, seconds=seconds, machine=cpu_facts())
+    return result
 
 
 def _build_tensorrt(cfg: BuildConfig, src: Path, out: Path, work: Path, input_name: str, size: int) -> dict[str, Any]:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from benchmarks.report import onnx_graph_stats, pareto_front
 from conftest import error_line, run_cli
+from optimize.timing import Spread, compare, cpu_facts, interleaved, isa_summary
 
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, trained, exported_onnx):
     out = tmp_path_factory.mktemp("bench") / "report"
     run_cli("-q", "benchmark", "--baseline", trained, "--models", exported_onnx, "--val-limit", "128",
-            "--batch-sizes", "1", "4", "--seconds", "0.1", "--warmup", "1", "--threads", "2", "--out", out,
-            check=True)
+            "--batch-sizes", "1", "4", "--rounds", "3", "--seconds", "0.05", "--warmup", "1", "--threads", "2",
+            "--min-speedup", "0.5", "--out", out, check=True)
     return out
 
 
@@ -30,6 +32,9 @@ def test_report_holds_every_figure(report_dir, trained, exported_onnx):
         assert row["params"] > 1e6 and row["macs"] > 1e6 and 0 <= row["sparsity"] < 0.01
         assert 0 <= row["top1"] <= row["top5"] <= 1
         assert set(row["throughput"]) == {"1", "4"} and all(v > 0 for v in row["throughput"].values())
+        for b, spread in row["throughput_spread"].items():  # the median of 3 rounds, inside their range
+            assert len(spread["rounds"]) == 3 and spread["low"] <= row["throughput"][b] <= spread["high"]
+            assert sorted(spread["rounds"])[1] == pytest.approx(row["throughput"][b])
         assert row["latency_ms_b1"]["p50"] <= row["latency_ms_b1"]["p90"] <= row["latency_ms_b1"]["p99"]
         assert row["e2e_img_per_s"] > 0
     assert base["speedup"]["4"] == pytest.approx(1.0)
@@ -38,14 +43,20 @@ def test_report_holds_every_figure(report_dir, trained, exported_onnx):
     assert onnx_row["agreement"] > 0.98 and abs(onnx_row["top1"] - base["top1"]) < 0.02
     assert onnx_row["macs"] == pytest.approx(base["macs"], rel=0.02)
     assert onnx_row["params"] == pytest.approx(base["params"], rel=0.02)
-    assert report["environment"]["threads"] == 2 and report["environment"]["cpu"]
+    env = report["environment"]
+    assert env["threads"] == 2 and env["cpu"] and set(env["isa"]) | set(env["isa_missing"]) >= {"avx2", "avx512_vnni"}
     assert any(r["pareto"] for r in report["rows"])
-    assert report["goals"] and report["goals"][0]["artifact"] == exported_onnx.name
+    # the one candidate is the final artifact; the verdict reads the user's budgets
+    assert report["final"]["artifact"] == exported_onnx.name
+    verdict = report["verdicts"][0]
+    assert verdict["artifact"] == exported_onnx.name and "0.5x" in verdict["verdict"] and "1 pt" in verdict["verdict"]
+    assert verdict["met"] == (verdict["speedup"] >= 0.5 and verdict["drop_pt"] <= 1.0)
 
 
 def test_report_markdown_and_plots_are_written(report_dir, exported_onnx):
     md = (report_dir / "report.md").read_text()
-    assert exported_onnx.name in md and "| model |" in md and "## Environment" in md and "## Goals" in md
+    assert exported_onnx.name in md and "| model |" in md and "## Environment" in md and "## Verdicts" in md
+    assert "instruction sets: " in md and " ±" in md and "3 rounds" in md
     # the final CPU artifact's per-class figures, from the same predictions as its top-1
     report = json.loads((report_dir / "report.json").read_text())
     final = next(r for r in report["rows"] if r["name"] == exported_onnx.name)["classification"]
@@ -53,7 +64,7 @@ def test_report_markdown_and_plots_are_written(report_dir, exported_onnx):
     recall = sum(k["recall"] * k["support"] for k in final["per_class"].values()) / sum(supports)
     assert sum(supports) == 128 and recall == pytest.approx(
         next(r for r in report["rows"] if r["name"] == exported_onnx.name)["top1"])
-    assert f"## Per-class metrics of the final CPU artifact ({exported_onnx.name})" in md
+    assert f"## Per-class metrics of the final artifact ({exported_onnx.name})" in md
     assert "| Ankle boot |" in md and f"F1 {final['macro_f1']:.2%}" in md
     for png in ("accuracy_vs_throughput.png", "latency_vs_batch.png"):
         data = (report_dir / png).read_bytes()
@@ -63,7 +74,7 @@ def test_report_markdown_and_plots_are_written(report_dir, exported_onnx):
 def test_speed_only_run_at_another_input_size(tmp_path, trained, exported_onnx):
     out = tmp_path / "r32"
     run_cli("-q", "benchmark", "--baseline", trained, "--models", exported_onnx, "--input-size", "32",
-            "--batch-sizes", "2", "--seconds", "0.05", "--warmup", "0", "--out", out, check=True)
+            "--batch-sizes", "2", "--rounds", "2", "--seconds", "0.05", "--warmup", "0", "--out", out, check=True)
     report = json.loads((out / "report.json").read_text())
     assert [r["input_size"] for r in report["rows"]] == [32, 32]
     assert all(r["top1"] is None and r["throughput"]["2"] > 0 for r in report["rows"])
@@ -83,3 +94,40 @@ def test_pareto_front_marks_undominated_points():
     assert pareto_front([(1.0, 0.9), (2.0, 0.8), (0.5, 0.85), (2.0, 0.9)]) == [False, False, False, True]
     assert pareto_front([(1.0, 0.9), (2.0, 0.8)]) == [True, True]
     assert not np.any(pareto_front([(1.0, 0.5), (1.0, 0.6)])[:1])
+
+
+def test_two_identical_models_are_within_noise(tmp_path, exported_onnx):
+    """The same bytes under two names: interleaved rounds cannot rank them, and the report says so."""
+    twin = tmp_path / "twin.onnx"
+    shutil.copyfile(exported_onnx, twin)
+    out = tmp_path / "r"
+    run_cli("-q", "benchmark", "--baseline", exported_onnx, "--models", twin, "--val-limit", "64", "--batch-sizes",
+            "8", "--rounds", "7", "--seconds", "0.05", "--warmup", "1", "--out", out, check=True)
+    report = json.loads((out / "report.json").read_text())
+    row = next(r for r in report["rows"] if r["name"] == "twin.onnx")
+    low, high = row["speedup_range"]["8"]
+    assert low <= 1.0 <= high and row["speedup_verdict"]["8"] == "within noise"
+    assert "*within noise*" in (out / "report.md").read_text()
+
+
+def test_spread_and_compare_rank_only_what_the_rounds_separate():
+    fast, slow = Spread.of([10.0, 11.0, 12.0]), Spread.of([5.0, 6.0, 7.0])
+    assert fast.median == 11.0 and fast.half_range == 1.0
+    assert compare(fast, slow)["verdict"] == "faster" and compare(slow, fast)["verdict"] == "slower"
+    ratio = compare(fast, slow)
+    assert ratio["ratio"] == pytest.approx(11 / 6) and ratio["ratio_low"] == pytest.approx(10 / 7)
+    assert compare(Spread.of([10.0, 13.0]), Spread.of([12.0, 12.5]))["verdict"] == "within noise"
+
+
+def test_interleaved_rotates_the_order_each_round():
+    calls = []
+    interleaved({k: (lambda s, k=k: calls.append(k) or s) for k in "abc"}, rounds=3, seconds=0.01)
+    assert calls == list("abc" + "bca" + "cab")
+
+
+def test_isa_flags_are_read_for_x86_and_arm():
+    x86 = cpu_facts("model name : Some CPU\nflags : fpu avx2 fma avx512f avx512_vnni\n", "x86_64")
+    assert x86["cpu"] == "Some CPU" and x86["isa"] == ["avx2", "fma", "avx512f", "avx512_vnni"]
+    assert "amx_int8" in x86["isa_missing"] and "(no avx_vnni" in isa_summary(x86)
+    arm = cpu_facts("Features : fp asimd asimddp\n", "aarch64")
+    assert arm["isa"] == ["asimd", "asimddp"] and "i8mm" in arm["isa_missing"]

@@ -36,6 +36,33 @@ def test_onnxruntime_fp32_engine_matches_the_onnx(fp32_onnx, tmp_path):
     assert json.loads(proc.stdout)["out"] == str(out)
     x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(out, x), _run(fp32_onnx, x), atol=1e-4)
+    # the optimized graph was timed against its input in this run, and the faster by median is the file written
+    c = engine["comparison"]
+    assert c["batch"] == 4 and c["rounds"] == 5 and len(c["optimized_img_per_s"]["rounds"]) == 5
+    faster = "input" if c["input_img_per_s"]["median"] > c["optimized_img_per_s"]["median"] else "optimized"
+    assert engine["kept"] == faster and c["verdict"] in ("faster", "slower", "within noise")
+    fused = any(n.domain == "com.microsoft" for n in onnx.load(str(out)).graph.node)  # FusedConv: ORT's own ops
+    assert fused == (faster == "optimized")
+
+
+def test_the_slower_form_is_not_kept():
+    """A measured pair where the optimization cost speed: the input is kept, and the manifest says why."""
+    from optimize.build_engine import faster_form
+    from optimize.timing import Spread
+
+    slower = faster_form(Spread.of([900.0, 950.0, 1000.0]), Spread.of([1100.0, 1150.0, 1200.0]))
+    assert slower["kept"] == "input" and slower["verdict"] == "slower" and slower["ratio"] < 1
+    noise = faster_form(Spread.of([1000.0, 1060.0, 1200.0]), Spread.of([1050.0, 1100.0, 1150.0]))
+    assert noise["kept"] == "input" and noise["verdict"] == "within noise"
+    assert faster_form(Spread.of([1300.0]), Spread.of([1100.0]))["kept"] == "optimized"
+
+
+def test_compare_rounds_zero_keeps_the_optimized_graph_unmeasured(fp32_onnx, tmp_path):
+    out = tmp_path / "model.ort.onnx"
+    run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--compare-rounds", "0", "--out", out, check=True)
+    engine = json.loads((tmp_path / "model.ort.onnx.json").read_text())["engine"]
+    assert engine["kept"] == "optimized" and engine["comparison"] is None
+    assert any(n.domain == "com.microsoft" for n in onnx.load(str(out)).graph.node)
 
 
 def test_onnxruntime_int8_engine_from_calibration_data(fp32_onnx, tmp_path):

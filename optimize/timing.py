@@ -1,0 +1,156 @@
+"""Speed figures a reader can trust: repeated rounds, candidates interleaved, a median with its spread.
+
+One timed window per figure on a shared machine cannot tell 10% apart: a neighbour's job, a frequency change or
+the page cache moves a 2-second window by more than that, and it moves whichever model happened to be timed then.
+So every speed figure edgeopt compares (``benchmark``, ``build-engine --backend onnxruntime`` keeping the faster
+file) is measured here the same way:
+
+- each candidate is prepared once (input in place, ``warmup`` untimed runs);
+- then ``rounds`` rounds; in each, every candidate gets one window of ``seconds``, the candidates taking turns in
+  an order rotated by one each round, so drift of the machine hits all of them alike;
+- a figure is the median over the rounds, its spread the lowest and highest round (:class:`Spread`);
+- two figures are "within noise" of each other when their ranges overlap: neither beats the other in every
+  round, so the run cannot rank them.
+
+Example::
+
+    def window(seconds):                     # one round's window of one candidate: img/s
+        times = time_runs(lambda: session.run(None, feed), seconds=seconds, warmup=1)
+        return batch * len(times) / sum(times)
+
+    figures = interleaved({"fp32": window_a, "int8": window_b}, rounds=5, seconds=0.4)
+    a, b = Spread.of(figures["fp32"]), Spread.of(figures["int8"])
+    ratio, low, high = a.ratio(b)            # median ratio and the range the rounds allow
+    a.overlaps(b)                            # True: "within noise"
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+def time_runs(run: Callable[[], Any], *, seconds: float, warmup: int = 0, min_runs: int = 3) -> list[float]:
+    """Seconds each call of ``run`` took: ``warmup`` untimed calls, then calls until ``seconds`` are spent.
+
+    ``run`` must wait for its result (a CUDA backend synchronises), or the window times the queueing only.
+    """
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < min_runs:
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved(windows: dict[K, Callable[[float], T]], *, rounds: int, seconds: float,
+                on_window: Callable[[K], None] | None = None) -> dict[K, list[T]]:
+    """Call every window once per round for ``seconds``, in an order rotated by one each round.
+
+    Returns each key's results in round order. ``windows`` values take the seconds of one window and return its
+    figure (or any record of it, e.g. the run times); ``on_window`` is told each key after its window (progress).
+    """
+    if rounds < 1 or seconds <= 0:
+        raise ValueError("rounds must be >= 1 and seconds > 0")
+    keys = list(windows)
+    results: dict[K, list[T]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys) if keys else 0
+        for k in keys[shift:] + keys[:shift]:
+            results[k].append(windows[k](seconds))
+            if on_window is not None:
+                on_window(k)
+    return results
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A figure measured in several rounds: the median, the lowest and the highest round."""
+
+    median: float
+    low: float
+    high: float
+    rounds: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        if not values:
+            raise ValueError("a spread needs at least one value")
+        vals = tuple(float(v) for v in values)
+        return cls(statistics.median(vals), min(vals), max(vals), vals)
+
+    @property
+    def half_range(self) -> float:
+        """Half the range: what ``±`` means in the report."""
+        return (self.high - self.low) / 2
+
+    def overlaps(self, other: "Spread") -> bool:
+        """True when the two ranges overlap: the rounds cannot tell the two figures apart ("within noise")."""
+        return self.low <= other.high and other.low <= self.high
+
+    def ratio(self, other: "Spread") -> tuple[float, float, float]:
+        """``self / other``: the ratio of the medians, and the lowest and highest ratio the two ranges allow."""
+        return (self.median / other.median, self.low / other.high if other.high else float("inf"),
+                self.high / other.low if other.low else float("inf"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "low": self.low, "high": self.high, "rounds": list(self.rounds)}
+
+
+def compare(a: Spread, b: Spread) -> dict[str, Any]:
+    """How ``a`` compares with ``b`` (higher is better, e.g. img/s): ratio, its range, and the verdict.
+
+    ``verdict`` is ``faster`` / ``slower`` when the ranges do not overlap, else ``within noise``.
+    """
+    ratio, low, high = a.ratio(b)
+    verdict = "within noise" if a.overlaps(b) else ("faster" if a.median > b.median else "slower")
+    return {"ratio": ratio, "ratio_low": low, "ratio_high": high, "verdict": verdict}
+
+
+# Instruction sets that decide how fast INT8 and BF16 run on a CPU (x86 flags of /proc/cpuinfo; Arm "Features":
+# asimddp = dot product, i8mm = int8 matrix multiply). The same INT8 model ran at 0.36x FP32 on an AVX2 CPU
+# without VNNI and at 2.46x on one with AVX-512 VNNI: a speed figure without these says little.
+X86_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+ARM_ISA = ("asimd", "asimddp", "i8mm", "bf16", "sve")
+
+
+def cpu_facts(cpuinfo: str | None = None, machine: str | None = None) -> dict[str, Any]:
+    """The CPU's model name, core count and which instruction sets of :data:`X86_ISA` / :data:`ARM_ISA` it has."""
+    import os
+    import platform
+    from pathlib import Path
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    machine = machine or platform.machine()
+    name, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not name:
+            name = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    relevant = ARM_ISA if machine.lower() in ("aarch64", "arm64") else X86_ISA
+    return {"cpu": name or platform.processor() or machine or "unknown", "cpu_cores": os.cpu_count(),
+            "machine": machine, "isa": [f for f in relevant if f in flags],
+            "isa_missing": [f for f in relevant if f not in flags]}
+
+
+def isa_summary(facts: dict[str, Any]) -> str:
+    """``avx2 fma avx512f avx512_vnni avx512_bf16 (no avx_vnni, amx_tile, ...)`` for a report's environment."""
+    have, missing = facts.get("isa") or [], facts.get("isa_missing") or []
+    if not have:
+        return "none of " + ", ".join(missing) if missing else "unknown"
+    return " ".join(have) + (f" (no {', '.join(missing)})" if missing else "")
