@@ -622,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs/demo", help="a pipeline's output folder (make demo writes runs/demo)")
     p.add_argument("--out", default=None, help="folder for the engines and reports (default: RUNS/gpu-check)")
     p.add_argument("--data", default="fashion-mnist", help="val and calibration data of that run")
-    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per artifact and batch size")
+    p.add_argument("--seconds", type=float, default=0.4,
+                   help="one benchmark timing window (per artifact, batch size and round; 5 rounds)")
     p.add_argument("--val-limit", type=int, default=2000, help="val images for the accuracy figures")
     p.add_argument("--json", action="store_true", help="print gpu_check.json instead of the tables")
 

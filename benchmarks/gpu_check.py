@@ -43,14 +43,14 @@ class GpuCheckConfig:
         runs: a pipeline's output folder (teacher.pth, student.pth, pruned.pth, model.onnx).
         out: folder for the engines built here, the benchmark report and gpu_check.json / .md.
         data: val data for accuracy and INT8 calibration (what the run used).
-        seconds: benchmark timing budget per artifact and batch size.
+        seconds: one benchmark timing window (per artifact, batch size and round; 5 rounds).
         val_limit: val images for the accuracy figures (None: all).
     """
 
     runs: str = "runs/demo"
     out: str = "runs/demo/gpu-check"
     data: str = "fashion-mnist"
-    seconds: float = 2.0
+    seconds: float = 0.4
     val_limit: int | None = 2000
 
 
