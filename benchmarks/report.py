@@ -29,15 +29,15 @@ import math
 import platform
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from calib.batcher import ImageBatcher
-from optimize.artifacts import Artifact, atomic_path, library_versions, prepare_output, read_manifest, sha256_file, \
-    write_json
+from optimize.artifacts import (Artifact, atomic_path, library_versions, prepare_output, read_manifest,
+                                resolve_data, sha256_file, write_json)
 from optimize.data import DataSplits, default_preprocessing, load_data
 from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.loop import classification_metrics
@@ -61,7 +61,8 @@ class BenchmarkConfig:
             verdicts speak of is the fastest of them (median at the reference batch) within the accuracy budget.
         out: folder for report.json, report.md and the plots.
         baseline: the reference (the original teacher checkpoint); None: the first of ``models``.
-        data: val split for the accuracy figures (``fashion-mnist`` or a folder).
+        data: val split for the accuracy figures (``fashion-mnist`` or a folder); None: the data the baseline's
+            manifests record (fashion-mnist when none does).
         batch_sizes: throughput is measured at each; latency percentiles at batch 1.
         device: ``cpu`` or ``cuda`` (PyTorch adds FP16 and BF16 channels_last rows there; ONNX models run on
             ONNX Runtime's CUDA provider when onnxruntime-gpu is installed; engines need TensorRT).
@@ -85,7 +86,7 @@ class BenchmarkConfig:
     models: tuple[str, ...]
     out: str
     baseline: str | None = None
-    data: str = "fashion-mnist"
+    data: str | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     device: str = "cpu"
     threads: int | None = None
@@ -255,6 +256,11 @@ def resized_onnx(src: str | Path, size: int, work: Path) -> Path:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_value = dims[3].dim_value = size
     del model.graph.value_info[:]
+    # the trained preprocessing names the trained size, which this copy no longer takes: random inputs need none
+    kept = [(p.key, p.value) for p in model.metadata_props
+            if p.key not in ("edgeopt.preprocessing", "edgeopt.image_size", "edgeopt.mean", "edgeopt.std")]
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(kept))
     dst = work / f"{Path(src).stem}.{size}px.onnx"
     onnx.save(model, str(dst))
     return dst
@@ -682,6 +688,12 @@ def run(cfg: BenchmarkConfig) -> Artifact:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
     entries = _entries(cfg)
+    try:
+        cfg = replace(cfg, data=resolve_data(cfg.data, entries[0][0]))
+    except DataError:
+        if not cfg.input_size:
+            raise
+        cfg = replace(cfg, data="fashion-mnist")  # speed only: the data names a default preprocessing at most
     cache = _ValCache(cfg)
     rows: list[Row] = []
     windows: dict[tuple[int, str], Callable[[float], Any]] = {}

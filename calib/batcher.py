@@ -35,6 +35,10 @@ def onnx_input(path: str) -> tuple[str, int, bool]:
     dims = inputs[0].type.tensor_type.shape.dim
     if len(dims) != 4 or dims[1].dim_value != 3 or dims[2].dim_value != dims[3].dim_value or not dims[2].dim_value:
         shape = [d.dim_param or d.dim_value for d in dims]
+        if len(dims) == 4 and dims[3].dim_value == 3 and dims[1].dim_value and dims[1].dim_value == dims[2].dim_value:
+            side = dims[1].dim_value
+            raise ModelInputError(f"{path} takes channels-last (NHWC) input {shape}, but edgeopt feeds images as NCHW "
+                                  f"[n, 3, {side}, {side}]; export the model channels-first")
         raise ModelInputError(f"{path} takes input {shape}; edgeopt needs [batch, 3, S, S]")
     return inputs[0].name, dims[2].dim_value, bool(dims[0].dim_param)
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_path, read_manifest, sha256_file
-from .errors import CheckpointError
-from .models import guess_arch, model_from_state_dict
+from .errors import CheckpointError, ConfigError
+from .models import ARCHS, STEMS, guess_arch, model_from_state_dict
 from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,44 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _recorded_preprocessing(recorded: Any, source: str) -> Preprocessing | None:
+    """``Preprocessing.from_dict`` of what a checkpoint or manifest records, as a :class:`CheckpointError`."""
+    if recorded is None:
+        return None
+    try:
+        return Preprocessing.from_dict(recorded, source=source)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _check_edgeopt_fields(obj: Mapping, path: Path) -> None:
+    """Refuse a hand-made or damaged edgeopt checkpoint with what is wrong, before anything indexes it."""
+    damaged = f"{path} is a damaged edgeopt checkpoint"
+    fix = "re-save it with edgeopt (train, distill or prune)"
+    missing = [k for k in ("arch", "stem", "num_classes", "class_names", "preprocessing", "state_dict") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{damaged}: it lacks {', '.join(missing)}; {fix}")
+    if not isinstance(obj["arch"], str) or obj["arch"] not in ARCHS:
+        raise CheckpointError(f"{path}: the checkpoint records arch {obj['arch']!r}, which this edgeopt does not know "
+                              f"(it knows {', '.join(ARCHS)}); {fix}")
+    if obj["stem"] not in STEMS:
+        raise CheckpointError(f"{path}: the checkpoint records stem {obj['stem']!r}, not one of {', '.join(STEMS)}; "
+                              f"{fix}")
+    if not isinstance(obj["state_dict"], Mapping) or not all(isinstance(v, torch.Tensor)
+                                                            for v in obj["state_dict"].values()):
+        raise CheckpointError(f"{damaged}: its state_dict is not a dict of tensors; {fix}")
+    names = obj["class_names"]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{damaged}: class_names is not a list of strings; {fix}")
+    if not isinstance(obj["num_classes"], int) or obj["num_classes"] != len(names):
+        raise CheckpointError(f"{damaged}: num_classes {obj['num_classes']!r} does not match its {len(names)} class "
+                              f"names; {fix}")
+    guessed = guess_arch(obj["state_dict"])
+    if guessed != obj["arch"]:
+        looks = f"weights of a {guessed}" if guessed else "weights of no known ResNet"
+        raise CheckpointError(f"{path}: the checkpoint records arch {obj['arch']!r} but holds {looks}; {fix}")
+
+
 def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
     """Load any checkpoint edgeopt accepts; the model comes back on the CPU in eval mode.
 
@@ -169,17 +207,19 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
             raise CheckpointError(f"{path} looks like TorchScript but does not load: {str(e).splitlines()[0]}") from e
         pre = manifest.get("preprocessing")
         return LoadedModel(module.eval(), "torchscript", path, digest, class_names=manifest.get("class_names"),
-                           preprocessing=Preprocessing.from_dict(pre) if pre else None)
+                           preprocessing=_recorded_preprocessing(pre or None, f"{path}'s manifest"))
 
     obj = _read(path, trust)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        _check_edgeopt_fields(obj, path)
+        preprocessing = _recorded_preprocessing(obj["preprocessing"], str(path))
         if arch and arch != obj["arch"]:
             raise CheckpointError(f"{path} holds a {obj['arch']}, not --arch {arch}; drop --arch or fix it")
         model, _, _ = model_from_state_dict(obj["state_dict"], arch=obj["arch"], stem=obj["stem"], source=str(path))
         extra = {k: v for k, v in obj.items() if k not in {"format", "version", "arch", "stem", "num_classes",
                                                             "class_names", "preprocessing", "state_dict", "metrics"}}
         return LoadedModel(model.eval(), "edgeopt", path, digest, obj["arch"], obj["stem"], obj["num_classes"],
-                           list(obj["class_names"]), Preprocessing.from_dict(obj["preprocessing"]),
+                           list(obj["class_names"]), preprocessing,
                            dict(obj.get("metrics") or {}), extra)
 
     if isinstance(obj, nn.Module):  # only reachable with trust=True
@@ -199,4 +239,4 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
     model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
     pre = manifest.get("preprocessing")
     return LoadedModel(model.eval(), "state_dict", path, digest, found_arch, stem, model.fc.out_features,
-                       manifest.get("class_names"), Preprocessing.from_dict(pre) if pre else None)
+                       manifest.get("class_names"), _recorded_preprocessing(pre or None, f"{path}'s manifest"))

@@ -7,11 +7,16 @@ transform the model was trained with instead of asking the user again.
 Eval transform: any image mode -> RGB (grayscale replicated to 3 channels, 16-bit scaled to 8-bit, alpha and
 CMYK converted) -> resize the shorter side to ``resize_size`` -> center crop ``image_size`` -> float in [0, 1]
 -> normalize with ``mean``/``std``.
+
+The shorter side is resized, so an image's memory after the resize grows with its aspect ratio, not its pixel
+count: a 1 x 1,000,000 strip (2 KB as a PNG) becomes 32 x 32,000,000. Images more elongated than
+:data:`MAX_ASPECT_RATIO` are refused (:func:`check_image_size`) before they are decoded or resized.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,6 +34,8 @@ FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 
 AUGMENTS = ("flip", "crop-flip", "crop-flip-rotate", "random-resized-crop", "random-resized-crop-rotate", "none")
 ROTATION_DEGREES = 15  # the seeds' RandomRotation(15)
+MAX_ASPECT_RATIO = 50  # longer side / shorter side; panoramas are ~10:1, a 1 x 1e6 strip is an attack
+MAX_SIDE = 8192  # image_size / resize_size above this are damaged metadata, not a classifier's input
 _INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                    "nearest": T.InterpolationMode.NEAREST}
 
@@ -58,8 +65,12 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ConfigError(f"image size {self.image_size} is too small; use at least 8 pixels")
+        if self.image_size > MAX_SIDE:
+            raise ConfigError(f"image size {self.image_size} is above the {MAX_SIDE} pixels edgeopt supports")
         if self.resize_size < self.image_size:
             raise ConfigError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}")
+        if self.resize_size > MAX_SIDE:
+            raise ConfigError(f"resize_size {self.resize_size} is above the {MAX_SIDE} pixels edgeopt supports")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("mean and std need 3 values each, std > 0")
         if self.interpolation not in _INTERPOLATIONS:
@@ -77,19 +88,48 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: Any, *, source: str | None = None) -> "Preprocessing":
+        """Rebuild a recorded preprocessing, checking every field's type and range (it may be hand-edited).
+
+        Args:
+            d: what :meth:`to_dict` wrote (extra keys such as ``layout`` are ignored).
+            source: where ``d`` was read from (a file, a metadata key), named in the error.
+
+        Raises:
+            ConfigError: ``d`` is not a dict, lacks ``image_size`` / ``resize_size``, or holds a wrong type or value.
+        """
+        where = f"{source}: " if source else ""
+        fix = "; re-export the model or re-save the checkpoint with edgeopt"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}the recorded preprocessing is a {type(d).__name__}, not a dict{fix}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        for key in ("mean", "std"):
-            if key in kwargs:
-                kwargs[key] = tuple(float(x) for x in kwargs[key])
-        return cls(**kwargs)
+        try:
+            for key in ("image_size", "resize_size"):
+                if key not in kwargs:
+                    raise ConfigError(f"it has no {key}")
+                if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
+                    raise ConfigError(f"{key} must be an integer, not {kwargs[key]!r}")
+            for key in ("mean", "std"):
+                if key in kwargs:
+                    value = kwargs[key]
+                    if (not isinstance(value, (list, tuple)) or len(value) != 3
+                            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                       for x in value)):
+                        raise ConfigError(f"{key} must be 3 finite numbers, not {value!r}")
+                    kwargs[key] = tuple(float(x) for x in value)
+            for key in ("interpolation", "train_augment"):
+                if key in kwargs and not isinstance(kwargs[key], str):
+                    raise ConfigError(f"{key} must be a string, not {kwargs[key]!r}")
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}the recorded preprocessing is invalid: {e}{fix}") from e
 
     # -- transforms ------------------------------------------------------------------------------------
     def eval_transform(self) -> T.Compose:
         """PIL image (any mode) -> normalized float tensor, deterministic."""
         return T.Compose([
-            T.Lambda(to_rgb),
+            T.Lambda(checked_rgb),
             T.Resize(self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True),
             T.CenterCrop(self.image_size),
             T.ToTensor(),
@@ -115,7 +155,7 @@ class Preprocessing:
                 geometric.append(T.RandomHorizontalFlip())
         if self.train_augment.endswith("-rotate"):
             geometric.append(T.RandomRotation(ROTATION_DEGREES, interpolation=interp))
-        return T.Compose([T.Lambda(to_rgb), *geometric, T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([T.Lambda(checked_rgb), *geometric, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
 def fashion_mnist_preset(*, image_size: int = 32) -> Preprocessing:
@@ -149,9 +189,39 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_image_size(width: int, height: int) -> None:
+    """Refuse an image whose short-side resize would be huge (see :data:`MAX_ASPECT_RATIO`).
+
+    Raises:
+        DataError: one side is 0 or more than :data:`MAX_ASPECT_RATIO` times the other.
+    """
+    if min(width, height) < 1:
+        raise DataError(f"image of {width}x{height} pixels is empty")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(f"image of {width}x{height} pixels has an aspect ratio of "
+                        f"{max(width, height) / min(width, height):.0f}:1, above the {MAX_ASPECT_RATIO}:1 edgeopt "
+                        "resizes (its short-side resize would take gigabytes); crop it first")
+
+
+def checked_rgb(img: Image.Image) -> Image.Image:
+    """:func:`to_rgb` after :func:`check_image_size`: the first step of every transform."""
+    check_image_size(*img.size)
+    return to_rgb(img)
+
+
 def load_image(path) -> Image.Image:
-    """Open an image file fully decoded as RGB, honouring its EXIF orientation."""
-    with Image.open(path) as img:
+    """Open an image file fully decoded as RGB, honouring its EXIF orientation.
+
+    Raises:
+        DataError: the image has more pixels than Pillow's decompression-bomb limit, or an extreme aspect ratio
+            (checked from the header, before decoding).
+    """
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image is too large to decode safely ({e})") from e
+    with opened as img:
+        check_image_size(*img.size)
         img = ImageOps.exif_transpose(img)
         img.load()
         return to_rgb(img)

@@ -77,7 +77,10 @@ class Runner:
         device: ``cpu`` or ``cuda``.
         image_size: input side S of ``[n, 3, S, S]``.
         preprocessing / class_names: as recorded by the artifact (None when it records none).
-        max_batch: largest batch accepted (None: any).
+        max_batch: largest batch one :meth:`run` accepts (None: any); :meth:`infer` takes any batch.
+        fixed_batch: the only batch size :meth:`run` accepts, when the model's batch axis is static (an ONNX
+            exported with a fixed batch); :meth:`infer` splits and pads larger or smaller batches to it. None
+            when the batch axis is dynamic.
         threads: CPU threads (None on GPU backends).
         manifest: the artifact's manifest (empty when absent).
     """
@@ -92,6 +95,7 @@ class Runner:
     max_batch: int | None = None
     threads: int | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    fixed_batch: int | None = None
 
     @property
     def label(self) -> str:
@@ -173,13 +177,36 @@ def onnx_precision(path: str | Path) -> str:
 
 
 def onnx_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str] | None]:
-    """Preprocessing and class names ``export`` recorded for an ONNX model (None, None when it records none)."""
-    from calib.calibrate import CalibrationError, model_preprocessing
+    """Preprocessing and class names ``export`` recorded for an ONNX model (None, None when it records none).
+
+    Raises:
+        RunnerError: the record is damaged or disagrees with the graph's input size.
+    """
+    from calib.calibrate import CalibrationError, recorded_preprocessing
 
     try:
-        return model_preprocessing(path)
-    except CalibrationError:
-        return None, None
+        return recorded_preprocessing(path)
+    except CalibrationError as e:
+        raise RunnerError(str(e)) from e
+
+
+def onnx_image_input(path: Path, shape: list) -> tuple[int | None, int | None]:
+    """``(fixed batch, side)`` of an ONNX input ``shape`` that must be ``[n, 3, S, S]`` (None where symbolic).
+
+    Raises:
+        RunnerError: another rank or layout (channels-last ``[n, S, S, 3]`` included), with what edgeopt feeds.
+    """
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    side = dims[-1] if len(dims) == 4 and dims[2] == dims[3] else None
+    expected = f"[n, 3, {side or 'S'}, {side or 'S'}]"
+    shown = f"[{', '.join('?' if d is None else str(d) for d in shape)}]"
+    if len(dims) == 4 and dims[3] == 3 and dims[1] is not None and dims[1] == dims[2]:
+        raise RunnerError(f"{path} takes channels-last (NHWC) input {shown}, but edgeopt feeds images as NCHW "
+                          f"[n, 3, {dims[1]}, {dims[1]}]; export the model channels-first")
+    if len(dims) != 4 or dims[1] not in (3, None) or dims[2] != dims[3]:
+        raise RunnerError(f"{path} takes input {shown}; edgeopt feeds images as NCHW {expected} (3 RGB channels, "
+                          "square); export the model with that input")
+    return dims[0], side
 
 
 def ort_cuda_missing() -> str:
@@ -226,19 +253,23 @@ class OnnxRuntimeRunner(Runner):
         except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors for unreadable models
             raise RunnerError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
         inp = self.session.get_inputs()[0]
-        side = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
+        fixed_batch, side = onnx_image_input(path, inp.shape)
         preprocessing, class_names = onnx_preprocessing(path)
         size = side or (preprocessing.image_size if preprocessing else None)
         if size is None:
             raise RunnerError(f"{path} has no fixed input size and records no preprocessing")
         super().__init__(path, "onnxruntime", onnx_precision(path), device, size, preprocessing, class_names,
-                         None, threads if device == "cpu" else None, read_manifest(path) or {})
+                         fixed_batch, threads if device == "cpu" else None, read_manifest(path) or {}, fixed_batch)
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
         self._ort = ort
 
     def prepare(self, batch: np.ndarray):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.fixed_batch is not None and len(batch) != self.fixed_batch:
+            raise RunnerError(f"{self.path} was exported with a fixed batch of {self.fixed_batch}: it runs batches "
+                              f"of exactly {self.fixed_batch}, not {len(batch)} (infer() splits and pads); export it "
+                              "with a dynamic batch axis to run others")
         if self.device == "cpu":
             return batch
         binding = self.session.io_binding()
@@ -253,6 +284,19 @@ class OnnxRuntimeRunner(Runner):
         return prepared
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        n = self.fixed_batch
+        if n is None or len(batch) == n:
+            return self._infer_one(batch)
+        chunks = []
+        for start in range(0, len(batch), n):  # a static batch axis: chunks of n, the last one zero-padded
+            chunk = batch[start:start + n]
+            rows = len(chunk)
+            if rows < n:
+                chunk = np.concatenate([chunk, np.zeros((n - rows, *chunk.shape[1:]), chunk.dtype)])
+            chunks.append(self._infer_one(chunk)[:rows])
+        return np.concatenate(chunks)
+
+    def _infer_one(self, batch: np.ndarray) -> np.ndarray:
         if self.device == "cpu":
             return self.run(self.prepare(batch))
         return self.run(self.prepare(batch)).copy_outputs_to_cpu()[0]
@@ -275,7 +319,8 @@ class TensorRTEngineRunner(Runner):
         self.min_batch = self.trt_runner.min_batch  # a static (DLA) engine pads smaller batches: not timed there
         pre = manifest.get("preprocessing")
         super().__init__(path, "tensorrt", manifest["engine"].get("precision", "fp32"), "cuda",
-                         int(self.trt_runner.chw[-1]), Preprocessing.from_dict(pre) if pre else None,
+                         int(self.trt_runner.chw[-1]),
+                         Preprocessing.from_dict(pre, source=f"{path}'s manifest") if pre else None,
                          manifest.get("class_names"), self.trt_runner.max_batch, None, manifest)
 
     def prepare(self, batch: np.ndarray):

@@ -9,8 +9,11 @@ Endpoints:
 
 Concurrent requests are batched (:class:`MicroBatcher`): images wait in a queue at most ``max_wait_ms`` for
 others, up to the model's largest batch, and one inference runs at a time in a worker thread, so the event loop
-keeps accepting and decoding uploads meanwhile. Bad uploads get a 4xx with a message: 413 (body or image too
-large), 415 (not an image content type), 400 (not a decodable image), 422 (no image); a full queue gets 503.
+keeps accepting and decoding uploads meanwhile. Bad uploads get a 4xx with a message: 413 (body too large; image
+above --max-pixels or Pillow's decompression-bomb limit, or with an aspect ratio above 50:1), 415 (not an image
+content type), 400 (not a decodable image), 422 (no image); a full queue gets 503. A connection that sends no data
+for ``timeout_s`` while its request is incomplete (slow headers or body) is closed; a client that goes away
+mid-upload is logged on one line.
 
 Example::
 
@@ -24,6 +27,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from PIL import Image
 from .artifacts import sha256_file
 from .errors import ConfigError, EdgeoptError
 from .infer import image_tensor, model_inputs, top_k
+from .preprocess import check_image_size
 from .runners import open_runner
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,8 @@ class ServeConfig:
         max_upload_bytes: largest request body (all images together); larger gets 413.
         max_images: most images in one request.
         max_pixels: largest decoded image (width x height); larger gets 413.
+        timeout_s: a connection whose request is incomplete (headers or body) and that sends nothing for this
+            long is closed (408 when nothing was answered yet).
         device / threads / trust_checkpoint: how to open the model (as ``infer``).
     """
 
@@ -74,6 +81,7 @@ class ServeConfig:
     max_upload_bytes: int = 10 << 20
     max_images: int = 64
     max_pixels: int = 40_000_000
+    timeout_s: float = 30.0
     device: str = "cpu"
     threads: int | None = None
     trust_checkpoint: bool = False
@@ -85,6 +93,8 @@ class ServeConfig:
                               "must be at least 1")
         if self.max_wait_ms < 0 or not 0 <= self.port <= 65535:
             raise ConfigError("--max-wait-ms must be >= 0 and --port within 0..65535")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"the connection timeout must be above 0 seconds (got {self.timeout_s})")
 
 
 class RequestError(EdgeoptError):
@@ -217,11 +227,19 @@ def _decode(name: str, data: bytes, transform: Callable, max_pixels: int) -> np.
     """One upload to the model's input tensor, or a :class:`RequestError` saying what is wrong with it."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            pixels = probe.width * probe.height
+            width, height = probe.size
+    except Image.DecompressionBombError as e:  # the header alone declares more pixels than Pillow decodes
+        size = re.search(r"\d+ pixels", str(e))
+        raise RequestError(413, f"{name}: {size.group() if size else 'too many pixels'} is above Pillow's "
+                                "decompression-bomb limit") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data; all mean "not an image"
         raise RequestError(400, f"{name}: not a readable image ({type(e).__name__})") from e
-    if pixels > max_pixels:
-        raise RequestError(413, f"{name}: {pixels} pixels is above the limit of {max_pixels} (--max-pixels)")
+    if width * height > max_pixels:
+        raise RequestError(413, f"{name}: {width * height} pixels is above the limit of {max_pixels} (--max-pixels)")
+    try:
+        check_image_size(width, height)
+    except EdgeoptError as e:  # resized by its short side, it would take gigabytes
+        raise RequestError(413, f"{name}: {e}") from e
     try:
         return image_tensor(transform, io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - a truncated file opens, then fails to decode
@@ -269,6 +287,7 @@ def create_app(cfg: ServeConfig):
     require_serve_dependencies()
     from fastapi import FastAPI, Query, Request
     from fastapi.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
 
     worker = ThreadPoolExecutor(1, thread_name_prefix="edgeopt-infer")  # opens the model, then runs every batch
     try:
@@ -324,7 +343,12 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/predict")
     async def predict(request: Request, k: int = Query(cfg.top_k, alias="top_k", ge=1)) -> dict[str, Any]:
-        uploads = await _uploads(Request(request.scope, _limited(request.receive, cfg.max_upload_bytes)), cfg)
+        try:
+            uploads = await _uploads(Request(request.scope, _limited(request.receive, cfg.max_upload_bytes)), cfg)
+        except ClientDisconnect as e:  # nobody to answer: one line in the log, not a traceback
+            client = request.client
+            logger.info("client %s disconnected mid-upload", f"{client.host}:{client.port}" if client else "?")
+            raise RequestError(400, "the client disconnected before the upload was complete") from e
         tensors = await asyncio.gather(*(asyncio.to_thread(_decode, name, data, transform, cfg.max_pixels)
                                          for name, data in uploads))
         logits = await batcher.submit(np.stack(tensors))
@@ -355,6 +379,61 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def timed_protocol(base: type, timeout: float) -> type:
+    """``base`` (uvicorn's HTTP protocol class) with a per-connection read timeout.
+
+    uvicorn times out idle keep-alive connections only: a client that sends half its headers, or a body slower
+    than it announced, holds a connection (and a buffered upload) forever. This subclass closes a connection when
+    ``timeout`` seconds pass without data while a request is incomplete; a complete request that the app is still
+    answering is left alone. When nothing was answered yet it first sends ``408 Request Timeout``.
+    """
+
+    class TimedProtocol(base):
+        def connection_made(self, transport) -> None:
+            self._read_timer = None
+            super().connection_made(transport)
+            self._arm_read_timer()
+
+        def data_received(self, data: bytes) -> None:
+            self._arm_read_timer()
+            super().data_received(data)
+
+        def connection_lost(self, exc) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_read_timer(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer = self.loop.call_later(self.timeout, self._read_timed_out)
+
+        def _read_timed_out(self) -> None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.more_body and not cycle.response_complete:
+                return  # the whole request arrived; the app is answering it
+            if self.transport.is_closing():
+                return
+            logger.info("closing the connection of %s: no data for %g s with its request incomplete",
+                        "%s:%d" % self.client if self.client else "a client", self.timeout)
+            if cycle is None or not cycle.response_started:
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            self.transport.close()
+
+    TimedProtocol.timeout = timeout
+    TimedProtocol.__name__ = TimedProtocol.__qualname__ = f"Timed{base.__name__}"
+    return TimedProtocol
+
+
+def uvicorn_config(app, cfg: ServeConfig, **options):
+    """The ``uvicorn.Config`` :func:`run` serves ``app`` with: uvicorn's HTTP protocol with ``cfg.timeout_s``."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    options = {"log_config": None, "timeout_graceful_shutdown": 10, **options}
+    return uvicorn.Config(app, http=timed_protocol(AutoHTTPProtocol, cfg.timeout_s), **options)
+
+
 def run(cfg: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
     """Serve ``cfg.model`` until interrupted (Ctrl-C or SIGTERM stop it gracefully).
 
@@ -372,5 +451,5 @@ def run(cfg: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
     logger.info("listening on %s", url)
     if ready is not None:
         ready(url)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=10))
+    server = uvicorn.Server(uvicorn_config(app, cfg))
     server.run(sockets=[sock])

@@ -52,9 +52,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+MAX_ASPECT_RATIO = 50  # as edgeopt's preprocessing: a 1 x 1,000,000 strip would resize to 32 x 32,000,000
+
+
 def load_image(path) -> Image.Image:
-    """Open an image fully decoded as RGB, honouring its EXIF orientation."""
+    """Open an image fully decoded as RGB, honouring its EXIF orientation; extreme aspect ratios are refused
+    from the header, before decoding (the short-side resize would make them huge)."""
     with Image.open(path) as img:
+        w, h = img.size
+        if min(w, h) < 1 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise ValueError(f"{w}x{h} pixels: aspect ratio above {MAX_ASPECT_RATIO}:1")
         img = ImageOps.exif_transpose(img)
         img.load()
         return to_rgb(img)
@@ -82,7 +89,8 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
 # -- backends ----------------------------------------------------------------------------------------------
 
 class OnnxModel:
-    """ONNX Runtime: CUDA when onnxruntime-gpu offers it, else the CPU."""
+    """ONNX Runtime: CUDA when onnxruntime-gpu offers it, else the CPU. A graph with a fixed batch size gets
+    batches of exactly that size (the last one padded, the padding's rows dropped)."""
 
     max_batch = None
 
@@ -92,10 +100,16 @@ class OnnxModel:
         wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [p for p in wanted if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(str(path), providers=providers)
-        self.input = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input = inp.name
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+        self.max_batch = self.fixed_batch
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: batch})[0]
+        n = len(batch)
+        if self.fixed_batch and n < self.fixed_batch:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], self.fixed_batch - n, axis=0)])
+        return self.session.run(None, {self.input: batch})[0][:n]
 
 
 class Cuda:
