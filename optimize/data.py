@@ -206,14 +206,39 @@ def load_fashion_mnist(preprocessing: Preprocessing, *, train_limit: int | None 
 
 # -- ImageFolder-style folders -------------------------------------------------------------------------
 
+def display_name(name: str | Path) -> str:
+    """``name`` as text any file or terminal takes: bytes that are not UTF-8 (which Python reads from the file
+    system as lone surrogates, PEP 383) become ``\\xNN``; a folder ``b"caf\\xe9"`` is shown as ``caf\\xe9``."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _decodable(paths: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:
+    """The images that decode in full, warning once about each one that does not.
+
+    ``verify()`` at scan time reads headers and chunk checksums only; a file with garbled pixel data passes it and
+    fails on decode. Stages that index images directly (the export check batch, accuracy samples) need every item.
+    """
+    kept_paths, kept_labels = [], []
+    for path, label in zip(paths, labels):
+        try:
+            load_image(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad pixel data; all mean "skip it"
+            logger.warning("skipping unreadable image %s: %s", display_name(path), e)
+            continue
+        kept_paths.append(path)
+        kept_labels.append(label)
+    return kept_paths, kept_labels
+
+
 def _list_classes(split_dir: Path) -> list[str]:
     """The class folder names of one split, sorted (their order is the label order)."""
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir} is missing; a data folder needs train/ and val/ subfolders with one "
-                        "folder of images per class")
+        raise DataError(f"{display_name(split_dir)} is missing; a data folder needs train/ and val/ subfolders with "
+                        "one folder of images per class")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/")
+        raise DataError(f"{display_name(split_dir)} has no class folders; put each class's images in "
+                        f"{display_name(split_dir)}/<class>/")
     return classes
 
 
@@ -221,8 +246,9 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
     classes = _list_classes(split_dir)
     if class_names is not None and classes != class_names:
         extra, missing = set(classes) - set(class_names), set(class_names) - set(classes)
-        raise DataError(f"{split_dir} has other classes than train/: extra {sorted(extra)}, missing "
-                        f"{sorted(missing)}; give both splits the same class folders")
+        raise DataError(f"{display_name(split_dir)} has other classes than train/: extra "
+                        f"{sorted(map(display_name, extra))}, missing {sorted(map(display_name, missing))}; "
+                        "give both splits the same class folders")
     paths, labels, unreadable = [], [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (split_dir / name).rglob("*")
@@ -236,12 +262,13 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
             except Exception:  # noqa: BLE001 - PIL raises many types for a bad file; all mean "skip it"
                 unreadable.append(path)
         if not good:
-            raise DataError(f"class folder {split_dir / name} has no readable images ({', '.join(IMAGE_EXTENSIONS)}); "
-                            "add images or remove the folder")
+            raise DataError(f"class folder {display_name(split_dir / name)} has no readable images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         paths += good
         labels += [label] * len(good)
     if unreadable:
-        logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(unreadable), split_dir, unreadable[0])
+        logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(unreadable), display_name(split_dir),
+                       display_name(unreadable[0]))
     return classes, paths, labels
 
 
@@ -250,19 +277,32 @@ def _safe_loader(paths: list[Path]) -> Callable[[int], Image.Image | None]:
         try:
             return load_image(paths[i])
         except Exception as e:  # noqa: BLE001 - a truncated file passes verify() and fails on decode
-            logger.warning("skipping unreadable image %s: %s", paths[i], e)
+            logger.warning("skipping unreadable image %s: %s", display_name(paths[i]), e)
             return None
     return load
 
 
 def load_folder(root: Path, preprocessing: Preprocessing, *, train_limit: int | None = None,
                 val_limit: int | None = None, augment: bool = True, val_only: bool = False) -> DataSplits:
+    """Read ``root/train/<class>/*`` and ``root/val/<class>/*`` (see :func:`load_data`).
+
+    Class folders and files may have names that are not UTF-8: they are read as they are and shown (class names,
+    ids, manifests) with their odd bytes as ``\\xNN``.
+    """
+    shown = display_name(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data {shown} is a file, not a folder; pass 'fashion-mnist' or a folder with train/ and "
+                        "val/ (unpack an archive first)")
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; pass 'fashion-mnist' or a folder with train/ and val/")
+        raise DataError(f"data folder {shown} does not exist; pass 'fashion-mnist' or a folder with train/ and val/")
+    classes = _list_classes(root / "train")
+    if len(classes) < 2:
+        raise DataError(f"{shown} has one class ({display_name(classes[0])}); a classifier needs at least 2 classes: "
+                        f"give {shown}/train/ and {shown}/val/ one folder of images per class")
     if val_only:  # class names (and their order) still come from train/, but its images are not read
-        classes, train_paths, train_labels = _list_classes(root / "train"), [], []
+        train_paths, train_labels = [], []
     else:
-        classes, train_paths, train_labels = _scan_split(root / "train", None)
+        _, train_paths, train_labels = _scan_split(root / "train", classes)
     _, val_paths, val_labels = _scan_split(root / "val", classes)
     digest = hashlib.sha256()
     splits = {"train": _empty_split()}
@@ -271,14 +311,19 @@ def load_folder(root: Path, preprocessing: Preprocessing, *, train_limit: int | 
         if val_only and split == "train":
             continue
         keep = stratified_indices(np.asarray(labels), limit)
-        paths = [paths[i] for i in keep]
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        if val_only:  # no training loop to skip bad items: the caller may index any of them
+            paths, labels = _decodable(paths, labels)
+            if not paths:
+                raise DataError(f"none of the images selected in {shown}/{split}/ decode; replace them (see the "
+                                "warnings above)")
         for p in paths:
-            digest.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
+            digest.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode("utf-8", "surrogateescape"))
         transform = (preprocessing.train_transform() if (split == "train" and augment)
                      else preprocessing.eval_transform())
-        splits[split] = LabeledImages(_safe_loader(paths), np.asarray(labels)[keep],
-                                      [str(p.relative_to(root)) for p in paths], transform)
-    return DataSplits(splits["train"], splits["val"], classes, str(root), digest.hexdigest())
+        splits[split] = LabeledImages(_safe_loader(paths), labels,
+                                      [display_name(p.relative_to(root)) for p in paths], transform)
+    return DataSplits(splits["train"], splits["val"], [display_name(c) for c in classes], shown, digest.hexdigest())
 
 
 def default_preprocessing(data: str, image_size: int | None = None) -> Preprocessing:

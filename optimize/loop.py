@@ -22,6 +22,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -36,6 +37,22 @@ from .data import DataSplits, LabeledImages, skip_unreadable_collate
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`, saying what it kept: the message tells whether ``--resume`` has anything to use.
+
+    Attributes:
+        checkpoint: the resumable checkpoint written (or resumed from) before the interrupt; None: none yet.
+    """
+
+    def __init__(self, checkpoint: Path | None, epoch: int):
+        self.checkpoint = checkpoint
+        super().__init__(f"the checkpoint of epoch {epoch}, {checkpoint}, is kept; rerun with --resume to continue"
+                         if checkpoint is not None else
+                         f"stopped in epoch {epoch + 1}, before any checkpoint was written: there is no checkpoint "
+                         "to resume from; run the command again without --resume")
+
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("sgd", "adamw")
@@ -426,7 +443,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
 # -- the whole run ----------------------------------------------------------------------------------
 
 class RunWriter(Protocol):
-    """Where :func:`fit` puts its results (rank 0 only)."""
+    """Where :func:`fit` puts its results (rank 0 only); ``last``, when it has one, is the file ``save_last`` writes."""
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None: ...
 
@@ -439,6 +456,25 @@ class FitResult:
     best: dict[str, Any] = field(default_factory=dict)
     epochs_run: int = 0
     stopped_early: bool = False
+
+
+@dataclass
+class _Kept:
+    """The resumable checkpoint a run has written so far (None: none yet) and the epoch it holds."""
+
+    checkpoint: Path | None
+    epoch: int
+
+
+@contextlib.contextmanager
+def _naming_checkpoint_on_interrupt(kept: _Kept):
+    """Turn Ctrl-C into :class:`TrainingInterrupted`, which says whether there is a checkpoint to resume from."""
+    try:
+        yield
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt as e:
+        raise TrainingInterrupted(kept.checkpoint, kept.epoch) from e
 
 
 def cross_entropy_loss(label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> LossFn:
@@ -563,49 +599,53 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
 
     val_loader = make_loader(splits.val, batch_size=cfg.batch_size * 2, shuffle=False, device=device, ctx=ctx,
                              workers=cfg.workers)
-    for epoch in range(start, cfg.epochs):
-        if cfg.patience and since_best >= cfg.patience:
-            result.stopped_early = True
-            logger.info("early stop: val top-1 has not improved for %d epoch(s)", since_best)
-            break
-        torch.manual_seed(cfg.seed + epoch)  # augmentation draws: the same sequence after a resume
-        train_loader = make_loader(splits.train, batch_size=cfg.batch_size, shuffle=True, device=device, ctx=ctx,
-                                   workers=cfg.workers, seed=cfg.seed + epoch)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
-                                cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                on_step=scheduler.step if per_step else None)
-        _broadcast_buffers(model, ctx)  # every rank evaluates (and rank 0 saves) the same BN statistics
-        val = evaluate(model, val_loader, num_classes=splits.num_classes, device=device, amp=cfg.amp,
-                       channels_last=cfg.channels_last, ctx=ctx)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val.top1)
-        elif scheduler is not None and not per_step:
-            scheduler.step()
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
-               "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5}
-        result.history.append(row)
-        logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
-                    epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
-        if not math.isfinite(train["loss"]):
-            raise FloatingPointError("training diverged; lower --lr")
-        improved = val.top1 > best_top1
-        if improved:
-            best_top1, since_best = val.top1, 0
-            result.best = dict(row)
+    last = getattr(writer, "last", None) if ctx.is_main else None
+    kept = _Kept(last if resume_state else None, start)  # what --resume would continue from, so far
+    with _naming_checkpoint_on_interrupt(kept):
+        for epoch in range(start, cfg.epochs):
+            if cfg.patience and since_best >= cfg.patience:
+                result.stopped_early = True
+                logger.info("early stop: val top-1 has not improved for %d epoch(s)", since_best)
+                break
+            torch.manual_seed(cfg.seed + epoch)  # augmentation draws: the same sequence after a resume
+            train_loader = make_loader(splits.train, batch_size=cfg.batch_size, shuffle=True, device=device,
+                                       ctx=ctx, workers=cfg.workers, seed=cfg.seed + epoch)
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            train = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+                                    cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                    on_step=scheduler.step if per_step else None)
+            _broadcast_buffers(model, ctx)  # every rank evaluates (and rank 0 saves) the same BN statistics
+            val = evaluate(model, val_loader, num_classes=splits.num_classes, device=device, amp=cfg.amp,
+                           channels_last=cfg.channels_last, ctx=ctx)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val.top1)
+            elif scheduler is not None and not per_step:
+                scheduler.step()
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
+                   "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5}
+            result.history.append(row)
+            logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
+                        epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
+            if not math.isfinite(train["loss"]):
+                raise FloatingPointError("training diverged; lower --lr")
+            improved = val.top1 > best_top1
+            if improved:
+                best_top1, since_best = val.top1, 0
+                result.best = dict(row)
+                if writer and ctx.is_main:
+                    writer.save_best(model, dict(row))
+            else:
+                since_best += 1
             if writer and ctx.is_main:
-                writer.save_best(model, dict(row))
-        else:
-            since_best += 1
-        if writer and ctx.is_main:
-            writer.save_last(model, {
-                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "scaler": scaler.state_dict(), "history": result.history, "best": result.best,
-                "since_best": since_best})
-        if ctx.enabled:
-            tdist.barrier()
+                writer.save_last(model, {
+                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None, "scaler": scaler.state_dict(),
+                    "history": result.history, "best": result.best, "since_best": since_best})
+                kept.checkpoint, kept.epoch = last, epoch + 1
+            if ctx.enabled:
+                tdist.barrier()
     result.epochs_run = len(result.history)
     return result
 

@@ -31,7 +31,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,8 +52,29 @@ STAGES = ("teacher", "distill", "prune", "export", "calibrate", "build-engine", 
 STATE_FILE = "pipeline.json"
 LOCK_FILE = ".pipeline.lock"
 
-_COMMON = {"data": "fashion-mnist", "image_size": None, "train_limit": None, "val_limit": None, "device": "auto",
-           "teacher": None}
+
+
+@dataclass(frozen=True)
+class RecipeCommon:
+    """The top-level keys of a recipe, shared by the stages.
+
+    Attributes:
+        data: ``fashion-mnist`` or a folder with ``train/`` and ``val/``.
+        image_size: input side; None: the data's preset.
+        train_limit / val_limit: class-stratified subsets.
+        device: ``auto``, ``cpu`` or ``cuda`` for training and benchmarks.
+        teacher: an existing teacher checkpoint (the teacher stage is then left out).
+    """
+
+    data: str = "fashion-mnist"
+    image_size: int | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
+    device: str = "auto"
+    teacher: str | None = None
+
+
+_COMMON = dataclasses.asdict(RecipeCommon())
 
 PRESETS: dict[str, dict[str, Any]] = {
     # about 3 minutes on 2 CPU cores: every stage runs, on a slice
@@ -147,9 +171,12 @@ def resolve_recipe(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.recipe:
         path = Path(cfg.recipe)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                              "save it as UTF-8") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(loaded, dict):
@@ -160,16 +187,96 @@ def resolve_recipe(cfg: PipelineConfig) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown recipe key(s) {', '.join(unknown)}; top-level keys are "
                           f"{', '.join(sorted(_COMMON))} and stages")
+    source = f"recipe {cfg.recipe}" if cfg.recipe else f"preset {cfg.preset}"
+    _check_types(recipe, typing.get_type_hints(RecipeCommon), source, "key")
     stages = recipe.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise ConfigError(f"{source}: 'stages' must be a mapping of stage names to options (got {stages!r})")
     bad = sorted(set(stages) - set(STAGES))
     if bad:
         raise ConfigError(f"unknown stage(s) {', '.join(bad)} in the recipe; stages are {', '.join(STAGES)}")
     for name in ("export", "benchmark"):
         if stages.get(name) is False:
             raise ConfigError(f"the {name} stage cannot be left out of a pipeline")
+    for name, options in stages.items():
+        if options is None or options is True:
+            stages[name] = {}
+        elif options is not False and not isinstance(options, dict):
+            raise ConfigError(f"{source}: stage '{name}' must be a mapping of options or false (got {options!r})")
+    hints = _stage_hints()
+    for name, options in stages.items():
+        if options:
+            _check_types(options, hints[name], source, f"stage '{name}' option")
+    recipe["stages"] = stages
     if recipe["teacher"] is not None:
         stages["teacher"] = False
     return recipe
+
+
+# -- checking a recipe's types against the stage configs' annotations ----------------------------------------------
+
+# options the pipeline itself reads from a stage (and does not pass to its config)
+_PIPELINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "prune": {"teacher": bool},  # distil from the pipeline's teacher while fine-tuning
+    "build-engine": {"onnxruntime": tuple[str, ...], "tensorrt": tuple[str, ...]},
+    "benchmark": {"input_sizes": tuple[int, ...]},
+}
+
+
+def _stage_hints() -> dict[str, dict[str, Any]]:
+    """Each stage's option -> type: its config's annotations, the shared loop's (training stages), the pipeline's."""
+    from benchmarks import report
+    from calib import calibrate
+
+    from . import build_engine, distill, export, prune, train
+
+    configs = {"teacher": train.TrainConfig, "distill": distill.DistillConfig, "prune": prune.PruneConfig,
+               "export": export.ExportConfig, "calibrate": calibrate.CalibConfig,
+               "build-engine": build_engine.BuildConfig, "benchmark": report.BenchmarkConfig}
+    loop = typing.get_type_hints(LoopConfig)
+    hints = {}
+    for stage, config_cls in configs.items():
+        own = typing.get_type_hints(config_cls)
+        hints[stage] = {**(loop if "loop" in own else {}), **own, **_PIPELINE_OPTIONS.get(stage, {})}
+    return hints
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a config annotation (an int is a float; a bool is not a number; a list is a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type) and not dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True  # Any, nested configs: checked by the config itself
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (tuple, list):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_types(options: dict[str, Any], hints: dict[str, Any], source: str, what: str) -> None:
+    """Refuse the first option whose value does not fit its annotation; unknown keys are left to the caller."""
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"{source}: {what} '{key}' must be {_type_name(hints[key])} (got {value!r}); "
+                              "fix its value")
 
 
 # -- turning recipe entries into stage configs ------------------------------------------------------------------
@@ -211,7 +318,7 @@ def _data_identity(data: str) -> str:
     digest = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         st = f.stat()
-        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -377,27 +484,82 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces and ')'
+    try:
+        return int(fields[19])  # field 22 counts from 1 and the name is field 2: index 22 - 3
+    except (IndexError, ValueError):
+        return None
+
+
+def _lock_record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
+
+
+def _holder_running(record: dict[str, Any]) -> bool:
+    """Whether the pipeline that wrote a lock record still runs: same pid *and* same start time.
+
+    A pid alone is not enough: pids are recycled, and a lock naming pid 1 (or any unrelated process) would block
+    forever. A record of another host cannot be checked from here and counts as running.
+    """
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return False
+    if record.get("host") not in (None, socket.gethostname()):
+        return True
+    if not _pid_alive(pid):
+        return False
+    start = _process_start(pid)
+    if start is None:  # no /proc (not Linux): the pid is all there is to go by
+        return True
+    if record.get("start") is not None:
+        return record["start"] == start
+    try:  # a bare pid (an older edgeopt's lock): running only if that process is a pipeline
+        return b"pipeline" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return {}
+    try:
+        record = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {"pid": record} if isinstance(record, int) else {}
+
+
 @contextlib.contextmanager
 def _locked(out: Path):
-    """Hold ``<out>/.pipeline.lock`` (our pid) so two pipelines never write one folder; a dead holder's is taken."""
+    """Hold ``<out>/.pipeline.lock`` so two pipelines never write one folder; a lock whose holder is gone is taken.
+
+    The lock records this process's pid, start time and host, so a recycled pid does not pass for its holder.
+    """
     path = out / LOCK_FILE
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise ConfigError(f"another pipeline (pid {pid}) is running in {out}; wait for it, stop it, or "
-                                  "give another --out") from None
-            logger.warning("removing the stale lock %s of a pipeline that is gone (pid %d)", path, pid)
+            record = _read_lock(path)
+            if _holder_running(record):
+                where = f" on {record['host']}" if record.get("host") not in (None, socket.gethostname()) else ""
+                raise ConfigError(f"another pipeline (pid {record['pid']}{where}) is running in {out}; wait for it, "
+                                  f"stop it, or give another --out (if none is running, delete {path})") from None
+            logger.warning("removing the stale lock %s (pid %s is gone or is not a pipeline)", path,
+                           record.get("pid", "unknown"))
             path.unlink(missing_ok=True)
     else:  # pragma: no cover - lost a race twice
         raise ConfigError(f"cannot take the lock {path}; is another pipeline starting in {out}?")
-    os.write(fd, str(os.getpid()).encode())
+    os.write(fd, json.dumps(_lock_record()).encode())
     os.close(fd)
     try:
         yield
@@ -450,7 +612,11 @@ def _run_steps(cfg: PipelineConfig, recipe: dict[str, Any], out: Path, on_step) 
         state["steps"][step.name] = {"status": "running", "key": key, "started": time.time()}
         write_json(state_path, state)
         start = time.perf_counter()
-        step.action(resume)
+        try:
+            step.action(resume)
+        except KeyboardInterrupt as e:  # the pipeline resumes by itself: no --resume to give
+            raise KeyboardInterrupt(f"stopped in step '{step.name}'; rerun the same pipeline command to continue "
+                                    "from there") from e
         seconds = time.perf_counter() - start
         state["steps"][step.name] = {"status": "done", "key": key, "seconds": round(seconds, 1),
                                      "outputs": {str(p): sha256_file(p) for p in step.outputs}}
