@@ -23,11 +23,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 # -- shared argument groups -------------------------------------------------------------------------------
 
-def add_data_args(parser: argparse.ArgumentParser, *, train: bool = True, image_size: bool = True) -> None:
-    """Data flags; ``image_size=False`` for stages that take the model's recorded preprocessing."""
+def add_data_args(parser: argparse.ArgumentParser, *, train: bool = True, image_size: bool = True,
+                  recorded: bool = False) -> None:
+    """Data flags; ``image_size=False`` for stages that take the model's recorded preprocessing; ``recorded``:
+    --data defaults to the data the model's manifest records."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default="fashion-mnist",
-                   help="'fashion-mnist' (embedded default) or a folder with train/ and val/, one subfolder per class")
+    if recorded:
+        g.add_argument("--data", default=None,
+                       help="'fashion-mnist' or a folder with train/ and val/, one subfolder per class (default: the "
+                            "data the model's manifest records, else fashion-mnist)")
+    else:
+        g.add_argument("--data", default="fashion-mnist",
+                       help="'fashion-mnist' (embedded default) or a folder with train/ and val/, one subfolder per "
+                            "class")
     if image_size:
         g.add_argument("--image-size", type=int, default=None,
                        help="input side in pixels (default: 32 for fashion-mnist, 224 for folders)")
@@ -320,7 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                             max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
                             max_pixels=args.max_pixels, device=args.device, threads=args.threads,
-                            trust_checkpoint=args.trust_checkpoint)
+                            timeout_s=args.timeout, trust_checkpoint=args.trust_checkpoint)
     try:
         serve.run(cfg, ready=lambda url: print(f"serving {args.model} on {url} (POST /predict, GET /health, "
                                                "GET /metadata); Ctrl-C stops", flush=True))
@@ -500,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference ONNX vs PyTorch accepted")
     p.add_argument("--torchscript", action="store_true", help="also write a traced <out>.torchscript.pt")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_data_args(p, train=False)
+    add_data_args(p, train=False, recorded=True)
 
     from calib.calibrate import METHODS as CALIB_METHODS, TARGETS
 
@@ -516,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-seconds", type=float, default=2.0,
                    help="cpu target: time each model this long at batch 1 and 8")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
-    add_data_args(p, train=False, image_size=False)
+    add_data_args(p, train=False, image_size=False, recorded=True)
 
     from optimize.build_engine import BACKENDS, PRECISIONS
 
@@ -587,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-bytes", type=int, default=10 << 20, help="largest request body; beyond, 413")
     p.add_argument("--max-images", type=int, default=64, help="most images per request")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (width x height); beyond, 413")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a connection with an incomplete request (slow headers or body) may stay silent")
 
     # benchmark and pipeline parsers
     p = add("benchmark", cmd_benchmark)
@@ -616,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled whole-module checkpoints")
     p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
     p.add_argument("--json", action="store_true", help="print report.json instead of the tables")
-    add_data_args(p, train=False, image_size=False)
+    add_data_args(p, train=False, image_size=False, recorded=True)
 
     p = add("gpu-check", cmd_gpu_check)
     p.add_argument("--runs", default="runs/demo", help="a pipeline's output folder (make demo writes runs/demo)")
@@ -670,9 +680,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept; rerun with --resume to continue",
-              file=sys.stderr)
+    except OSError as e:  # an I/O failure no stage turned into an EdgeoptError still gets one line
+        print(f"error: {e}; check the path, its permissions and free space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # training's (TrainingInterrupted) says whether a checkpoint was kept
+        print(f"interrupted: {e}" if str(e) else "interrupted: nothing half-written is left, and no checkpoint to "
+              "resume from was written", file=sys.stderr)  # Ctrl-C before training began, or outside training
         return 130
     finally:
         from optimize.loop import shutdown_distributed

@@ -24,17 +24,17 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from optimize.artifacts import Artifact, atomic_path, prepare_output, read_manifest, sha256_file, write_json, \
-    write_manifest
+from optimize.artifacts import (Artifact, atomic_path, check_not_input, prepare_output, read_manifest, resolve_data,
+                                sha256_file, write_json, write_manifest)
 from optimize.data import load_data
-from optimize.errors import EdgeoptError
+from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.preprocess import Preprocessing
 
 from .batcher import ImageBatcher, onnx_input
@@ -58,8 +58,9 @@ class CalibConfig:
     Attributes:
         onnx: FP32 ONNX model written by ``export`` (its metadata gives the preprocessing).
         out: INT8 ONNX model to write.
-        data: calibration images come from its training split, accuracy from its val split; None with an
-            existing ``cache``: quantize from the cache alone, without accuracy figures.
+        data: calibration images come from its training split, accuracy from its val split. None: the data the
+            ONNX's manifests record (fashion-mnist when none does); with an existing ``cache`` and no recorded data
+            that is here, quantize from the cache alone, without accuracy figures.
         num_images: size of the class-stratified calibration sample.
         method: ``entropy`` (KL), ``minmax`` or ``percentile`` (99.999th).
         target: ``tensorrt`` (symmetric S8S8 Q/DQ) or ``cpu`` (the faster measured form).
@@ -72,7 +73,7 @@ class CalibConfig:
 
     onnx: str
     out: str
-    data: str | None = "fashion-mnist"
+    data: str | None = None
     num_images: int = 512
     method: str = "entropy"
     target: str = "tensorrt"
@@ -134,16 +135,69 @@ def metadata_props(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def model_preprocessing(path: str | Path) -> tuple[Preprocessing, list[str]]:
-    """Preprocessing and class names recorded by ``export`` (ONNX metadata, else the manifest)."""
-    props = metadata_props(path)
+def _graph_side(model: onnx.ModelProto) -> int | None:
+    """S of a static ``[n, 3, S, S]`` image input, else None (symbolic sides, or another layout)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
+    if len(dims) == 4 and dims[1].dim_value == 3 and dims[2].dim_value and dims[2].dim_value == dims[3].dim_value:
+        return dims[2].dim_value
+    return None
+
+
+def _recorded_json(path: Path, props: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(props[key])
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{path}: its metadata {key} is not valid JSON ({e}); re-export the model with "
+                               "'cli.py export'") from e
+
+
+def recorded_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str] | None]:
+    """Preprocessing and class names ``export`` recorded (ONNX metadata, else the manifest); (None, None) if none.
+
+    Raises:
+        CalibrationError: the record is damaged (not JSON, wrong types) or disagrees with the graph's input size.
+    """
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
     if "edgeopt.preprocessing" in props:
-        return (Preprocessing.from_dict(json.loads(props["edgeopt.preprocessing"])),
-                json.loads(props["edgeopt.class_names"]))
-    manifest = read_manifest(path) or {}
-    if manifest.get("preprocessing"):
-        return Preprocessing.from_dict(manifest["preprocessing"]), manifest.get("class_names")
-    raise CalibrationError(f"{path} records no preprocessing; export it with 'cli.py export' first")
+        source, recorded = f"{path} (metadata edgeopt.preprocessing)", _recorded_json(path, props,
+                                                                                      "edgeopt.preprocessing")
+        names_source = f"{path} (metadata edgeopt.class_names)"
+        names = _recorded_json(path, props, "edgeopt.class_names") if "edgeopt.class_names" in props else None
+    else:
+        manifest = read_manifest(path) or {}
+        if not manifest.get("preprocessing"):
+            return None, None
+        source, recorded = f"{path}'s manifest", manifest["preprocessing"]
+        names_source, names = source, manifest.get("class_names")
+    side = _graph_side(model)
+    claimed = recorded.get("image_size") if isinstance(recorded, dict) else None
+    if side is not None and claimed != side and isinstance(claimed, int):  # checked first: the likelier mistake
+        raise CalibrationError(f"{source}: records image_size {claimed} but the graph takes [n, 3, {side}, {side}]; "
+                               "re-export the model with 'cli.py export'")
+    try:
+        preprocessing = Preprocessing.from_dict(recorded, source=source)
+    except ConfigError as e:
+        raise CalibrationError(str(e)) from e
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise CalibrationError(f"{names_source}: class names must be a list of strings; re-export the model with "
+                               "'cli.py export'")
+    return preprocessing, names
+
+
+def model_preprocessing(path: str | Path) -> tuple[Preprocessing, list[str] | None]:
+    """Preprocessing and class names recorded by ``export`` (ONNX metadata, else the manifest).
+
+    Raises:
+        CalibrationError: none recorded, or the record is damaged or disagrees with the graph.
+    """
+    preprocessing, class_names = recorded_preprocessing(path)
+    if preprocessing is None:
+        raise CalibrationError(f"{path} records no preprocessing; export it with 'cli.py export' first")
+    return preprocessing, class_names
 
 
 def check_onnx_file(path: Path) -> None:
@@ -173,12 +227,17 @@ class _Reader:
 
 
 def _read_cache(path: Path, onnx_sha: str, preprocessing: Preprocessing, method: str) -> dict[str, Any]:
+    rebuild = "delete it and run calibrate with --data to rebuild it, or pass another --cache"
     try:
-        cache = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CalibrationError(f"calibration cache {path} is unreadable ({e}); delete it to recalibrate") from e
-    if cache.get("format") != CACHE_FORMAT:
-        raise CalibrationError(f"{path} is not an edgeopt calibration cache")
+        cache = json.loads(path.read_bytes())
+    except OSError as e:
+        raise CalibrationError(f"calibration cache {path} is unreadable ({e.strerror or e}); {rebuild}") from e
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for binary garbage
+        raise CalibrationError(f"calibration cache {path} is not JSON ({type(e).__name__}); {rebuild}") from e
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT:
+        raise CalibrationError(f"{path} is not an edgeopt calibration cache; {rebuild}")
+    if not isinstance(cache.get("ort"), dict) or not isinstance(cache.get("num_images"), int):
+        raise CalibrationError(f"calibration cache {path} is damaged (no ranges or image count); {rebuild}")
     if cache.get("onnx_sha256") != onnx_sha:
         raise CalibrationError(f"calibration cache {path} was made for another ONNX file (sha256 "
                                f"{str(cache.get('onnx_sha256'))[:12]}...); recalibrate with --data, or give the "
@@ -234,6 +293,7 @@ def run(cfg: CalibConfig) -> Artifact:
 
     src = Path(cfg.onnx)
     check_onnx_file(src)
+    check_not_input(cfg.out, {"--onnx": cfg.onnx, "--cache": cfg.cache})
     out = prepare_output(cfg.out)
     input_name, size, dynamic = onnx_input(str(src))
     if not dynamic:
@@ -242,6 +302,14 @@ def run(cfg: CalibConfig) -> Artifact:
     onnx_sha = sha256_file(src)
     cache_path = Path(cfg.cache) if cfg.cache else out.with_name(f"{out.stem}.calib.json")
     cache = _read_cache(cache_path, onnx_sha, preprocessing, cfg.method) if cfg.cache and cache_path.exists() else None
+    if cfg.data is None:  # the data the model records; with a cache, a recorded folder that is gone is not needed
+        try:
+            cfg = replace(cfg, data=resolve_data(None, src, default=None if cache else "fashion-mnist"))
+        except DataError:
+            if not cache:
+                raise
+            logger.warning("%s's recorded data is not here: quantizing from the cache %s alone, no accuracy figures",
+                           src, cache_path)
 
     if cfg.data is None and not cache:
         raise CalibrationError("INT8 needs calibration data or an existing calibration cache; pass --calib-data "

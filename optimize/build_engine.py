@@ -29,7 +29,8 @@ import onnx
 
 from calib import calibrate
 from calib.batcher import onnx_input
-from .artifacts import Artifact, atomic_path, prepare_output, read_manifest, sha256_file, write_manifest
+from .artifacts import Artifact, atomic_path, check_not_input, prepare_output, read_manifest, sha256_file, \
+    write_manifest
 from .errors import ConfigError
 from .runners import QUANT_OPS, onnx_precision
 from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
@@ -260,6 +261,8 @@ def run(cfg: BuildConfig) -> Artifact:
     if cfg.backend == "tensorrt":
         check_tensorrt_input(src)
         import_tensorrt()  # fail before any long work (calibration) when it is absent or too old
+    check_not_input(cfg.out, {"--onnx": cfg.onnx, "--calib-cache": cfg.calib_cache,
+                              "--timing-cache": cfg.timing_cache})
     out = prepare_output(cfg.out)
     preprocessing, class_names = calibrate.model_preprocessing(src)
     with tempfile.TemporaryDirectory(prefix="edgeopt-engine-") as tmp_dir:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import Artifact, prepare_output
+from .artifacts import Artifact, check_not_input, prepare_output
 from .checkpoint import load_checkpoint
 from .data import default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
@@ -125,6 +125,7 @@ class DistillConfig:
 
 def run(cfg: DistillConfig) -> Artifact:
     """Distill ``cfg.teacher`` into a fresh (or ``student_init``) student; return the best checkpoint."""
+    check_not_input(cfg.out, {"--teacher": cfg.teacher, "--student-init": cfg.student_init})
     out = prepare_output(cfg.out)
     # any checkpoint the foundation loads can teach (TorchScript too): it only has to run forward
     teacher = load_checkpoint(cfg.teacher, arch=cfg.teacher_arch, trust=cfg.trust_checkpoint)

@@ -10,20 +10,24 @@ checkpoint's sha256 go into the ONNX ``metadata_props`` and the manifest, so lat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .artifacts import Artifact, atomic_path, prepare_output, write_manifest
+from .artifacts import (Artifact, atomic_path, check_not_input, prepare_output, resolve_data, write_error,
+                        write_manifest)
 from .checkpoint import LoadedModel, load_checkpoint
 from .data import default_preprocessing, load_data
-from .errors import EdgeoptError
+from .errors import ConfigError, EdgeoptError
 from .evaluate import check_model_fits_data
 from .preprocess import Preprocessing
 from .prune import make_permanent
@@ -47,7 +51,8 @@ class ExportConfig:
         out: ONNX file to write.
         opset: ONNX opset (17 suits TensorRT 8.6 and later, and ONNX Runtime).
         atol: largest max-abs logit difference between ONNX Runtime and PyTorch accepted.
-        data: where the verification images come from (the val split).
+        data: where the verification images come from (the val split); None: the data ``model``'s manifest
+            records (fashion-mnist when it records none).
         image_size: input side when the checkpoint records no preprocessing.
         torchscript: also write a traced TorchScript file beside the ONNX (``<out stem>.torchscript.pt``).
         arch / trust_checkpoint: how to load ``model``.
@@ -57,11 +62,30 @@ class ExportConfig:
     out: str
     opset: int = 17
     atol: float = 1e-3
-    data: str = "fashion-mnist"
+    data: str | None = None
     image_size: int | None = None
     torchscript: bool = False
     arch: str | None = None
     trust_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        low, high = opset_range()
+        if not low <= self.opset <= high:
+            raise ConfigError(f"--opset {self.opset}: torch {torch.__version__}'s ONNX exporter writes opsets {low} to "
+                              f"{high}; give one of those (17 suits TensorRT 8.6 and later, and ONNX Runtime)")
+
+
+def opset_range() -> tuple[int, int]:
+    """The opsets ``torch.onnx.export`` (TorchScript exporter) can write and the installed ``onnx`` knows."""
+    import onnx
+
+    try:
+        from torch.onnx import _constants  # private: the exporter's own limits, with fallbacks if it moves
+    except ImportError:
+        _constants = None
+    low = getattr(_constants, "ONNX_MIN_OPSET", 7)
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 17))
+    return low, min(high, onnx.defs.onnx_opset_version())
 
 
 def onnx_metadata(loaded: LoadedModel, preprocessing: Preprocessing, class_names: list[str]) -> dict[str, str]:
@@ -108,21 +132,52 @@ def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, atol: 
             "top1_agreement": min(r["top1_agreement"] for r in results.values())}
 
 
-def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null: on failure the exporter prints its whole graph there from C++."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, source: str) -> None:
+    """Run ``torch.onnx.export``; its failures become one :class:`ExportError` line (writes fail as OSError)."""
+    with warnings.catch_warnings(), _stdout_silenced():
         # the TorchScript-based exporter warns that it is deprecated; it stays the path without onnxscript
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+        except RuntimeError as e:
+            if write_error(path, e) is not None:
+                raise  # a failed write: atomic_path reports it under the output's own name
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"torch.onnx.export cannot export {source} at opset {opset}: {reason}; try another "
+                              "--opset") from e
+
+
+def _torchscript_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.torchscript.pt")
 
 
 def run(cfg: ExportConfig) -> Artifact:
     """Export ``cfg.model`` to ONNX, verify it, and write it with its manifest (and optional TorchScript)."""
     import onnx
 
+    check_not_input(cfg.out, {"--model": cfg.model})
+    if cfg.torchscript:
+        check_not_input(_torchscript_path(Path(cfg.out)), {"--model": cfg.model})
     out = prepare_output(cfg.out)
+    cfg = replace(cfg, data=resolve_data(cfg.data, cfg.model))  # the manifest records the data used
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
     preprocessing = loaded.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
     splits = load_data(cfg.data, preprocessing, val_limit=max(VERIFY_BATCHES), augment=False, val_only=True)
@@ -134,7 +189,7 @@ def run(cfg: ExportConfig) -> Artifact:
     images = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
 
     with atomic_path(out) as tmp:
-        _export(model, images[:1], tmp, cfg.opset)
+        _export(model, images[:1], tmp, cfg.opset, cfg.model)
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, onnx_metadata(loaded, preprocessing, class_names))
         onnx.save(proto, str(tmp))
@@ -147,7 +202,7 @@ def run(cfg: ExportConfig) -> Artifact:
                              "output": {"name": OUTPUT_NAME, "shape": [BATCH_DIM, len(class_names)]},
                              "opset": cfg.opset}
     if cfg.torchscript:
-        ts_path = out.with_name(f"{out.stem}.torchscript.pt")
+        ts_path = _torchscript_path(out)
         with atomic_path(ts_path) as tmp:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=FutureWarning)

@@ -23,6 +23,7 @@ measurements belong to the GPU that made them (build_engine.sh names its own aft
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import re
@@ -36,7 +37,8 @@ import onnx
 
 from calib import calibrate
 from calib.batcher import onnx_input
-from .artifacts import Artifact, library_versions, manifest_path, read_manifest, sha256_file, write_json
+from .artifacts import Artifact, library_versions, manifest_path, read_manifest, remove_stale_temp, sha256_file, \
+    write_error, write_json
 from .build_engine import parse_size
 from .errors import ConfigError, EdgeoptError, OutputError
 from .runners import backend_of, onnx_precision
@@ -233,16 +235,41 @@ def _place(work: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _check_out(cfg: PackageConfig) -> Path:
-    out = Path(cfg.out)
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is a bundle this stage wrote: its ``bundle.json`` has ``"format": "edgeopt-bundle"``."""
+    try:
+        return json.loads((folder / "bundle.json").read_text()).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(cfg: PackageConfig, source: _Source) -> Path:
+    """The bundle folder, resolved. ``--force`` replaces a non-empty folder, but never one holding the model, and
+    only a bundle of ours when ``--out`` does not name the folder itself (``.``, ``x/..``) or is the working
+    folder, one above it or the home folder."""
+    given = Path(cfg.out)
+    out = given.resolve()
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} is a file; give a folder for the bundle")
-    if out.is_dir() and any(out.iterdir()) and not cfg.force:
-        raise OutputError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+        raise OutputError(f"{given} is a file; give a folder for the bundle")
+    for flag, src in (("--model", source.path), ("--onnx", source.onnx)):
+        if out == src.resolve() or out in src.resolve().parents:
+            raise OutputError(f"--out {given} holds {flag} {src}: replacing it would delete the model; choose "
+                              "another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.force:
+            raise OutputError(f"{given} exists and is not empty; choose another --out or pass --force to replace it")
+        cwd = Path.cwd().resolve()
+        unnamed = given.name in ("", ".", "..") or out == cwd or out in cwd.parents or out == Path.home().resolve()
+        if unnamed and not is_bundle(out):
+            raise OutputError(f"--out {given} is {out}, which is not a bundle 'package' wrote (no {BUNDLE_FORMAT} "
+                              "bundle.json): --force only replaces it when --out names it; choose another --out")
+        if not is_bundle(out):
+            logger.warning("--force: replacing %s, which is not a bundle 'package' wrote", out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from e
+        raise OutputError(f"cannot create {out.parent}: {e.strerror or e}; choose another --out") from e
+    remove_stale_temp(out.parent)
     return out
 
 
@@ -275,6 +302,13 @@ def _source(cfg: PackageConfig) -> _Source:
         raise PackageError(f"{src} has no build-engine manifest ({manifest_path(src).name}); build it with "
                            "'cli.py build-engine'")
     return _Source(src, _engine_onnx(src, manifest, cfg.onnx), src, manifest)
+
+
+def _checked_source(cfg: PackageConfig) -> _Source:
+    """:func:`_source`, its ONNX proved loadable (a truncated file fails here, naming it)."""
+    source = _source(cfg)
+    calibrate.check_onnx_file(source.onnx)
+    return source
 
 
 def _check_dla(source: _Source, precision: str, profile: Profile) -> None:
@@ -352,15 +386,18 @@ def _write_scripts(source: _Source, work: Path, io: ModelIO, profile: Profile, p
 
 def run(cfg: PackageConfig) -> Artifact:
     """Write the bundle for ``cfg.model``; returns the bundle folder with ``bundle.json`` as its manifest."""
-    source = _source(cfg)
-    out = _check_out(cfg)
+    source = _checked_source(cfg)
+    out = _check_out(cfg, source)
     preprocessing, class_names = calibrate.model_preprocessing(source.onnx)
     io = ModelIO.of(source.onnx)
     recorded = source.manifest.get("engine", {}).get("profile")
     profile = _profile(cfg, recorded, binding=source.engine is not None)
     name = cfg.name or re.sub(r"[^A-Za-z0-9_-]", "_", source.path.stem)
 
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise (write_error(out, e) or OutputError(f"cannot write beside {out}: {e}; choose another --out")) from e
     try:
         cache = _write_onnx(source, work)
         issue = _tensorrt_issue(work / "model.onnx")
@@ -404,8 +441,11 @@ def run(cfg: PackageConfig) -> Artifact:
         }
         write_json(work / "bundle.json", payload)
         _place(work, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        failure = write_error(out, e) if isinstance(e, OSError) else None  # a full disk, a read-only folder
+        if failure is not None:
+            raise failure from e
         raise
     logger.info("packaged %s into %s (%d files; Triton model '%s', %s)", source.path, out, len(payload["files"]),
                 name, platform)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from .artifacts import Artifact, prepare_output, read_manifest, write_manifest
+from .artifacts import Artifact, check_not_input, prepare_output, read_manifest, write_manifest
 from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_data
 from .distill import check_distillation_params, distillation_loss
@@ -262,6 +262,7 @@ def _accuracy(model: nn.Module, splits: DataSplits, loop: LoopConfig) -> float:
 
 def run(cfg: PruneConfig) -> Artifact:
     """Prune ``cfg.model``, fine-tune it, and write the pruned checkpoint with its figures."""
+    check_not_input(cfg.out, {"--model": cfg.model, "--teacher": cfg.teacher})
     out = prepare_output(cfg.out)
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
     if not loaded.trainable:

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 
 from conftest import error_line, run_cli
