@@ -822,9 +822,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             verdict = "FLAGGED: " + "; ".join(g["flags"]) if g["flags"] else "passed"
             plain = (f"; vs the plain INT8 {g['plain']}: {_fmt(g.get('vs_plain'), '.2f')}x "
                      f"({g.get('vs_plain_verdict') or 'not timed'})" if g.get("plain") else "")
+            top1 = f", top-1 {_neg(g['drop_pt']):+.2f} pt" if g.get("drop_pt") is not None else ""
             lines.append(f"- {r['name']} vs {g['sibling']}: {_fmt(g['speedup'], '.2f')}x "
-                         f"({_range(g.get('speedup_range'))}, {g.get('speed_verdict') or 'not timed'}), top-1 "
-                         f"{_fmt(_neg(g['drop_pt']), '+.2f')} pt{plain}: {verdict}")
+                         f"({_range(g.get('speedup_range'))}, {g.get('speed_verdict') or 'not timed'}){top1}{plain}: "
+                         f"{verdict}")
     for p in report.get("pruning") or []:
         lines += ["", f"## Pruning of {p['model']} ({p['method']} {_fmt(p['amount'], 'g')}, "
                       f"{_fmt(p['macs_ratio'], '.2f')}x fewer MACs)", "",
