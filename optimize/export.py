@@ -177,8 +177,8 @@ def run(cfg: ExportConfig) -> Artifact:
     if cfg.torchscript:
         check_not_input(_torchscript_path(Path(cfg.out)), {"--model": cfg.model})
     out = prepare_output(cfg.out)
-    cfg = replace(cfg, data=resolve_data(cfg.data, cfg.model))  # the manifest records the data used
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
+    cfg = replace(cfg, data=resolve_data(cfg.data, cfg.model))  # the manifest records the data used
     preprocessing = loaded.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
     splits = load_data(cfg.data, preprocessing, val_limit=max(VERIFY_BATCHES), augment=False, val_only=True)
     check_model_fits_data(loaded, splits)

@@ -31,6 +31,35 @@ def run_cli(*args: str, env: dict | None = None, check: bool | None = None, cwd:
     return proc
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``cli.main(ARGS)`` in this process, output captured: the CLI's own code path without a new interpreter.
+
+    For probes that end in an error before any real work (bad flags, damaged files, refused outputs): a new
+    process spends ~4 s importing torch and torchvision for a check that takes milliseconds. Anything that
+    trains, serves or must survive a signal uses :func:`run_cli`.
+    """
+    import contextlib
+    import io
+
+    import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.get("EDGEOPT_OFFLINE")
+    os.environ["EDGEOPT_OFFLINE"] = "1"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:  # argparse rejecting a flag
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        if saved is None:
+            os.environ.pop("EDGEOPT_OFFLINE", None)
+        else:
+            os.environ["EDGEOPT_OFFLINE"] = saved
+    return subprocess.CompletedProcess(["cli.py", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one-line error the CLI prints, asserting there is exactly one and no traceback."""
     assert "Traceback" not in proc.stderr, proc.stderr

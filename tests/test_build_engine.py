@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, run_main
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_onnxruntime_int8_engine_from_calibration_data(fp32_onnx, tmp_path):
 ])
 def test_build_engine_bad_options(fp32_onnx, tmp_path, args, expect):
     out = tmp_path / "x.onnx"
-    proc = run_cli("-q", "build-engine", "--onnx", fp32_onnx, "--out", out, *args)
+    proc = run_main("-q", "build-engine", "--onnx", fp32_onnx, "--out", out, *args)
     assert proc.returncode == 2 and expect in error_line(proc)
     assert not out.exists()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, run_main
 
 CALIB = ["--num-images", "128", "--val-limit", "256"]
 
@@ -100,7 +100,7 @@ def test_calibrate_bad_inputs(fp32_onnx, tmp_path):
     torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 16, 16),), str(fixed), dynamo=False,
                       input_names=["input"])
     for path, expect in ((junk, "not a valid ONNX"), (fixed, "fixed batch"), (tmp_path / "none.onnx", "does not exist")):
-        proc = run_cli("-q", "calibrate", "--onnx", path, "--out", tmp_path / "x.onnx", *CALIB)
+        proc = run_main("-q", "calibrate", "--onnx", path, "--out", tmp_path / "x.onnx", *CALIB)
         assert proc.returncode == 2 and expect in error_line(proc), proc.stderr
     assert not (tmp_path / "x.onnx").exists()
 

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, run_main
 from optimize.checkpoint import load_checkpoint, save_checkpoint
 from optimize.data import FASHION_MNIST_CLASSES
 from optimize.models import build_resnet, guess_arch
@@ -104,6 +104,6 @@ def test_bad_checkpoints_give_one_line_errors(trained, tmp_path):
     cases["text"].write_text("these are not weights\n")
     cases["truncated"].write_bytes(trained.read_bytes()[: trained.stat().st_size // 3])
     for name, path in cases.items():
-        proc = run_cli("-q", "evaluate", "--model", path)
+        proc = run_main("-q", "evaluate", "--model", path)
         assert proc.returncode == 2, name
         assert str(path) in error_line(proc), name

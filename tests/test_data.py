@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, error_line, run_cli
+from conftest import TINY, error_line, run_cli, run_main
 from optimize.data import load_data, stratified_indices
 from optimize.errors import DataError
 from optimize.preprocess import fashion_mnist_preset, folder_preset, to_rgb
@@ -101,7 +101,7 @@ def test_bad_data_folders(image_folder, tmp_path):
     shutil.copytree(image_folder / "train", no_val / "train")
     for data, expect in ((empty, "no class folders"), (hollow, "ghost"), (no_val, "val"),
                          (tmp_path / "absent", "does not exist")):
-        proc = run_cli("-q", "train", "--data", data, "--arch", "resnet18", "--image-size", "16", "--epochs", "1",
+        proc = run_main("-q", "train", "--data", data, "--arch", "resnet18", "--image-size", "16", "--epochs", "1",
                        "--out", tmp_path / "x.pth")
         assert proc.returncode == 2, data
         assert expect in error_line(proc), (data, proc.stderr)

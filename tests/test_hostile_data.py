@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY, error_line, fashion_arrays, run_cli
+from conftest import ROOT, TINY, error_line, fashion_arrays, run_cli, run_main
 
 # a ResNet-18 at 16 px on a few images: enough to go through data loading, training and the manifests
 FOLDER_TINY = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "16", "--epochs", "1"]
@@ -105,7 +105,7 @@ def test_export_skips_val_image_that_fails_to_decode(folder_model, image_folder,
 def test_recipe_with_wrong_types_is_one_line(tmp_path, text, expected):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
-    proc = run_cli("pipeline", "--config", recipe, "--out", tmp_path / "runs", "--dry-run")
+    proc = run_main("pipeline", "--config", recipe, "--out", tmp_path / "runs", "--dry-run")
     assert proc.returncode == 2
     line = error_line(proc)
     assert str(recipe) in line
@@ -116,7 +116,7 @@ def test_recipe_with_wrong_types_is_one_line(tmp_path, text, expected):
 def test_recipe_not_utf8_is_one_line(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes("# r\xe9glages\nstages:\n  teacher: {epochs: 1}\n".encode("latin-1"))
-    proc = run_cli("pipeline", "--config", recipe, "--out", tmp_path / "runs", "--dry-run")
+    proc = run_main("pipeline", "--config", recipe, "--out", tmp_path / "runs", "--dry-run")
     assert proc.returncode == 2
     line = error_line(proc)
     assert str(recipe) in line and "UTF-8" in line, line
@@ -153,7 +153,7 @@ def test_lock_of_a_live_pipeline_is_respected(tmp_path):
 
 def test_one_class_folder_says_two_classes_needed(tmp_path):
     data = _make_folder(tmp_path / "data", {0: "tshirt"})
-    proc = run_cli("train", *FOLDER_TINY, "--data", data, "--out", tmp_path / "m.pth")
+    proc = run_main("train", *FOLDER_TINY, "--data", data, "--out", tmp_path / "m.pth")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "at least 2 classes" in line and str(data) in line, line
@@ -162,7 +162,7 @@ def test_one_class_folder_says_two_classes_needed(tmp_path):
 def test_data_that_is_a_file_says_so(tmp_path):
     data = tmp_path / "images.zip"
     data.write_bytes(b"PK")
-    proc = run_cli("train", *FOLDER_TINY, "--data", data, "--out", tmp_path / "m.pth")
+    proc = run_main("train", *FOLDER_TINY, "--data", data, "--out", tmp_path / "m.pth")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "is a file" in line and "does not exist" not in line, line

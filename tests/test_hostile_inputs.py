@@ -26,7 +26,7 @@ import torch
 import uvicorn
 from PIL import Image
 
-from conftest import fashion_arrays, error_line, run_cli
+from conftest import fashion_arrays, error_line, run_cli, run_main
 from optimize import serve
 from optimize.runners import open_runner
 
@@ -203,7 +203,7 @@ def test_serve_with_a_batch_1_onnx_answers_several_and_concurrent_images(exporte
 def test_damaged_edgeopt_checkpoint_is_one_line_naming_it(trained, png, tmp_path, edit, message):
     ckpt = edited_checkpoint(trained, tmp_path / "bad.pth", edit)
     (tmp_path / "x.png").write_bytes(png)
-    proc = run_cli("infer", "--model", ckpt, tmp_path / "x.png")
+    proc = run_main("infer", "--model", ckpt, tmp_path / "x.png")
     line = error_line(proc)
     assert proc.returncode == 2 and str(ckpt) in line and message in line, line
 
@@ -216,7 +216,7 @@ def test_broken_onnx_preprocessing_json_is_one_line_naming_it(exported_onnx, png
             "calibrate": ["calibrate", "--onnx", model, "--out", tmp_path / "q.onnx"],
             "package": ["package", "--model", model, "--out", tmp_path / "bundle"],
             "serve": ["serve", "--model", model, "--port", "0"]}[command]
-    proc = run_cli(*args)
+    proc = run_main(*args)
     line = error_line(proc)
     assert proc.returncode == 2 and str(model) in line and "edgeopt.preprocessing" in line, line
 
@@ -227,7 +227,7 @@ def test_onnx_metadata_disagreeing_with_the_graph_is_one_line(exported_onnx, png
     pre.update(image_size=image_size, resize_size=image_size)
     model = with_props(exported_onnx, tmp_path / "lying.onnx", edgeopt_preprocessing=json.dumps(pre))
     (tmp_path / "x.png").write_bytes(png)
-    line = error_line(proc := run_cli("infer", "--model", model, tmp_path / "x.png"))
+    line = error_line(proc := run_main("infer", "--model", model, tmp_path / "x.png"))
     assert proc.returncode == 2 and str(model) in line and "image_size" in line, line
 
 
@@ -237,7 +237,7 @@ def test_onnx_metadata_disagreeing_with_the_graph_is_one_line(exported_onnx, png
 def test_damaged_calibration_cache_is_one_line_saying_to_delete_it(exported_onnx, tmp_path, content):
     cache = tmp_path / "model.calib.json"
     cache.write_bytes(content)
-    proc = run_cli("calibrate", "--onnx", exported_onnx, "--out", tmp_path / "q.onnx", "--cache", cache)
+    proc = run_main("calibrate", "--onnx", exported_onnx, "--out", tmp_path / "q.onnx", "--cache", cache)
     line = error_line(proc)
     assert proc.returncode == 2 and str(cache) in line and "delete it" in line, line
 
@@ -278,7 +278,7 @@ def test_slow_clients_are_timed_out(exported_onnx, request_bytes):
 def test_serve_timeout_must_be_positive(exported_onnx):
     with pytest.raises(serve.ConfigError, match="timeout"):
         serve.ServeConfig(model=str(exported_onnx), timeout_s=0)
-    proc = run_cli("serve", "--model", exported_onnx, "--timeout", "0")  # the flag reaches the config
+    proc = run_main("serve", "--model", exported_onnx, "--timeout", "0")  # the flag reaches the config
     assert proc.returncode == 2 and "timeout" in error_line(proc)
 
 
@@ -290,14 +290,14 @@ def test_an_nhwc_onnx_is_refused_saying_nchw(exported_onnx, png, tmp_path, comma
     (tmp_path / "x.png").write_bytes(png)
     args = {"infer": ["infer", "--model", model, tmp_path / "x.png"],
             "calibrate": ["calibrate", "--onnx", model, "--out", tmp_path / "q.onnx"]}[command]
-    line = error_line(proc := run_cli(*args))
+    line = error_line(proc := run_main(*args))
     assert proc.returncode == 2 and str(model) in line and "NCHW" in line and "[n, 3, 16, 16]" in line, line
 
 
 def test_unknown_arch_in_a_checkpoint_is_not_called_a_flag(trained, png, tmp_path):
     ckpt = edited_checkpoint(trained, tmp_path / "odd.pth", lambda c: c.update(arch="resnet9000"))
     (tmp_path / "x.png").write_bytes(png)
-    line = error_line(proc := run_cli("infer", "--model", ckpt, tmp_path / "x.png"))
+    line = error_line(proc := run_main("infer", "--model", ckpt, tmp_path / "x.png"))
     assert proc.returncode == 2 and "--arch" not in line, line
     assert "records arch 'resnet9000', which this edgeopt does not know" in line and str(ckpt) in line, line
 

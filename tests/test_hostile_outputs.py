@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, error_line, run_cli
+from conftest import TINY, error_line, run_cli, run_main
 
 FAST = ["--train-limit", "64", "--val-limit", "32", "--batch-size", "32", "--epochs", "1"]
 HOURS_AGO = time.time() - 3 * 3600
@@ -78,14 +78,14 @@ def onnx_copy(exported_onnx, tmp_path) -> Path:
 ])
 def test_out_equal_to_a_checkpoint_input_is_refused(model_copy, stage, flag, extra):
     before = _snapshot(model_copy, model_copy.with_name("teacher.pth.json"))
-    proc = run_cli(stage, flag, model_copy, "--out", model_copy, *extra)
+    proc = run_main(stage, flag, model_copy, "--out", model_copy, *extra)
     line = error_line(proc)
     assert proc.returncode == 2 and str(model_copy) in line and flag in line and "--out" in line, line
     assert _snapshot(*before) == before
 
 
 def test_distill_out_equal_to_student_init_is_refused(model_copy, trained):
-    proc = run_cli("distill", "--teacher", trained, "--student-init", model_copy, "--out", model_copy, *FAST)
+    proc = run_main("distill", "--teacher", trained, "--student-init", model_copy, "--out", model_copy, *FAST)
     assert proc.returncode == 2 and "--student-init" in error_line(proc)
 
 
@@ -95,7 +95,7 @@ def test_out_through_a_symlink_or_onto_the_inputs_manifest_is_refused(model_copy
     manifest = model_copy.with_name("teacher.pth.json")
     before = _snapshot(model_copy, manifest)
     for out in (link, manifest, tmp_path / "in" / ".." / "in" / "teacher.pth"):
-        proc = run_cli("export", "--model", model_copy, "--out", out)
+        proc = run_main("export", "--model", model_copy, "--out", out)
         assert proc.returncode == 2 and "choose another --out" in error_line(proc)
     assert _snapshot(*before) == before
 
@@ -106,7 +106,7 @@ def test_out_through_a_symlink_or_onto_the_inputs_manifest_is_refused(model_copy
 ])
 def test_out_equal_to_the_onnx_input_is_refused(onnx_copy, stage, extra):
     before = _snapshot(onnx_copy, onnx_copy.with_name("model.onnx.json"))
-    proc = run_cli(stage, "--onnx", onnx_copy, "--out", onnx_copy, *extra)
+    proc = run_main(stage, "--onnx", onnx_copy, "--out", onnx_copy, *extra)
     line = error_line(proc)
     assert proc.returncode == 2 and str(onnx_copy) in line and "--onnx" in line, line
     assert _snapshot(*before) == before
@@ -157,7 +157,7 @@ def test_package_force_into_the_models_own_folder_is_refused(onnx_copy, tmp_path
     keep = onnx_copy.with_name("notes.txt")
     keep.write_text("mine")
     for out in (onnx_copy.parent, tmp_path):  # the model's folder, and an ancestor of it
-        proc = run_cli("-q", "package", "--model", onnx_copy, "--out", out, "--force")
+        proc = run_main("-q", "package", "--model", onnx_copy, "--out", out, "--force")
         line = error_line(proc)
         assert proc.returncode == 2 and str(onnx_copy) in line, line
     assert keep.read_text() == "mine" and onnx_copy.is_file()
@@ -166,7 +166,7 @@ def test_package_force_into_the_models_own_folder_is_refused(onnx_copy, tmp_path
 def test_package_force_onto_dot_dot_is_refused_unless_it_is_a_bundle(exported_onnx, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
-    proc = run_cli("-q", "package", "--model", exported_onnx, "--out", f"{tmp_path}/x/..", "--force")
+    proc = run_main("-q", "package", "--model", exported_onnx, "--out", f"{tmp_path}/x/..", "--force")
     line = error_line(proc)
     assert proc.returncode == 2 and "bundle" in line, line
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "x").is_dir()
@@ -185,7 +185,7 @@ def test_package_a_truncated_onnx(exported_onnx, tmp_path):
     truncated = tmp_path / "cut.onnx"
     data = exported_onnx.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    proc = run_cli("-q", "package", "--model", truncated, "--out", tmp_path / "bundle")
+    proc = run_main("-q", "package", "--model", truncated, "--out", tmp_path / "bundle")
     line = error_line(proc)
     assert proc.returncode == 2 and str(truncated) in line, line
     assert not (tmp_path / "bundle").exists() and _leftovers(tmp_path) == []
@@ -195,7 +195,7 @@ def test_package_a_truncated_onnx(exported_onnx, tmp_path):
 
 @pytest.mark.parametrize("opset", ["99", "5", "0"])
 def test_export_opset_out_of_range(trained, tmp_path, opset):
-    proc = run_cli("export", "--model", trained, "--out", tmp_path / "m.onnx", "--opset", opset)
+    proc = run_main("export", "--model", trained, "--out", tmp_path / "m.onnx", "--opset", opset)
     line = error_line(proc)
     assert proc.returncode == 2 and f"--opset {opset}" in line and "7" in line, line
     assert proc.stdout == "" and not (tmp_path / "m.onnx").exists()
