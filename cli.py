@@ -72,7 +72,7 @@ def add_loop_args(parser: argparse.ArgumentParser, *, finetune: bool = False) ->
                    help="clip the gradients' global L2 norm to MAX before each step")
     g.add_argument("--device", choices=DEVICES, default="auto")
     g.add_argument("--no-amp", action="store_true",
-                   help="train in float32: no float16 autocast on CUDA, no bfloat16 autocast on a CPU with native bf16")
+                   help="no float16 mixed precision on CUDA (the CPU trains in float32)")
     g.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on <= 2 CPU cores)")
