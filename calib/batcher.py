@@ -22,25 +22,53 @@ class ModelInputError(EdgeoptError):
     """An ONNX model's input is not what edgeopt's batcher can feed."""
 
 
-def onnx_input(path: str) -> tuple[str, int, bool]:
-    """The ONNX model's single image input: ``(name, side, batch axis is symbolic)``.
+def image_input_dims(path, shape) -> tuple[int | None, int | None]:
+    """``(fixed batch, side)`` of an image input ``shape`` that must be ``[n, 3, S, S]``; None where symbolic.
+
+    ``shape`` holds ints (0 or less: unknown) or names, as ONNX Runtime's ``get_inputs()`` and the graph give it.
 
     Raises:
-        ModelInputError: not ``[batch, 3, S, S]``.
+        ModelInputError: another rank or layout (channels-last ``[n, S, S, 3]`` named as such), with what edgeopt
+            feeds.
     """
-    model = onnx.load(str(path), load_external_data=False)
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    side = dims[-1] if len(dims) == 4 and dims[2] == dims[3] else None
+    shown = f"[{', '.join('?' if d is None else str(d) for d in shape)}]"
+    if len(dims) == 4 and dims[3] == 3 and dims[1] is not None and dims[1] == dims[2]:
+        raise ModelInputError(f"{path} takes channels-last (NHWC) input {shown}, but edgeopt feeds images as NCHW "
+                              f"[n, 3, {dims[1]}, {dims[1]}]; export the model channels-first")
+    if len(dims) != 4 or dims[1] != 3 or dims[2] != dims[3]:
+        expected = f"[n, 3, {side or 'S'}, {side or 'S'}]"
+        raise ModelInputError(f"{path} takes input {shown}; edgeopt feeds images as NCHW {expected} (3 RGB "
+                              "channels, square); export the model with that input")
+    return dims[0], side
+
+
+def model_image_input(model: onnx.ModelProto, path) -> tuple[str, int | None, bool]:
+    """A loaded ONNX model's single image input: ``(name, side or None when symbolic, batch axis is symbolic)``.
+
+    Raises:
+        ModelInputError: not one input of ``[batch, 3, S, S]``.
+    """
     inputs = [i for i in model.graph.input if i.name not in {init.name for init in model.graph.initializer}]
     if len(inputs) != 1:
         raise ModelInputError(f"{path} has {len(inputs)} inputs; edgeopt handles one image input")
     dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or dims[1].dim_value != 3 or dims[2].dim_value != dims[3].dim_value or not dims[2].dim_value:
-        shape = [d.dim_param or d.dim_value for d in dims]
-        if len(dims) == 4 and dims[3].dim_value == 3 and dims[1].dim_value and dims[1].dim_value == dims[2].dim_value:
-            side = dims[1].dim_value
-            raise ModelInputError(f"{path} takes channels-last (NHWC) input {shape}, but edgeopt feeds images as NCHW "
-                                  f"[n, 3, {side}, {side}]; export the model channels-first")
-        raise ModelInputError(f"{path} takes input {shape}; edgeopt needs [batch, 3, S, S]")
-    return inputs[0].name, dims[2].dim_value, bool(dims[0].dim_param)
+    _, side = image_input_dims(path, [d.dim_value or d.dim_param for d in dims])
+    return inputs[0].name, side, bool(dims[0].dim_param)
+
+
+def onnx_input(path: str) -> tuple[str, int, bool]:
+    """The ONNX model's single image input: ``(name, side, batch axis is symbolic)``; the side must be fixed.
+
+    Raises:
+        ModelInputError: not ``[batch, 3, S, S]`` with a fixed S.
+    """
+    name, side, dynamic = model_image_input(onnx.load(str(path), load_external_data=False), path)
+    if side is None:
+        raise ModelInputError(f"{path} has no fixed input side; edgeopt needs [batch, 3, S, S] with S fixed: export "
+                              "it with 'cli.py export'")
+    return name, side, dynamic
 
 
 class ImageBatcher:

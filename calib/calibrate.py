@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from optimize.artifacts import (Artifact, atomic_path, check_not_input, prepare_
 from optimize.data import load_data
 from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.preprocess import Preprocessing
+from optimize.timing import images_per_second, time_runs
 
-from .batcher import ImageBatcher, onnx_input
+from .batcher import ImageBatcher, ModelInputError, model_image_input, onnx_input
 from . import qdq
 
 logger = logging.getLogger(__name__)
@@ -110,13 +110,7 @@ def throughput(path: str | Path, image_size: int, *, batch: int = 8, seconds: fl
     sess = session(path)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
-    for _ in range(3):
-        sess.run(None, {name: x})
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or runs < 3:
-        sess.run(None, {name: x})
-        runs += 1
-    return runs * batch / (time.perf_counter() - start)
+    return images_per_second(time_runs(lambda: sess.run(None, {name: x}), seconds=seconds, warmup=3), batch)
 
 
 def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
@@ -135,14 +129,13 @@ def metadata_props(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def _graph_side(model: onnx.ModelProto) -> int | None:
-    """S of a static ``[n, 3, S, S]`` image input, else None (symbolic sides, or another layout)."""
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
-    if len(dims) == 4 and dims[1].dim_value == 3 and dims[2].dim_value and dims[2].dim_value == dims[3].dim_value:
-        return dims[2].dim_value
-    return None
+def _graph_side(model: onnx.ModelProto, path: Path) -> int | None:
+    """S of a static ``[n, 3, S, S]`` image input, else None (symbolic sides; other layouts are refused where
+    the model is run, by :func:`calib.batcher.image_input_dims`)."""
+    try:
+        return model_image_input(model, path)[1]
+    except ModelInputError:
+        return None
 
 
 def _recorded_json(path: Path, props: dict[str, str], key: str) -> Any:
@@ -173,7 +166,7 @@ def recorded_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list
             return None, None
         source, recorded = f"{path}'s manifest", manifest["preprocessing"]
         names_source, names = source, manifest.get("class_names")
-    side = _graph_side(model)
+    side = _graph_side(model, path)
     claimed = recorded.get("image_size") if isinstance(recorded, dict) else None
     if side is not None and claimed != side and isinstance(claimed, int):  # checked first: the likelier mistake
         raise CalibrationError(f"{source}: records image_size {claimed} but the graph takes [n, 3, {side}, {side}]; "

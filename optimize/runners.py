@@ -190,25 +190,6 @@ def onnx_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str
         raise RunnerError(str(e)) from e
 
 
-def onnx_image_input(path: Path, shape: list) -> tuple[int | None, int | None]:
-    """``(fixed batch, side)`` of an ONNX input ``shape`` that must be ``[n, 3, S, S]`` (None where symbolic).
-
-    Raises:
-        RunnerError: another rank or layout (channels-last ``[n, S, S, 3]`` included), with what edgeopt feeds.
-    """
-    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
-    side = dims[-1] if len(dims) == 4 and dims[2] == dims[3] else None
-    expected = f"[n, 3, {side or 'S'}, {side or 'S'}]"
-    shown = f"[{', '.join('?' if d is None else str(d) for d in shape)}]"
-    if len(dims) == 4 and dims[3] == 3 and dims[1] is not None and dims[1] == dims[2]:
-        raise RunnerError(f"{path} takes channels-last (NHWC) input {shown}, but edgeopt feeds images as NCHW "
-                          f"[n, 3, {dims[1]}, {dims[1]}]; export the model channels-first")
-    if len(dims) != 4 or dims[1] not in (3, None) or dims[2] != dims[3]:
-        raise RunnerError(f"{path} takes input {shown}; edgeopt feeds images as NCHW {expected} (3 RGB channels, "
-                          "square); export the model with that input")
-    return dims[0], side
-
-
 def ort_cuda_missing() -> str:
     """Why ONNX Runtime has no CUDA provider here, and the fix."""
     from importlib import metadata
@@ -253,7 +234,12 @@ class OnnxRuntimeRunner(Runner):
         except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors for unreadable models
             raise RunnerError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
         inp = self.session.get_inputs()[0]
-        fixed_batch, side = onnx_image_input(path, inp.shape)
+        from calib.batcher import ModelInputError, image_input_dims
+
+        try:
+            fixed_batch, side = image_input_dims(path, inp.shape)
+        except ModelInputError as e:
+            raise RunnerError(str(e)) from e
         preprocessing, class_names = onnx_preprocessing(path)
         size = side or (preprocessing.image_size if preprocessing else None)
         if size is None:
