@@ -43,7 +43,7 @@ from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.loop import classification_metrics
 from optimize.preprocess import Preprocessing
 from optimize.runners import Runner, RunnerError, backend_of, default_threads, open_runner, ort_cuda_missing
-from optimize.timing import Spread, compare, cpu_facts, interleaved, isa_summary, time_runs
+from optimize.timing import Spread, compare, cpu_facts, images_per_second, interleaved, isa_summary, time_runs
 
 logger = logging.getLogger(__name__)
 
@@ -399,8 +399,7 @@ def _e2e_window(runner: Runner, cache: _ValCache, cfg: BenchmarkConfig) -> Calla
         np.asarray(runner.infer(x)).argmax(1)
 
     def window(seconds: float) -> float:
-        times = time_runs(one_batch, seconds=seconds, warmup=1)
-        return batch * len(times) / sum(times)
+        return images_per_second(time_runs(one_batch, seconds=seconds, warmup=1), batch)
 
     return window
 
@@ -532,7 +531,7 @@ def _apply_timings(rows: list[Row], results: dict[tuple[int, str], list[Any]]) -
             row.e2e_img_per_s, row.e2e_spread = spread.median, spread.to_dict()
             continue
         b = int(what)
-        spread = Spread.of([b * len(times) / sum(times) for times in rounds])
+        spread = Spread.of([images_per_second(times, b) for times in rounds])
         row.throughput[what] = spread.median
         row.throughput_spread[what] = spread.to_dict()
         row.latency_ms[what] = float(np.median([percentiles_ms(times)["p50"] for times in rounds]))

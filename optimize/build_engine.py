@@ -34,7 +34,7 @@ from .artifacts import Artifact, atomic_path, check_not_input, prepare_output, r
 from .errors import ConfigError
 from .runners import QUANT_OPS, onnx_precision
 from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
-from .timing import Spread, compare, cpu_facts, interleaved, time_runs
+from .timing import Spread, compare, cpu_facts, images_per_second, interleaved, time_runs
 
 logger = logging.getLogger(__name__)
 
@@ -214,11 +214,11 @@ def time_optimized_against_input(optimized: Path, original: Path, *, batch: int,
         runner = OnnxRuntimeRunner(path, threads=threads)
         x = runner.prepare(np.random.default_rng(0).standard_normal(
             (batch, 3, runner.image_size, runner.image_size)).astype(np.float32))
-        time_runs(lambda r=runner, x=x: r.run(x), seconds=0, warmup=3, min_runs=0)
+        for _ in range(3):  # warm-up before the first round
+            runner.run(x)
 
         def window(secs: float, r=runner, x=x) -> float:
-            times = time_runs(lambda: r.run(x), seconds=secs, warmup=1)
-            return batch * len(times) / sum(times)
+            return images_per_second(time_runs(lambda: r.run(x), seconds=secs, warmup=1), batch)
 
         windows[name] = window
     figures = interleaved(windows, rounds=rounds, seconds=seconds)

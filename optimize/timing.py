@@ -16,7 +16,7 @@ Example::
 
     def window(seconds):                     # one round's window of one candidate: img/s
         times = time_runs(lambda: session.run(None, feed), seconds=seconds, warmup=1)
-        return batch * len(times) / sum(times)
+        return images_per_second(times, batch)
 
     figures = interleaved({"fp32": window_a, "int8": window_b}, rounds=5, seconds=0.4)
     a, b = Spread.of(figures["fp32"]), Spread.of(figures["int8"])
@@ -49,6 +49,11 @@ def time_runs(run: Callable[[], Any], *, seconds: float, warmup: int = 0, min_ru
         run()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def images_per_second(times: Sequence[float], batch: int) -> float:
+    """Throughput of runs of ``batch`` images that took ``times`` seconds each."""
+    return batch * len(times) / sum(times)
 
 
 def interleaved(windows: dict[K, Callable[[float], T]], *, rounds: int, seconds: float,
