@@ -121,6 +121,7 @@ class DistillConfig:
         if self.student not in STUDENTS:
             raise ConfigError(f"--student must be one of {', '.join(STUDENTS)} (got {self.student!r})")
         check_distillation_params(self.temperature, self.alpha)
+        check_augment(self.augment)
 
 
 def run(cfg: DistillConfig) -> Artifact:
