@@ -120,29 +120,17 @@ def _assert_disk_full(proc, folder: Path):
     assert list(folder.iterdir()) == [] or _leftovers(folder) == [], sorted(p.name for p in folder.iterdir())
 
 
-def test_train_on_a_full_disk(full_disk):
-    proc = run_cli("-q", "train", *TINY[:4], *FAST, "--out", full_disk / "t.pth")
+@pytest.mark.parametrize("stage, out_name, args", [
+    ("train", "t.pth", lambda request: [*TINY[:4], *FAST]),
+    ("export", "m.onnx", lambda request: ["--model", request.getfixturevalue("trained")]),
+    ("calibrate", "m.int8.onnx", lambda request: ["--onnx", request.getfixturevalue("exported_onnx"),
+                                                  "--num-images", "32", "--val-limit", "32"]),
+    ("package", "bundle", lambda request: ["--model", request.getfixturevalue("exported_onnx")]),
+])
+def test_a_stage_on_a_full_disk(full_disk, request, stage, out_name, args):
+    proc = run_cli("-q", stage, *args(request), "--out", full_disk / out_name)
     _assert_disk_full(proc, full_disk)
-    assert not (full_disk / "t.pth").exists()
-
-
-def test_export_on_a_full_disk(trained, full_disk):
-    proc = run_cli("-q", "export", "--model", trained, "--out", full_disk / "m.onnx")
-    _assert_disk_full(proc, full_disk)
-    assert not (full_disk / "m.onnx").exists()
-
-
-def test_calibrate_on_a_full_disk(exported_onnx, full_disk):
-    proc = run_cli("-q", "calibrate", "--onnx", exported_onnx, "--out", full_disk / "m.int8.onnx",
-                   "--num-images", "32", "--val-limit", "32")
-    _assert_disk_full(proc, full_disk)
-    assert not (full_disk / "m.int8.onnx").exists()
-
-
-def test_package_on_a_full_disk(exported_onnx, full_disk):
-    proc = run_cli("-q", "package", "--model", exported_onnx, "--out", full_disk / "bundle")
-    _assert_disk_full(proc, full_disk)
-    assert not (full_disk / "bundle").exists()
+    assert not (full_disk / out_name).exists()
 
 
 def test_package_into_a_read_only_folder(exported_onnx, read_only):
