@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("entropy", "minmax", "percentile")
 TARGETS = ("tensorrt", "cpu")
+CPU_FORMS = ("qoperator-u8s8", "qdq-s8s8")
 CACHE_FORMAT = "edgeopt-calibration-cache"
 
 
@@ -69,6 +70,8 @@ class CalibConfig:
         batch_size: images per calibration / evaluation batch.
         timing_seconds: how long each model is timed (at batch 1 and 8) when the ``cpu`` target compares forms;
             the form is chosen by its batch-8 throughput.
+        form: ``cpu`` target only: write this INT8 form (``qoperator-u8s8`` or ``qdq-s8s8``) without comparing
+            (``search`` tries each); None: both are written and timed, the faster is kept.
     """
 
     onnx: str
@@ -81,6 +84,7 @@ class CalibConfig:
     val_limit: int | None = None
     batch_size: int = 32
     timing_seconds: float = 2.0
+    form: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -89,6 +93,9 @@ class CalibConfig:
             raise CalibrationError(f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})")
         if self.num_images < 1 or self.batch_size < 1:
             raise CalibrationError("--num-images and --batch-size must be at least 1")
+        if self.form is not None and (self.target != "cpu" or self.form not in CPU_FORMS):
+            raise ConfigError(f"--form {self.form!r} needs --target cpu and one of {', '.join(CPU_FORMS)} (--target "
+                              "tensorrt has one form, qdq-tensorrt)")
 
 
 def _ort():
@@ -336,7 +343,7 @@ def run(cfg: CalibConfig) -> Artifact:
             reader = _Reader(batcher, input_name)
             logger.info("calibrating on %d training images (%s)", batcher.count, cfg.method)
 
-        forms = ["qdq-tensorrt"] if cfg.target == "tensorrt" else ["qoperator-u8s8", "qdq-s8s8"]
+        forms = ["qdq-tensorrt"] if cfg.target == "tensorrt" else [cfg.form] if cfg.form else list(CPU_FORMS)
         candidates: dict[str, dict[str, Any]] = {}
         for form in forms:
             dst = tmp / f"{form}.onnx"
