@@ -64,6 +64,7 @@ class RecipeCommon:
         train_limit / val_limit: class-stratified subsets.
         device: ``auto``, ``cpu`` or ``cuda`` for training and benchmarks.
         teacher: an existing teacher checkpoint (the teacher stage is then left out).
+        student: an existing distilled student (the distill stage is then left out; prune starts from it).
     """
 
     data: str = "fashion-mnist"
@@ -72,6 +73,7 @@ class RecipeCommon:
     val_limit: int | None = None
     device: str = "auto"
     teacher: str | None = None
+    student: str | None = None
 
 
 _COMMON = dataclasses.asdict(RecipeCommon())
@@ -210,6 +212,8 @@ def resolve_recipe(cfg: PipelineConfig) -> dict[str, Any]:
     recipe["stages"] = stages
     if recipe["teacher"] is not None:
         stages["teacher"] = False
+    if recipe["student"] is not None:
+        stages["distill"] = False
     return recipe
 
 
@@ -284,7 +288,7 @@ def _check_types(options: dict[str, Any], hints: dict[str, Any], source: str, wh
 _LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 
-def _stage_config(config_cls: type, stage: str, options: dict[str, Any] | None, fixed: dict[str, Any], *,
+def stage_config(config_cls: type, stage: str, options: dict[str, Any] | None, fixed: dict[str, Any], *,
                   progress: bool, device: str = "auto") -> Any:
     """``config_cls`` from a recipe stage's options plus what the pipeline wires in; unknown keys are refused.
 
@@ -359,15 +363,20 @@ class _Planner:
         if self.r["teacher"] and not teacher.is_file():
             raise ConfigError(f"--teacher {teacher} does not exist; give a checkpoint or drop --teacher to train one")
         model = teacher
+        if self.r["student"]:
+            model = Path(self.r["student"])
+            if not model.is_file():
+                raise ConfigError(f"--student {model} does not exist; give a checkpoint or drop --student to "
+                                  "distill one")
         if (opts := self.options("teacher")) is not None:
             fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
-            tcfg = _stage_config(train.TrainConfig, "teacher", opts, fixed, progress=progress, device=device)
+            tcfg = stage_config(train.TrainConfig, "teacher", opts, fixed, progress=progress, device=device)
             steps.append(_Step("teacher", "teacher", tcfg, [], [teacher],
                                lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True))
         if (opts := self.options("distill")) is not None:
             student = self.out / "student.pth"
             fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
-            dcfg = _stage_config(distill.DistillConfig, "distill", opts, fixed, progress=progress, device=device)
+            dcfg = stage_config(distill.DistillConfig, "distill", opts, fixed, progress=progress, device=device)
             steps.append(_Step("distill", "distill", dcfg, [teacher], [student],
                                lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True))
             model = student
@@ -376,12 +385,12 @@ class _Planner:
             use_teacher = opts.pop("teacher", True)
             fixed = {"model": str(model), "out": str(pruned), **self.data,
                      "teacher": str(teacher) if use_teacher else None}
-            pcfg = _stage_config(prune.PruneConfig, "prune", opts, fixed, progress=progress, device=device)
+            pcfg = stage_config(prune.PruneConfig, "prune", opts, fixed, progress=progress, device=device)
             steps.append(_Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
                                lambda resume, c=pcfg: prune.run(c)))
             model = pruned
         onnx_path = self.out / "model.onnx"
-        ecfg = _stage_config(export.ExportConfig, "export", self.options("export"),
+        ecfg = stage_config(export.ExportConfig, "export", self.options("export"),
                              {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
         steps.append(_Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c)))
 
@@ -390,7 +399,7 @@ class _Planner:
             int8_path = self.out / "model.int8.onnx"
             fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
                      "val_limit": self.r["val_limit"]}
-            ccfg = _stage_config(calibrate.CalibConfig, "calibrate", opts, fixed, progress=progress)
+            ccfg = stage_config(calibrate.CalibConfig, "calibrate", opts, fixed, progress=progress)
             steps.append(_Step("calibrate", "calibrate", ccfg, [onnx_path],
                                [int8_path, int8_path.with_name("model.int8.calib.json")],
                                lambda resume, c=ccfg: calibrate.run(c)))
@@ -407,7 +416,7 @@ class _Planner:
             fixed = {"baseline": str(teacher), "models": tuple(str(m) for m in models), "out": str(folder),
                      "data": self.r["data"], "input_size": size, "val_limit": val_limit,
                      "device": "cuda" if device == "cuda" else "cpu"}
-            bcfg = _stage_config(report.BenchmarkConfig, "benchmark", bopts, fixed, progress=progress)
+            bcfg = stage_config(report.BenchmarkConfig, "benchmark", bopts, fixed, progress=progress)
             steps.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
                                [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
                                lambda resume, c=bcfg: report.run(c)))
@@ -442,7 +451,7 @@ class _Planner:
                 elif precision == "int8":
                     fixed.update(calib_data=self.r["data"], calib_cache=str(out.with_suffix(".calib.json")))
                 fixed["onnx"] = str(src)
-                bcfg = _stage_config(build_engine.BuildConfig, "build-engine", opts, fixed, progress=self.progress)
+                bcfg = stage_config(build_engine.BuildConfig, "build-engine", opts, fixed, progress=self.progress)
                 steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, [src], [out],
                                    lambda resume, c=bcfg: build_engine.run(c)))
                 engines.append(out)
@@ -497,12 +506,13 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
-def _lock_record() -> dict[str, Any]:
+def process_record() -> dict[str, Any]:
+    """This process as a lock or a search trial records it: pid, start time and host."""
     return {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
 
 
-def _holder_running(record: dict[str, Any]) -> bool:
-    """Whether the pipeline that wrote a lock record still runs: same pid *and* same start time.
+def process_running(record: dict[str, Any]) -> bool:
+    """Whether the process a :func:`process_record` describes still runs: same pid *and* same start time.
 
     A pid alone is not enough: pids are recycled, and a lock naming pid 1 (or any unrelated process) would block
     forever. A record of another host cannot be checked from here and counts as running.
@@ -525,6 +535,13 @@ def _holder_running(record: dict[str, Any]) -> bool:
         return False
 
 
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _read_lock(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
@@ -538,28 +555,39 @@ def _read_lock(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _locked(out: Path):
+def locked(out: Path, *, wait: bool = False):
     """Hold ``<out>/.pipeline.lock`` so two pipelines never write one folder; a lock whose holder is gone is taken.
 
     The lock records this process's pid, start time and host, so a recycled pid does not pass for its holder.
+    ``wait``: while another live process holds it, wait for it instead of refusing (``search`` processes sharing
+    one folder take turns making what they share).
     """
     path = out / LOCK_FILE
-    for _ in range(2):
+    out.mkdir(parents=True, exist_ok=True)
+    stale_taken = 0
+    while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             record = _read_lock(path)
-            if _holder_running(record):
+            if not record and _age(path) < 5.0:  # created, its record not written yet
+                time.sleep(0.2)
+                continue
+            if process_running(record):
+                if wait:
+                    time.sleep(1.0)
+                    continue
                 where = f" on {record['host']}" if record.get("host") not in (None, socket.gethostname()) else ""
                 raise ConfigError(f"another pipeline (pid {record['pid']}{where}) is running in {out}; wait for it, "
                                   f"stop it, or give another --out (if none is running, delete {path})") from None
+            stale_taken += 1
+            if stale_taken > 2:  # pragma: no cover - lost a race twice
+                raise ConfigError(f"cannot take the lock {path}; is another pipeline starting in {out}?") from None
             logger.warning("removing the stale lock %s (pid %s is gone or is not a pipeline)", path,
                            record.get("pid", "unknown"))
             path.unlink(missing_ok=True)
-    else:  # pragma: no cover - lost a race twice
-        raise ConfigError(f"cannot take the lock {path}; is another pipeline starting in {out}?")
-    os.write(fd, json.dumps(_lock_record()).encode())
+    os.write(fd, json.dumps(process_record()).encode())
     os.close(fd)
     try:
         yield
@@ -580,7 +608,7 @@ def run(cfg: PipelineConfig, *,
     recipe = resolve_recipe(cfg)
     out = Path(cfg.out)
     prepare_output(out / STATE_FILE)
-    with _locked(out):
+    with locked(out):
         return _run_steps(cfg, recipe, out, on_step)
 
 

@@ -131,7 +131,7 @@ def test_lock_of_another_process_is_stale(tmp_path, content):
     out = tmp_path / "runs"
     out.mkdir()
     (out / pipeline.LOCK_FILE).write_text(content)
-    with pipeline._locked(out):
+    with pipeline.locked(out):
         held = json.loads((out / pipeline.LOCK_FILE).read_text())
         assert held["pid"] == os.getpid()
     assert not (out / pipeline.LOCK_FILE).exists()
@@ -142,10 +142,10 @@ def test_lock_of_a_live_pipeline_is_respected(tmp_path):
 
     out = tmp_path / "runs"
     out.mkdir()
-    with pipeline._locked(out):
+    with pipeline.locked(out):
         child = subprocess.run([sys.executable, "-c", (
             "import sys; from pathlib import Path; from optimize import pipeline\n"
-            f"with pipeline._locked(Path({str(out)!r})): pass")], cwd=ROOT, capture_output=True, text=True)
+            f"with pipeline.locked(Path({str(out)!r})): pass")], cwd=ROOT, capture_output=True, text=True)
         assert child.returncode != 0 and "ConfigError: another pipeline" in child.stderr, child.stderr
 
 
