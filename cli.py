@@ -229,7 +229,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     cfg = calibrate.CalibConfig(onnx=args.onnx, out=args.out, data=args.data, num_images=args.num_images,
                                 method=args.method, target=args.target, cache=args.cache, val_limit=args.val_limit,
-                                batch_size=args.batch_size, timing_seconds=args.timing_seconds)
+                                batch_size=args.batch_size, timing_seconds=args.timing_seconds, form=args.form)
     artifact = calibrate.run(cfg)
     m = artifact.manifest["metrics"]
     summary = f"{m['target']}, {m['form']}"
@@ -361,6 +361,44 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search the compression recipe (optuna): the fastest model within your accuracy budget, measured on the target."""
+    from optimize import search
+
+    cfg = search.SearchConfig(teacher=args.teacher, out=args.out, data=args.data, student=args.student,
+                              max_accuracy_drop=args.max_accuracy_drop, target=args.target, trials=args.trials,
+                              storage=args.storage, study_name=args.study_name, space=args.space,
+                              objective=args.objective, batch=args.batch, resume=args.resume, preset=args.preset,
+                              image_size=args.image_size, train_limit=args.train_limit, val_limit=args.val_limit,
+                              rounds=args.rounds, seconds=args.seconds, seed=args.seed, minutes=args.minutes,
+                              heartbeat=args.heartbeat,
+                              grace_period=args.grace_period, progress=not args.quiet)
+
+    def on_trial(e: search.TrialEvent) -> None:
+        figures = (f"top-1 {e.top1:.2%}, {search._speed_text(e.speed, cfg)}" if e.top1 is not None
+                   else e.note or e.state.lower())
+        best = "" if not e.best else (f" | best: trial {e.best['number']} {e.best['top1']:.2%} "
+                                      f"{search._speed_text(e.best['speed'], cfg)}"
+                                      + ("" if e.best["within"] else " (none within budget yet)"))
+        eta = f" | ETA {e.eta_seconds / 60:.0f} min" if e.eta_seconds else ""
+        print(f"trial {e.number} [{e.finished}/{e.total}] {e.state.lower()} in {e.seconds / 60:.1f} min: {figures}"
+              f"{best}{eta}", flush=True)
+
+    artifact = search.run(cfg, on_trial=on_trial)
+    if args.json:
+        print(json.dumps(artifact.manifest, indent=2))
+        return 0
+    out = artifact.path.parent
+    chosen = artifact.manifest["chosen"]
+    if chosen:
+        print(f"chosen: trial {chosen['number']} (top-1 {chosen['top1']:.2%}, "
+              f"{search._speed_text(chosen['speed'], cfg)}){'' if chosen['within'] else ' - NOT within the budget'}")
+        print(f"recipe: {out / search.BEST_YAML} (reproduce: {search.reproduce_command(cfg)})")
+    print(f"wrote {out / search.REPORT_MD}, {artifact.path}" +
+          "".join(f", {out / p}" for p in artifact.manifest["plots"]))
+    return 0
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     """On a GPU machine: every GPU backend over a pipeline run's artifacts (or why it's absent), context check."""
     from benchmarks import gpu_check
@@ -384,7 +422,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     from optimize import pipeline
 
-    overrides = (("data", args.data), ("teacher", args.teacher), ("train_limit", args.train_limit),
+    overrides = (("data", args.data), ("teacher", args.teacher), ("student", args.student),
+                 ("train_limit", args.train_limit),
                  ("val_limit", args.val_limit), ("image_size", args.image_size), ("device", args.device))
     cfg = pipeline.PipelineConfig(out=args.out, preset=args.preset, recipe=args.config, overrides=overrides,
                                   force=args.force, progress=not args.quiet)
@@ -510,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_data_args(p, train=False, recorded=True)
 
-    from calib.calibrate import METHODS as CALIB_METHODS, TARGETS
+    from calib.calibrate import CPU_FORMS, METHODS as CALIB_METHODS, TARGETS
 
     p = add("calibrate", cmd_calibrate)
     p.add_argument("--onnx", required=True, help="FP32 ONNX model written by export")
@@ -523,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--timing-seconds", type=float, default=2.0,
                    help="cpu target: time each model this long at batch 1 and 8")
+    p.add_argument("--form", choices=CPU_FORMS, default=None,
+                   help="cpu target: write this INT8 form without comparing (default: both, the faster is kept)")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     add_data_args(p, train=False, image_size=False, recorded=True)
 
@@ -645,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default="standard",
                    help="quick: ~3 min slice; standard: ~25 min on 2 CPU cores")
     p.add_argument("--teacher", default=None, help="an existing teacher checkpoint: skip training one")
+    p.add_argument("--student", default=None, help="an existing distilled student: skip distilling one")
     p.add_argument("--data", default=None, help="'fashion-mnist' (default) or a folder with train/ and val/")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: the data's preset)")
     p.add_argument("--train-limit", type=int, default=None, metavar="N", help="class-stratified training subset")
@@ -653,6 +695,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="folder for every artifact and the reports")
     p.add_argument("--force", action="store_true", help="rerun every stage even when unchanged")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
+
+    from optimize.search import OBJECTIVES, SPACES, TARGETS as SEARCH_TARGETS
+
+    p = add("search", cmd_search)
+    p.add_argument("--teacher", required=True, help="the original model: the accuracy baseline, shared by all trials")
+    p.add_argument("--student", default=None, help="a distilled student to prune (default: distilled once into "
+                                                   "OUT/student.pth with the preset's options)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="budget: top-1 points below the teacher")
+    p.add_argument("--target", choices=SEARCH_TARGETS, default="cpu",
+                   help="where trials are measured: cpu (ONNX Runtime) or tensorrt (engines on the GPU)")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study holds in all (every process)")
+    p.add_argument("--storage", default=None, help="optuna storage URL shared by every search process "
+                                                   "(default: sqlite:///OUT/study.db; postgresql://... for a fleet)")
+    p.add_argument("--study-name", default="edgeopt-search", help="the study's name in --storage")
+    p.add_argument("--space", choices=SPACES, default="compression",
+                   help="compression: prune/KD/calibration/INT8 form; training: lr, batch size, weight decay, label "
+                        "smoothing of the student")
+    p.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                   help="throughput: img/s at --batch; latency: p50 ms at batch 1")
+    p.add_argument("--batch", type=int, default=8, help="target batch size for --objective throughput")
+    p.add_argument("--resume", action="store_true", help="continue (or join) the study in --storage")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="standard",
+                   help="pipeline preset whose options a trial's recipe is merged over")
+    p.add_argument("--rounds", type=int, default=3, help="each trial's benchmark: timing rounds")
+    p.add_argument("--seconds", type=float, default=0.3, help="each trial's benchmark: one timing window")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of this process: no trial is started that would end after it")
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between a running trial's heartbeats")
+    p.add_argument("--grace-period", type=int, default=300,
+                   help="seconds without a heartbeat before another process fails a trial (other hosts)")
+    p.add_argument("--out", default="runs/search", help="folder for the study, trials/, report.md and best.yaml")
+    p.add_argument("--json", action="store_true", help="print search.json instead of the summary")
+    add_data_args(p, recorded=True)
     return parser
 
 

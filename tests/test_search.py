@@ -1,0 +1,129 @@
+"""`cli.py search`: an optuna study over the compression recipe, each trial a pipeline run, measured on the CPU.
+
+Tiny on purpose: the session's 16-px ResNet-18 serves as teacher and student, 256 training / 128 val images, one
+timing round of 0.05 s. The figures mean nothing; the study's bookkeeping (resume, sharing, the report) is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, error_line, run_main
+
+optuna = pytest.importorskip("optuna", reason="optuna is a dependency of edgeopt: pip install -e .")
+
+FAST = ["--preset", "quick", "--train-limit", "256", "--val-limit", "128", "--rounds", "1", "--seconds", "0.05",
+        "--max-accuracy-drop", "50"]
+
+
+def search_args(teacher: Path, out: Path, trials: int, *extra: str) -> list[str]:
+    return ["search", "--teacher", str(teacher), "--student", str(teacher), "--out", str(out), "--trials", str(trials),
+            *FAST, *extra]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "EDGEOPT_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "-q", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def load(out: Path):
+    return optuna.load_study(study_name="edgeopt-search", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def finished(study) -> list:
+    return [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def trial_lines(stdout: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if ln.startswith("trial ")]
+
+
+def test_killed_search_resumes_without_redoing_trials_and_best_yaml_is_a_pipeline_recipe(trained, tmp_path):
+    out = tmp_path / "search"
+    proc = start(search_args(trained, out, 3))
+    marker = out / "trials" / "trial-0001" / "pipeline.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"search ended before trial 1 started:\n{proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the trial stays RUNNING in the storage
+    proc.wait()
+    study = load(out)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[0] == "COMPLETE" and states[1] == "RUNNING", states
+    first = (out / "trials" / "trial-0000" / "pipeline.json").stat().st_mtime_ns
+
+    again = run_main("-q", *search_args(trained, out, 3))  # without --resume an existing study is refused
+    assert again.returncode == 2 and "--resume" in error_line(again)
+
+    resumed = run_main("-q", *search_args(trained, out, 3), "--resume")  # in this process: no second start-up
+    assert resumed.returncode == 0, resumed.stderr
+    lines = trial_lines(resumed.stdout)
+    assert len(lines) == 2, resumed.stdout  # trial 0 is not redone: the retry of 1 and one more
+    study = load(out)
+    trials = study.get_trials()
+    assert len(finished(study)) == 3
+    assert trials[1].state.name == "FAIL" and "killed" in trials[1].user_attrs["error"]
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == 1)
+    assert retry.params == trials[1].params and retry.state.name in ("COMPLETE", "PRUNED")
+    assert (out / "trials" / "trial-0000" / "pipeline.json").stat().st_mtime_ns == first
+    assert trials[0].user_attrs.get("starting_point") == "quick"  # the preset's own recipe went first
+
+    report = json.loads((out / "search.json").read_text())
+    assert [t["number"] for t in report["trials"]] == [t.number for t in trials]
+    chosen = report["chosen"]
+    assert chosen["within"] and chosen["number"] in [t.number for t in finished(study)]
+    md = (out / "report.md").read_text()
+    assert "## Chosen" in md and "## Pareto front" in md and "retry of 1" in md
+    assert (out / "pareto.png").stat().st_size > 1000
+
+    best = out / "best.yaml"
+    recipe = yaml.safe_load(best.read_text())
+    assert recipe["teacher"] == str(trained.resolve()) and recipe["stages"]["benchmark"]["batch_sizes"] == [8]
+    assert recipe == trials[chosen["number"]].user_attrs["recipe"]
+    plan = run_main("pipeline", "--preset", "quick", "--config", best, "--out", tmp_path / "best", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "export" in plan.stdout and "benchmark" in plan.stdout and "teacher" not in plan.stdout.split("#")[-1]
+
+
+def test_two_processes_sharing_one_sqlite_study_finish_n_trials_in_all(trained, tmp_path):
+    out = tmp_path / "shared"
+    args = search_args(trained, out, 3, "--resume")
+    first = start(args)
+    time.sleep(1.0)  # let the first create the study's tables; the second joins it
+    second = start(args)
+    outputs = [p.communicate(timeout=600) for p in (first, second)]
+    for p, (stdout, stderr) in zip((first, second), outputs):
+        assert p.returncode == 0, stderr
+    lines = [ln for stdout, _ in outputs for ln in trial_lines(stdout)]
+    study = load(out)
+    done = finished(study)
+    assert len(done) == 3 and len(lines) == 3, (lines, [(t.number, t.state.name) for t in study.get_trials()])
+    ran = sorted(int(ln.split()[1]) for ln in lines)
+    assert ran == sorted(t.number for t in done)  # each finished trial ran once, in one process
+    workers = {t.user_attrs["worker"]["pid"] for t in done}
+    assert len(workers) == 2, "both processes should have run trials"
+    for t in study.get_trials():
+        assert t.state.name in ("COMPLETE", "PRUNED") or t.user_attrs.get("surplus"), (t.number, t.state.name)
+
+
+def test_bad_search_options_are_one_line_errors_and_write_nothing(trained, image_folder, tmp_path):
+    out = tmp_path / "nothing"
+    for extra, words in ((["--max-accuracy-drop", "-1"], "--max-accuracy-drop"), (["--trials", "0"], "--trials"),
+                         (["--storage", "sqlite:////nonexistent/dir/study.db"], "--storage")):
+        proc = run_main("search", "--teacher", trained, "--out", out, *extra)
+        assert proc.returncode == 2 and words in error_line(proc), proc.stderr
+        assert not out.exists()
+    proc = run_main("search", "--teacher", trained, "--data", image_folder, "--out", out)  # 10 classes vs 3
+    assert proc.returncode == 2 and "class" in error_line(proc)
+    assert not out.exists()
