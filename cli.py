@@ -72,7 +72,10 @@ def add_loop_args(parser: argparse.ArgumentParser, *, finetune: bool = False) ->
                    help="clip the gradients' global L2 norm to MAX before each step")
     g.add_argument("--device", choices=DEVICES, default="auto")
     g.add_argument("--no-amp", action="store_true",
-                   help="no float16 mixed precision on CUDA (the CPU trains in float32)")
+                   help="no float16 mixed precision on CUDA (the CPU trains in float32 unless --cpu-bf16)")
+    g.add_argument("--cpu-bf16", action="store_true",
+                   help="bfloat16 autocast when training on a CPU with native bf16 (AVX512-BF16/AMX): ~1.5x faster; "
+                        "steps with non-finite gradients are skipped and counted")
     g.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on <= 2 CPU cores)")
@@ -88,8 +91,8 @@ def loop_config(args: argparse.Namespace):
                       warmup=args.warmup, step_size=args.step_size, gamma=args.gamma, patience=args.patience,
                       accumulate=args.accumulate, label_smoothing=args.label_smoothing,
                       class_weights=args.class_weights, clip_grad_norm=args.clip_grad_norm, device=args.device,
-                      amp=not args.no_amp, channels_last=not args.no_channels_last, seed=args.seed,
-                      workers=args.workers, progress=not args.quiet)
+                      amp=not args.no_amp, cpu_bf16=args.cpu_bf16, channels_last=not args.no_channels_last,
+                      seed=args.seed, workers=args.workers, progress=not args.quiet)
 
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:

@@ -114,3 +114,30 @@ def test_warmup_cosine_rises_then_falls_to_zero():
     assert factors[0] < factors[5] < factors[10] == pytest.approx(1.0, abs=0.1)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_cpu_bf16_skips_a_step_with_non_finite_gradients_and_counts_it():
+    from optimize.data import load_data
+    from optimize.loop import LoopConfig, cpu_has_native_bf16, fit
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 / AMX): --cpu-bf16 trains in float32 here")
+    torch.manual_seed(0)
+    model = build_resnet("resnet18", 10)
+    splits = load_data("fashion-mnist", fashion_mnist_preset(image_size=16), train_limit=128, val_limit=64,
+                       augment=False)
+    base = cross_entropy_loss()
+    calls = []
+
+    def poisoned(logits, y, x):  # the first step's gradients come back NaN; the loss itself stays finite
+        calls.append(1)
+        if len(calls) == 1:
+            logits.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return base(logits, y, x)
+
+    cfg = LoopConfig(epochs=1, batch_size=64, device="cpu", cpu_bf16=True, progress=False, schedule="none")
+    result = fit(model, splits, cfg, loss_fn=poisoned)
+    assert len(calls) == 2 and result.history[0]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    fp32 = fit(build_resnet("resnet18", 10), splits, dataclasses.replace(cfg, cpu_bf16=False))
+    assert "skipped_steps" not in fp32.history[0]  # float32 runs carry no guard
