@@ -127,3 +127,53 @@ def test_bad_search_options_are_one_line_errors_and_write_nothing(trained, image
     proc = run_main("search", "--teacher", trained, "--data", image_folder, "--out", out)  # 10 classes vs 3
     assert proc.returncode == 2 and "class" in error_line(proc)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target, space, params", [
+    ("tensorrt", "compression", {"method": "2:4", "finetune_epochs": 1, "alpha": 0.5, "temperature": 4.0,
+                                 "precision": "int8", "calib_method": "minmax", "calib_images": 256}),
+    ("tensorrt", "compression", {"method": "l1-channel", "amount": 0.3, "steps": 2, "finetune_epochs": 0,
+                                 "precision": "fp16"}),
+    ("cpu", "compression", {"method": "none", "precision": "fp32"}),
+    ("cpu-latency", "compression", {"method": "l1-channel", "amount": 0.5, "steps": 1, "finetune_epochs": 0,
+                                    "precision": "qdq-s8s8", "calib_method": "entropy", "calib_images": 128}),
+    ("cpu", "training", {"lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "label_smoothing": 0.1}),
+])
+def test_every_kind_of_trial_recipe_is_a_valid_pipeline_recipe(trained, tmp_path, target, space, params):
+    """Trial recipes are planned by the pipeline itself: a key a stage does not take would be refused here."""
+    from optimize import pipeline, search
+
+    target, _, objective = target.partition("-")
+    cfg = search.SearchConfig(teacher=str(trained), out=str(tmp_path), target=target, space=space, preset="quick",
+                              objective=objective or "throughput")
+    recipe = search.trial_recipe(params, cfg, teacher=trained, student=None if space == "training" else trained,
+                                 data="fashion-mnist")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _, steps = pipeline.plan(pipeline.PipelineConfig(out=str(tmp_path / "run"), preset="quick", recipe=str(path)))
+    names = [name for name, _ in steps]
+    assert names[-1] == "benchmark" and "export" in names
+    configs = dict(steps)
+    if space == "training":
+        assert configs["distill"].loop.lr == 1e-3 and configs["distill"].loop.batch_size == 64
+        assert "prune" not in configs
+    elif params["method"] == "none":
+        assert "prune" not in configs and "calibrate" not in configs and "distill" not in configs
+    else:
+        assert configs["prune"].method == params["method"]
+    if target == "tensorrt":
+        assert configs["benchmark"].device == "cuda"
+    assert configs["benchmark"].batch_sizes == ((1,) if objective == "latency" else (8,))
+    if params.get("precision", "").startswith("q"):
+        assert configs["calibrate"].form == params["precision"] and configs["calibrate"].target == "cpu"
+
+
+def test_a_training_space_trial_runs_through_distill(trained, tmp_path):
+    out = tmp_path / "train-space"
+    proc = run_main("-q", "search", "--teacher", trained, "--out", out, "--trials", "1", "--space", "training", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "search.json").read_text())
+    (trial,) = report["trials"]
+    assert trial["state"] == "COMPLETE" and set(trial["params"]) == {"lr", "batch_size", "weight_decay",
+                                                                      "label_smoothing"}
+    assert (Path(trial["folder"]) / "student.pth").is_file() and report["chosen"]["number"] == 0

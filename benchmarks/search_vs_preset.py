@@ -1,0 +1,91 @@
+"""The search's chosen model against a pipeline preset's final artifact, side by side in one benchmark run.
+
+    python -m benchmarks.search_vs_preset --search runs/search --preset-run runs/demo \\
+        --command "python cli.py search ..."
+
+Runs ``benchmark`` with the teacher as baseline and both artifacts as models (same rounds, interleaved), then
+writes the ``search`` section of docs/RESULTS.md: the search's report as written, the side-by-side report, and
+whether the chosen model beats the preset's: faster beyond noise at no more top-1 loss, or more accurate at no
+less speed (not slower beyond noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.results_doc import write_section
+
+
+def _row(rep: dict[str, Any], path: str) -> dict[str, Any]:
+    return next(r for r in rep["rows"] if Path(r["path"]).resolve() == Path(path).resolve())
+
+
+def verdict(chosen: dict[str, Any], preset: dict[str, Any], batch: str) -> tuple[bool, str]:
+    """Whether ``chosen`` beats ``preset`` (report rows of one run) and the sentence that says why."""
+    from optimize.timing import Spread, compare
+
+    def spread(row: dict[str, Any]) -> Spread:
+        s = row["throughput_spread"][batch]
+        return Spread(s["median"], s["low"], s["high"], tuple(s["rounds"]))
+
+    c = compare(spread(chosen), spread(preset))
+    d_pt = 100 * (chosen["top1"] - preset["top1"])
+    speed = f"{c['ratio']:.2f}x its throughput at batch {batch} ({c['ratio_low']:.2f}-{c['ratio_high']:.2f}, {c['verdict']})"
+    if c["verdict"] == "faster" and d_pt >= 0:
+        return True, f"beats it: faster at no more loss ({speed}; top-1 {d_pt:+.2f} pt)"
+    if d_pt > 0 and c["verdict"] != "slower":
+        return True, f"beats it: more accurate at no less speed (top-1 {d_pt:+.2f} pt; {speed})"
+    return False, f"does not beat it (top-1 {d_pt:+.2f} pt; {speed})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--search", type=Path, required=True, help="the search's --out folder")
+    parser.add_argument("--preset-run", type=Path, required=True, help="the preset pipeline's --out folder")
+    parser.add_argument("--command", required=True, help="the search command, quoted in the doc")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.4)
+    parser.add_argument("--doc", type=Path, default=Path("docs/RESULTS.md"))
+    parser.add_argument("--note", default="", help="a paragraph after the verdict")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    found = json.loads((args.search / "search.json").read_text())
+    chosen = next(t for t in found["trials"] if t["number"] == found["chosen"]["number"])
+    preset_report = json.loads((args.preset_run / "report" / "report.json").read_text())
+    preset_final = _row(preset_report, next(r["path"] for r in preset_report["rows"]
+                                            if r["name"] == preset_report["final"]["artifact"]))["path"]
+    budget = found["config"]["max_accuracy_drop"]
+    out = args.search / "vs-preset"
+    cfg = report.BenchmarkConfig(models=(preset_final, chosen["artifact"]), baseline=found["baseline"]["artifact"],
+                                 out=str(out), batch_sizes=(1, 8, 32), rounds=args.rounds, seconds=args.seconds,
+                                 max_accuracy_drop=budget, progress=False)
+    rep = report.run(cfg).manifest
+    ok, sentence = verdict(_row(rep, chosen["artifact"]), _row(rep, preset_final), str(cfg.reference_batch))
+
+    demote = lambda text: re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", text, flags=re.M)  # noqa: E731
+    lines = ["## Search (`cli.py search`): the fastest model within 1 pt, against the standard preset", "",
+             f"Made by `{args.command}`, then `python -m benchmarks.search_vs_preset --search {args.search} "
+             f"--preset-run {args.preset_run}` for the side-by-side run.", "",
+             f"**The chosen model (trial {chosen['number']}, `{Path(chosen['artifact']).name}`) against the standard "
+             f"preset's final artifact (`{Path(preset_final).name}`), measured in one benchmark run: "
+             f"{sentence}.** {'MET' if ok else 'NOT MET'}.", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["### The side-by-side run", "", demote(report.render_markdown(rep)).rstrip(), "",
+              "### The search's report", "",
+              demote("\n".join(ln for ln in (args.search / "report.md").read_text().splitlines()
+                               if not ln.startswith("!["))).rstrip()]
+    write_section(args.doc, "search", "\n".join(lines))
+    logging.getLogger("benchmarks.search_vs_preset").info("%s; wrote section 'search' of %s", sentence, args.doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
