@@ -378,8 +378,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                               grace_period=args.grace_period, progress=not args.quiet)
 
     def on_trial(e: search.TrialEvent) -> None:
-        figures = (f"top-1 {e.top1:.2%}, {search._speed_text(e.speed, cfg)}" if e.top1 is not None
-                   else e.note or e.state.lower())
+        figures = (f"top-1 {e.top1:.2%}, {search._speed_text(e.speed, cfg)}" + (f" ({e.note})" if e.note else "")
+                   if e.top1 is not None else e.note or e.state.lower())
         best = "" if not e.best else (f" | best: trial {e.best['number']} {e.best['top1']:.2%} "
                                       f"{search._speed_text(e.best['speed'], cfg)}"
                                       + ("" if e.best["within"] else " (none within budget yet)"))

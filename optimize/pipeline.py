@@ -291,7 +291,7 @@ _LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 
 def stage_config(config_cls: type, stage: str, options: dict[str, Any] | None, fixed: dict[str, Any], *,
-                  progress: bool, device: str = "auto") -> Any:
+                 progress: bool, device: str = "auto") -> Any:
     """``config_cls`` from a recipe stage's options plus what the pipeline wires in; unknown keys are refused.
 
     Options naming a field of the shared training loop go into the stage's ``loop`` (training stages only).
@@ -393,7 +393,7 @@ class _Planner:
             model = pruned
         onnx_path = self.out / "model.onnx"
         ecfg = stage_config(export.ExportConfig, "export", self.options("export"),
-                             {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
+                            {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
         steps.append(_Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c)))
 
         int8_path = None

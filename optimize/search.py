@@ -430,6 +430,9 @@ class _Trials:
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"the study already has {self.cfg.trials} trials")
         params = suggest(trial, self.cfg)
+        twin = self._twin(params)
+        if twin is not None:  # TPE proposes a finished point again now and then: its figures stand, not rerun
+            return self._as_twin(trial, twin, params, start)
         folder = Path(self.cfg.out) / "trials" / f"trial-{trial.number:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         recipe_path = folder / "recipe.yaml"
@@ -474,16 +477,37 @@ class _Trials:
         self._emit(trial, "COMPLETE", params, figures["top1"], figures["speed"], start)
         return figures["top1"], figures["speed"]
 
+    def _twin(self, params: dict[str, Any]) -> Any:
+        """A finished trial (complete or stopped) with exactly these parameters, if any."""
+        return next((t for t in self.study.get_trials(deepcopy=False) if t.params == params
+                     and t.state.name in ("COMPLETE", "PRUNED")), None)
+
+    def _as_twin(self, trial: Any, twin: Any, params: dict[str, Any], start: float) -> tuple[float, float]:
+        import optuna
+
+        note = f"same parameters as trial {twin.number}: its figures, not run again"
+        for key, value in twin.user_attrs.items():
+            if key not in ("worker", "starting_point", "retry_of", "seconds", "duplicate_of"):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("duplicate_of", twin.number)
+        trial.set_user_attr("seconds", 0.0)
+        if twin.state.name == "PRUNED":
+            self._emit(trial, "PRUNED", params, None, None, start, note=note, timed=False)
+            raise optuna.TrialPruned(note)
+        self._emit(trial, "COMPLETE", params, twin.values[0], twin.values[1], start, note=note, timed=False)
+        return twin.values[0], twin.values[1]
+
     def _emit(self, trial: Any, state: str, params: dict[str, Any], top1: float | None, speed: float | None,
-              start: float, note: str = "") -> None:
+              start: float, note: str = "", timed: bool = True) -> None:
         seconds = time.perf_counter() - start
-        self.durations.append(seconds)
+        if timed:  # the ETA and --minutes go by the trials that ran
+            self.durations.append(seconds)
         if self.on_trial is None:
             return
         finished, _ = _counts(self.study)
         finished += 1  # this one, not yet told to the storage
         left = max(self.cfg.trials - finished, 0)
-        eta = left * (sum(self.durations) / len(self.durations)) if left else 0.0
+        eta = left * (sum(self.durations) / len(self.durations)) if left and self.durations else None
         best = choose(completed_rows(self.study, self.cfg) + ([{"number": trial.number, "top1": top1, "speed": speed}]
                                                             if top1 is not None else []),
                       self.baseline, self.cfg)
@@ -632,7 +656,9 @@ def _trial_record(t: Any) -> dict[str, Any]:
     return {"number": t.number, "state": t.state.name, "params": t.params,
             "top1": t.values[0] if t.values else None, "speed": t.values[1] if t.values else None,
             "file_bytes": a.get("file_bytes"), "macs": a.get("macs"), "artifact": a.get("artifact"),
-            "seconds": a.get("seconds"), "note": a.get("stopped") or a.get("error") or "",
+            "seconds": a.get("seconds"),
+            "note": (f"same parameters as trial {a['duplicate_of']}: its figures" if "duplicate_of" in a
+                     else a.get("stopped") or a.get("error") or ""),
             "retry_of": a.get("retry_of"), "starting_point": a.get("starting_point"), "folder": a.get("folder"),
             "surplus": bool(a.get("surplus")), "spread": a.get("spread"), "recipe": a.get("recipe")}
 

@@ -87,6 +87,13 @@ def test_killed_search_resumes_without_redoing_trials_and_best_yaml_is_a_pipelin
     assert "## Chosen" in md and "## Pareto front" in md and "retry of 1" in md
     assert (out / "pareto.png").stat().st_size > 1000
 
+    study.enqueue_trial(trials[0].params)  # a point already measured comes back (TPE does that): not rerun
+    twin = run_main("-q", *search_args(trained, out, 4), "--resume")
+    assert twin.returncode == 0 and "same parameters as trial 0" in twin.stdout, twin.stderr
+    last = load(out).get_trials()[-1]
+    assert last.values == trials[0].values and last.user_attrs["duplicate_of"] == 0
+    assert not (out / "trials" / f"trial-{last.number:04d}").exists()
+
     best = out / "best.yaml"
     recipe = yaml.safe_load(best.read_text())
     assert recipe["teacher"] == str(trained.resolve()) and recipe["stages"]["benchmark"]["batch_sizes"] == [8]
