@@ -61,14 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     preset_report = json.loads((args.preset_run / "report" / "report.json").read_text())
     preset_row = next(r for r in preset_report["rows"] if r["name"] == preset_report["final"]["artifact"])
     preset_final = preset_row["path"]
-    # the chosen trial trades accuracy for speed within the budget; the fastest trial at least as accurate as the
-    # preset's final (by the search's own figures) is measured beside it: the one that can dominate
-    peers = [t for t in found["trials"] if t["state"] == "COMPLETE" and t["top1"] >= preset_row["top1"]]
+    # the chosen trial may trade accuracy for speed within the budget; the fastest trial more accurate than the
+    # preset's final (by the search's own figures) is measured beside it: the one that can dominate it
+    peers = [t for t in found["trials"] if t["state"] == "COMPLETE" and t["top1"] > preset_row["top1"]]
     peer = max(peers, key=lambda t: t["speed"]) if peers else None
     if peer is not None and peer["number"] == chosen["number"]:
         peer = None
     budget = found["config"]["max_accuracy_drop"]
     out = args.search / "vs-preset"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def named(trial: dict[str, Any]) -> str:
+        """The trial's artifact under a name of its own (a report row is named by its file: 'model.onnx' twice)."""
+        link = out / f"trial-{trial['number']}.{Path(trial['artifact']).name}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(trial["artifact"]).resolve())
+        return str(link)
+
+    chosen["artifact"] = named(chosen)
+    if peer is not None:
+        peer["artifact"] = named(peer)
     models = (preset_final, chosen["artifact"]) + ((peer["artifact"],) if peer else ())
     cfg = report.BenchmarkConfig(models=models, baseline=found["baseline"]["artifact"], out=str(out),
                                  batch_sizes=(1, 8, 32), rounds=args.rounds, seconds=args.seconds,
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if peer is not None:
         peer_ok, peer_sentence = verdict(_row(rep, peer["artifact"]), _row(rep, preset_final), ref)
         ok = ok or peer_ok
-        peer_line = (f"The fastest trial at least as accurate as the preset's final by the search's figures, trial "
+        peer_line = (f"The fastest trial more accurate than the preset's final by the search's figures, trial "
                      f"{peer['number']} (`{Path(peer['artifact']).name}`), in the same run: {peer_sentence}.")
 
     demote = lambda text: re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", text, flags=re.M)  # noqa: E731

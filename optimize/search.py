@@ -508,9 +508,9 @@ class _Trials:
         finished += 1  # this one, not yet told to the storage
         left = max(self.cfg.trials - finished, 0)
         eta = left * (sum(self.durations) / len(self.durations)) if left and self.durations else None
-        best = choose(completed_rows(self.study, self.cfg) + ([{"number": trial.number, "top1": top1, "speed": speed}]
-                                                            if top1 is not None else []),
-                      self.baseline, self.cfg)
+        mine = {"number": trial.number, "top1": top1, "speed": speed, "spread": trial.user_attrs.get("spread")}
+        best = choose(completed_rows(self.study, self.cfg) + ([mine] if top1 is not None else []), self.baseline,
+                      self.cfg)
         self.on_trial(TrialEvent(trial.number, state, params, top1, speed, seconds, finished, self.cfg.trials,
                                  best, eta, note))
 
@@ -532,22 +532,35 @@ def trial_figures(folder: Path, cfg: SearchConfig) -> dict[str, Any]:
 def completed_rows(study: Any, cfg: SearchConfig) -> list[dict[str, Any]]:
     from optuna.trial import TrialState
 
-    return [{"number": t.number, "top1": t.values[0], "speed": t.values[1]}
+    return [{"number": t.number, "top1": t.values[0], "speed": t.values[1], "spread": t.user_attrs.get("spread")}
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
 def choose(rows: list[dict[str, Any]], baseline: dict[str, Any], cfg: SearchConfig) -> dict[str, Any] | None:
-    """The chosen trial: the fastest within the budget; when none is, the most accurate (``within`` False)."""
+    """The chosen trial: the fastest within the budget, but among the trials within the budget whose speed cannot
+    be told from the fastest's (their throughput ranges overlap, as ``benchmark`` says "within noise") the most
+    accurate; when none is within the budget, the most accurate (``within`` False).
+
+    ``rows``: ``{"number", "top1", "speed", "spread"}`` (``spread``: the throughput's low / high over the rounds).
+    """
     if not rows:
         return None
     floor = round(100 * baseline["top1"], 6) - cfg.max_accuracy_drop
     within = [r for r in rows if round(100 * r["top1"], 6) >= floor - 1e-9]
+    if not within:
+        return {**max(rows, key=lambda r: r["top1"]), "within": False, "fastest": None}
     faster = (lambda r: r["speed"]) if cfg.objective == "throughput" else (lambda r: -r["speed"])
-    if cfg.space == "training":  # one architecture: speed differs by noise only; the most accurate wins
-        faster = lambda r: r["top1"]  # noqa: E731
-    if within:
-        return {**max(within, key=faster), "within": True}
-    return {**max(rows, key=lambda r: r["top1"]), "within": False}
+    fastest = max(within, key=faster)
+    if cfg.space == "training":  # one architecture: speed differs by noise only
+        ties = within
+    else:
+        ties = [r for r in within if r is fastest or _overlap(r.get("spread"), fastest.get("spread"))]
+    best = max(ties, key=lambda r: (r["top1"], faster(r)))
+    return {**best, "within": True, "fastest": fastest["number"]}
+
+
+def _overlap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    return bool(a and b) and a["low"] <= b["high"] and b["low"] <= a["high"]
 
 
 # -- shared inputs: the baseline figures and the distilled student ---------------------------------------------------
@@ -676,7 +689,7 @@ def write_report(study: Any, cfg: SearchConfig, baseline: dict[str, Any], *, out
     flags = pareto_front([(sign * t["speed"], t["top1"]) for t in done])
     for t, flag in zip(done, flags):
         t["pareto"] = flag
-    chosen = choose([{"number": t["number"], "top1": t["top1"], "speed": t["speed"]} for t in done], baseline, cfg)
+    chosen = choose([{k: t[k] for k in ("number", "top1", "speed", "spread")} for t in done], baseline, cfg)
     best = next((t for t in done if chosen and t["number"] == chosen["number"]), None)
     facts = cpu_facts()
     report = {"format": "edgeopt-search", "version": 1, "config": dataclasses.asdict(cfg),
@@ -703,7 +716,7 @@ def reproduce_command(cfg: SearchConfig) -> str:
 def _write_best(path: Path, best: dict[str, Any], baseline: dict[str, Any], cfg: SearchConfig) -> None:
     speed = _speed_text(best["speed"], cfg)
     header = (f"# edgeopt search: trial {best['number']} of study '{cfg.study_name}', the fastest within "
-              f"{cfg.max_accuracy_drop:g} pt of the teacher's top-1\n"
+              f"{cfg.max_accuracy_drop:g} pt of the teacher's top-1 (the most accurate of those within noise of it)\n"
               f"# measured: top-1 {best['top1']:.2%} (teacher {baseline['top1']:.2%}), {speed}\n"
               f"# reproduce: {reproduce_command(cfg)}\n")
     with atomic_path(path) as tmp:
@@ -741,6 +754,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ratio = (t["speed"] / base["speed"] if cfg.objective == "throughput" else base["speed"] / t["speed"]) \
             if base.get("speed") else None
         verdict = "within the budget" if chosen["within"] else "**no trial is within the budget**: the most accurate"
+        if chosen["within"] and chosen.get("fastest") not in (None, t["number"]):
+            f = next(x for x in trials if x["number"] == chosen["fastest"])
+            verdict += (f"; trial {f['number']} is faster by median ({_speed_text(f['speed'], cfg)}, top-1 "
+                        f"{f['top1']:.2%}) but its range overlaps this one's: within noise, so the more accurate")
         lines += ["## Chosen", "",
                   f"Trial {t['number']} ({verdict}): top-1 {t['top1']:.2%} "
                   f"({100 * (t['top1'] - base['top1']):+.2f} pt), {_speed_text(t['speed'], cfg)}"
