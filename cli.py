@@ -253,7 +253,8 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     cfg = build_engine.BuildConfig(onnx=args.onnx, out=args.out, backend=args.backend, precision=args.precision,
                                    calib_data=args.calib_data, calib_cache=args.calib_cache,
                                    calib_method=args.calib_method, num_images=args.num_images,
-                                   min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                                   calib_val_limit=args.calib_val_limit, min_batch=args.min_batch,
+                                   opt_batch=args.opt_batch, max_batch=args.max_batch,
                                    workspace=args.workspace, timing_cache=args.timing_cache,
                                    sparse_weights=args.sparse_weights, dla_core=args.dla_core, tf32=args.tf32,
                                    compare_rounds=args.compare_rounds, compare_seconds=args.compare_seconds,
@@ -580,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-cache", default=None, help="int8: calibration cache to reuse or write")
     p.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy")
     p.add_argument("--num-images", type=int, default=512, help="int8: calibration images")
+    p.add_argument("--calib-val-limit", type=int, default=None, metavar="N",
+                   help="int8: val images for the INT8-vs-FP32 accuracy figures (default: the whole split)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=64)

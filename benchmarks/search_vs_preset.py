@@ -36,7 +36,8 @@ def verdict(chosen: dict[str, Any], preset: dict[str, Any], batch: str) -> tuple
 
     c = compare(spread(chosen), spread(preset))
     d_pt = 100 * (chosen["top1"] - preset["top1"])
-    speed = f"{c['ratio']:.2f}x its throughput at batch {batch} ({c['ratio_low']:.2f}-{c['ratio_high']:.2f}, {c['verdict']})"
+    speed = (f"{c['ratio']:.2f}x its throughput at batch {batch} ({c['ratio_low']:.2f}-{c['ratio_high']:.2f}, "
+             f"{c['verdict']})")
     if c["verdict"] == "faster" and d_pt >= 0:
         return True, f"beats it: faster at no more loss ({speed}; top-1 {d_pt:+.2f} pt)"
     if d_pt > 0 and c["verdict"] != "slower":

@@ -64,6 +64,7 @@ class BuildConfig:
         backend: ``onnxruntime`` or ``tensorrt``.
         precision: ``fp32``, ``fp16`` (TensorRT only) or ``int8``.
         calib_data / calib_cache / calib_method / num_images: for ``int8`` from an FP32 ONNX.
+        calib_val_limit: val images for that calibration's INT8-vs-FP32 accuracy figures (None: the whole split).
         min_batch / opt_batch / max_batch: the optimization profile over the batch axis.
         workspace: TensorRT workspace pool limit (``2G``).
         timing_cache: TensorRT timing cache file to load and update.
@@ -86,6 +87,7 @@ class BuildConfig:
     calib_cache: str | None = None
     calib_method: str = "entropy"
     num_images: int = 512
+    calib_val_limit: int | None = None
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 64
@@ -159,6 +161,7 @@ def _int8_onnx(cfg: BuildConfig, target: str, work: Path) -> tuple[Path, dict[st
     out = work / "model.int8.onnx"
     artifact = calibrate.run(calibrate.CalibConfig(onnx=cfg.onnx, out=str(out), data=cfg.calib_data,
                                                    num_images=cfg.num_images, method=cfg.calib_method, target=target,
+                                                   val_limit=cfg.calib_val_limit,
                                                    cache=cfg.calib_cache or str(Path(cfg.out).with_suffix(".calib.json"))))
     return out, artifact.manifest.get("metrics", {})
 

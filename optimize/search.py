@@ -602,10 +602,7 @@ def _shared_student(cfg: SearchConfig, teacher: Path, data: str) -> Path | None:
     if cfg.space == "training":
         return None
     if cfg.student:
-        student = Path(cfg.student)
-        if not student.is_file():
-            raise ConfigError(f"--student {student} does not exist; give a checkpoint or drop --student to distill one")
-        return student
+        return Path(cfg.student)  # checked before anything was written
     from . import distill, pipeline
     from .train import last_path
 
@@ -637,6 +634,9 @@ def run(cfg: SearchConfig, *, on_trial: Callable[[TrialEvent], None] | None = No
     teacher = Path(cfg.teacher)
     if not teacher.is_file():
         raise ConfigError(f"--teacher {teacher} does not exist; train one ('cli.py train') or give its path")
+    if cfg.student and not Path(cfg.student).is_file():
+        raise ConfigError(f"--student {cfg.student} does not exist; give a checkpoint or drop --student to distill "
+                          "one")
     data = resolve_data(cfg.data, teacher)
     _check_teacher_fits(teacher, data, cfg)
     out = Path(cfg.out)
@@ -726,7 +726,9 @@ def _write_best(path: Path, best: dict[str, Any], baseline: dict[str, Any], cfg:
 def _speed_text(value: float | None, cfg: SearchConfig) -> str:
     if value is None:
         return "—"
-    return f"{value:.2f} ms p50 at batch 1" if cfg.objective == "latency" else f"{value:,.0f} img/s at batch {cfg.batch}"
+    if cfg.objective == "latency":
+        return f"{value:.2f} ms p50 at batch 1"
+    return f"{value:,.0f} img/s at batch {cfg.batch}"
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -778,7 +780,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         speed = f"{t['speed']:,.2f}" if t.get("speed") is not None else "—"
         minutes = f"{t['seconds'] / 60:.1f}" if t.get("seconds") else "—"
         note = _params_text(t["params"]) + (f" — {t['note']}" if t["note"] else "")
-        return f"| {t['number']}{mark} | {t['state'].lower()} | {top1} | {speed} | {size} | {macs} | {minutes} | {note} |"
+        cells = [f"{t['number']}{mark}", t["state"].lower(), top1, speed, size, macs, minutes, note]
+        return "| " + " | ".join(cells) + " |"
 
     front = [t for t in trials if t.get("pareto")]
     if front:

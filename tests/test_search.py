@@ -127,6 +127,7 @@ def test_two_processes_sharing_one_sqlite_study_finish_n_trials_in_all(trained, 
 def test_bad_search_options_are_one_line_errors_and_write_nothing(trained, image_folder, tmp_path):
     out = tmp_path / "nothing"
     for extra, words in ((["--max-accuracy-drop", "-1"], "--max-accuracy-drop"), (["--trials", "0"], "--trials"),
+                         (["--student", tmp_path / "absent.pth"], "--student"),
                          (["--storage", "sqlite:////nonexistent/dir/study.db"], "--storage")):
         proc = run_main("search", "--teacher", trained, "--out", out, *extra)
         assert proc.returncode == 2 and words in error_line(proc), proc.stderr
