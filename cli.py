@@ -379,10 +379,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                               grace_period=args.grace_period, progress=not args.quiet)
 
     def on_trial(e: search.TrialEvent) -> None:
-        figures = (f"top-1 {e.top1:.2%}, {search._speed_text(e.speed, cfg)}" + (f" ({e.note})" if e.note else "")
+        figures = (f"top-1 {e.top1:.2%}, {search.speed_text(e.speed, cfg)}" + (f" ({e.note})" if e.note else "")
                    if e.top1 is not None else e.note or e.state.lower())
         best = "" if not e.best else (f" | best: trial {e.best['number']} {e.best['top1']:.2%} "
-                                      f"{search._speed_text(e.best['speed'], cfg)}"
+                                      f"{search.speed_text(e.best['speed'], cfg)}"
                                       + ("" if e.best["within"] else " (none within budget yet)"))
         eta = f" | ETA {e.eta_seconds / 60:.0f} min" if e.eta_seconds else ""
         print(f"trial {e.number} [{e.finished}/{e.total}] {e.state.lower()} in {e.seconds / 60:.1f} min: {figures}"
@@ -396,7 +396,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     chosen = artifact.manifest["chosen"]
     if chosen:
         print(f"chosen: trial {chosen['number']} (top-1 {chosen['top1']:.2%}, "
-              f"{search._speed_text(chosen['speed'], cfg)}){'' if chosen['within'] else ' - NOT within the budget'}")
+              f"{search.speed_text(chosen['speed'], cfg)}){'' if chosen['within'] else ' - NOT within the budget'}")
         print(f"recipe: {out / search.BEST_YAML} (reproduce: {search.reproduce_command(cfg)})")
     print(f"wrote {out / search.REPORT_MD}, {artifact.path}" +
           "".join(f", {out / p}" for p in artifact.manifest["plots"]))

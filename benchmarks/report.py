@@ -541,7 +541,7 @@ def _apply_timings(rows: list[Row], results: dict[tuple[int, str], list[Any]]) -
 
 def _spread(row: Row, batch: str) -> Spread | None:
     s = row.throughput_spread.get(batch)
-    return Spread(s["median"], s["low"], s["high"], tuple(s["rounds"])) if s else None
+    return Spread.from_dict(s) if s else None
 
 
 def _direct_input(row: Row) -> str | None:

@@ -30,11 +30,7 @@ def verdict(chosen: dict[str, Any], preset: dict[str, Any], batch: str) -> tuple
     """Whether ``chosen`` beats ``preset`` (report rows of one run) and the sentence that says why."""
     from optimize.timing import Spread, compare
 
-    def spread(row: dict[str, Any]) -> Spread:
-        s = row["throughput_spread"][batch]
-        return Spread(s["median"], s["low"], s["high"], tuple(s["rounds"]))
-
-    c = compare(spread(chosen), spread(preset))
+    c = compare(*(Spread.from_dict(row["throughput_spread"][batch]) for row in (chosen, preset)))
     d_pt = 100 * (chosen["top1"] - preset["top1"])
     speed = (f"{c['ratio']:.2f}x its throughput at batch {batch} ({c['ratio_low']:.2f}-{c['ratio_high']:.2f}, "
              f"{c['verdict']})")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -279,8 +280,6 @@ def open_study(cfg: SearchConfig):
         raise ConfigError(f"{url} already holds the study '{cfg.study_name}'; pass --resume to continue (or join) it, "
                           "or give another --out / --storage / --study-name")
     directions = ["maximize", "minimize" if cfg.objective == "latency" else "maximize"]
-    if cfg.space == "training":
-        directions = ["maximize", directions[1]]
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(5, cfg.trials))
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=directions, sampler=sampler,
                                 load_if_exists=True)
@@ -397,9 +396,10 @@ class _Trials:
             if finished + running >= self.cfg.trials:  # the last trials run elsewhere: wait for them
                 time.sleep(min(5.0, self.cfg.heartbeat))
                 continue
-            before = len(self.study.get_trials(deepcopy=False))
-            self.study.optimize(self._objective, n_trials=1, catch=(_Surplus, EdgeoptError))
-            last = self._last_own_trial(before)
+            ran: list[Any] = []
+            self.study.optimize(self._objective, n_trials=1, catch=(_Surplus, EdgeoptError),
+                                callbacks=[lambda _study, frozen: ran.append(frozen)])
+            last = ran[-1] if ran else None
             if last is not None and last.state.name == "FAIL" and "surplus" not in last.user_attrs:
                 failures += 1
                 logger.warning("trial %d failed: %s", last.number, last.user_attrs.get("error", "see the log"))
@@ -408,14 +408,6 @@ class _Trials:
                                       f"{last.user_attrs.get('error')}); fix that and rerun with --resume")
             else:
                 failures = 0
-
-    def _last_own_trial(self, before: int) -> Any:
-        from .pipeline import process_record
-
-        me = process_record()
-        mine = [t for t in self.study.get_trials(deepcopy=False)[before - 1 if before else 0:]
-                if t.user_attrs.get("worker") == me]
-        return mine[-1] if mine else None
 
     def _objective(self, trial: Any) -> tuple[float, float]:
         import optuna
@@ -438,11 +430,10 @@ class _Trials:
         recipe_path = folder / "recipe.yaml"
         pcfg = pipeline.PipelineConfig(out=str(folder), preset=self.cfg.preset, recipe=str(recipe_path),
                                        progress=self.cfg.progress)
-        recipe = trial_recipe(params, self.cfg, teacher=self.teacher, student=self.student, data=self.data)
-        for _ in range(2):  # the trial's options, then the whole recipe they make with the preset: every option
-            with atomic_path(recipe_path) as tmp:  # is written out, so best.yaml holds even if a preset changes
-                tmp.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-            recipe = pipeline.resolve_recipe(pcfg)
+        _write_yaml(recipe_path, trial_recipe(params, self.cfg, teacher=self.teacher, student=self.student,
+                                              data=self.data))
+        recipe = pipeline.resolve_recipe(pcfg)  # every option, the preset's too: best.yaml holds if a preset changes
+        _write_yaml(recipe_path, recipe)
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("folder", str(folder))
         floor = self.baseline["top1"] - (self.cfg.max_accuracy_drop + HOPELESS_MARGIN_PT) / 100
@@ -513,6 +504,11 @@ class _Trials:
                       self.cfg)
         self.on_trial(TrialEvent(trial.number, state, params, top1, speed, seconds, finished, self.cfg.trials,
                                  best, eta, note))
+
+
+def _write_yaml(path: Path, data: dict[str, Any], header: str = "") -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def trial_figures(folder: Path, cfg: SearchConfig) -> dict[str, Any]:
@@ -646,9 +642,7 @@ def run(cfg: SearchConfig, *, on_trial: Callable[[TrialEvent], None] | None = No
         study, storage = open_study(cfg)
     except EdgeoptError:
         if created:  # nothing half-written: the folder this call made goes again
-            for p in sorted(out.rglob("*"), reverse=True):
-                p.rmdir() if p.is_dir() else p.unlink()
-            out.rmdir()
+            shutil.rmtree(out, ignore_errors=True)
         raise
     _check_or_record_setup(study, cfg, sha256_file(teacher), data)
     with pipeline.locked(out / "shared", wait=True):  # several processes: one measures / distils, the others wait
@@ -714,16 +708,15 @@ def reproduce_command(cfg: SearchConfig) -> str:
 
 
 def _write_best(path: Path, best: dict[str, Any], baseline: dict[str, Any], cfg: SearchConfig) -> None:
-    speed = _speed_text(best["speed"], cfg)
+    speed = speed_text(best["speed"], cfg)
     header = (f"# edgeopt search: trial {best['number']} of study '{cfg.study_name}', the fastest within "
               f"{cfg.max_accuracy_drop:g} pt of the teacher's top-1 (the most accurate of those within noise of it)\n"
               f"# measured: top-1 {best['top1']:.2%} (teacher {baseline['top1']:.2%}), {speed}\n"
               f"# reproduce: {reproduce_command(cfg)}\n")
-    with atomic_path(path) as tmp:
-        tmp.write_text(header + yaml.safe_dump(best["recipe"], sort_keys=False), encoding="utf-8")
+    _write_yaml(path, best["recipe"], header)
 
 
-def _speed_text(value: float | None, cfg: SearchConfig) -> str:
+def speed_text(value: float | None, cfg: SearchConfig) -> str:
     if value is None:
         return "—"
     if cfg.objective == "latency":
@@ -746,7 +739,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              + (f", {counts['RUNNING']} still running" if counts["RUNNING"] else "") + "."
              + (f" This process stopped at its --minutes {cfg.minutes:g} budget." if report.get("out_of_time") else ""),
              f"Budget: at most {cfg.max_accuracy_drop:g} top-1 points below the teacher "
-             f"`{Path(base['artifact']).name}` ({base['top1']:.2%}, {_speed_text(base['speed'], cfg)}).",
+             f"`{Path(base['artifact']).name}` ({base['top1']:.2%}, {speed_text(base['speed'], cfg)}).",
              f"Machine: {report['environment']['isa']}.", ""]
     chosen = report.get("chosen")
     if chosen is None:
@@ -758,11 +751,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         verdict = "within the budget" if chosen["within"] else "**no trial is within the budget**: the most accurate"
         if chosen["within"] and chosen.get("fastest") not in (None, t["number"]):
             f = next(x for x in trials if x["number"] == chosen["fastest"])
-            verdict += (f"; trial {f['number']} is faster by median ({_speed_text(f['speed'], cfg)}, top-1 "
+            verdict += (f"; trial {f['number']} is faster by median ({speed_text(f['speed'], cfg)}, top-1 "
                         f"{f['top1']:.2%}) but its range overlaps this one's: within noise, so the more accurate")
         lines += ["## Chosen", "",
                   f"Trial {t['number']} ({verdict}): top-1 {t['top1']:.2%} "
-                  f"({100 * (t['top1'] - base['top1']):+.2f} pt), {_speed_text(t['speed'], cfg)}"
+                  f"({100 * (t['top1'] - base['top1']):+.2f} pt), {speed_text(t['speed'], cfg)}"
                   + (f", {ratio:.1f}x the teacher" if ratio else "") + f"; `{t['artifact']}`.",
                   f"Parameters: {_params_text(t['params'])}.",
                   f"Recipe: `{BEST_YAML}`; reproduce with `{reproduce_command(cfg)}`.", ""]

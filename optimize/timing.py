@@ -109,6 +109,11 @@ class Spread:
     def to_dict(self) -> dict[str, Any]:
         return {"median": self.median, "low": self.low, "high": self.high, "rounds": list(self.rounds)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Spread":
+        """The inverse of :meth:`to_dict` (a report.json figure)."""
+        return cls(d["median"], d["low"], d["high"], tuple(d["rounds"]))
+
 
 def compare(a: Spread, b: Spread) -> dict[str, Any]:
     """How ``a`` compares with ``b`` (higher is better, e.g. img/s): ratio, its range, and the verdict.
