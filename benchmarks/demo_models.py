@@ -30,7 +30,8 @@ from optimize.loop import LoopConfig
 logger = logging.getLogger("benchmarks.demo_models")
 
 TARGETS = {"teacher": 0.880, "kd_over_scratch_pt": 0.5, "kd_below_teacher_pt": 1.0, "mac_ratio": 2.0,
-           "pruned_below_student_pt": 1.0, "pruned_before_ft": 0.50, "int8_drop_pt": 0.3, "final_speedup": 20.0}
+           "pruned_below_student_pt": 1.0, "pruned_before_ft": 0.50, "int8_drop_pt": 0.3}
+# the final artifact's speed goal is not here: it is the recipe's benchmark --min-speedup, read from the report
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = _row(report, "model.onnx")
     final = next((v for v in report.get("verdicts", []) if v["verdict"].startswith("final artifact")), None)
     ref = str(report.get("reference_batch", 8))
+    bench_cfg = report["config"]
     base = next(r for r in report["rows"] if r.get("role") == "baseline")
     epochs = {k: m["config"]["loop"]["epochs"] for k, m in (("teacher", teacher), ("student", student))}
     ft = pruned["config"]["finetune_epochs"]
@@ -135,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
          f"{pm['top1_before_finetune']:.2%} (raw, BatchNorm statistics not re-estimated: {pm['top1_pruned']:.2%})"),
         ("INT8 within 0.3 pt of its FP32 ONNX", None if int8_drop is None else int8_drop <= TARGETS["int8_drop_pt"],
          "—" if int8_drop is None else f"{-int8_drop:+.2f} pt"),
-        (f"final CPU artifact >= 20x the teacher at batch {ref}",
-         None if not final else final["speedup"] >= TARGETS["final_speedup"],
+        (f"final {bench_cfg['device'].upper()} artifact >= {bench_cfg['min_speedup']:g}x the teacher at batch {ref} "
+         "(the recipe's benchmark min_speedup)",
+         None if not final else final["speedup"] >= bench_cfg["min_speedup"],
          "—" if not final else f"{final['artifact']}: {final['speedup']:.1f}x"),
     ]
     timings = state.get("timings", {})

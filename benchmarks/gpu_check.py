@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from optimize.artifacts import Artifact, atomic_path, prepare_output, write_json
+from optimize.artifacts import Artifact, atomic_path, engine_path, prepare_output, write_json
+from optimize.configs import GpuCheckConfig
+from optimize.device import DeviceError
 from optimize.errors import ConfigError, EdgeoptError
 
 from . import report
@@ -33,25 +34,6 @@ logger = logging.getLogger(__name__)
 GPU_CHECK_JSON = "gpu_check.json"
 GPU_CHECK_MD = "gpu_check.md"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class GpuCheckConfig:
-    """Options of ``cli.py gpu-check``.
-
-    Attributes:
-        runs: a pipeline's output folder (teacher.pth, student.pth, pruned.pth, model.onnx).
-        out: folder for the engines built here, the benchmark report and gpu_check.json / .md.
-        data: val data for accuracy and INT8 calibration (what the run used).
-        seconds: one benchmark timing window (per artifact, batch size and round; 5 rounds).
-        val_limit: val images for the accuracy figures (None: all).
-    """
-
-    runs: str = "runs/demo"
-    out: str = "runs/demo/gpu-check"
-    data: str = "fashion-mnist"
-    seconds: float = 0.4
-    val_limit: int | None = 2000
 
 
 def nvidia_smi() -> dict[str, str]:
@@ -69,19 +51,17 @@ def nvidia_smi() -> dict[str, str]:
 
 def backends() -> dict[str, dict[str, Any]]:
     """Each GPU backend: ``{"available": bool, "version" or "reason": ...}``."""
+    import onnxruntime as ort
     import torch
 
-    from optimize.runners import ort_cuda_missing
+    from optimize.device import cuda_available, ort_cuda_missing, ort_has_cuda, torch_cuda_missing
     from optimize.tensorrt_backend import CudaRuntime, import_tensorrt
 
     found: dict[str, dict[str, Any]] = {}
     found["torch"] = ({"available": True, "version": torch.__version__, "cuda": torch.version.cuda,
-                       "cudnn": torch.backends.cudnn.version()} if torch.cuda.is_available()
-                      else {"available": False, "reason": f"PyTorch {torch.__version__} sees no CUDA device"})
-    import onnxruntime as ort
-
-    found["onnxruntime"] = ({"available": True, "version": ort.__version__}
-                            if "CUDAExecutionProvider" in ort.get_available_providers()
+                       "cudnn": torch.backends.cudnn.version()} if cuda_available()
+                      else {"available": False, "reason": torch_cuda_missing()})
+    found["onnxruntime"] = ({"available": True, "version": ort.__version__} if ort_has_cuda()
                             else {"available": False, "reason": ort_cuda_missing()})
     for name, probe in (("tensorrt", import_tensorrt), ("cuda_binding", CudaRuntime)):
         try:
@@ -117,11 +97,9 @@ def _build_engines(cfg: GpuCheckConfig, onnx_path: Path, out: Path) -> tuple[lis
 
     engines, failures = [], {}
     for precision in ENGINE_PRECISIONS:
-        engine = out / f"model.{precision}.engine"
+        engine = engine_path(out, "tensorrt", precision)  # INT8: its cache by build-engine's rule, beside it
         bcfg = build_engine.BuildConfig(onnx=str(onnx_path), out=str(engine), backend="tensorrt", precision=precision,
-                                        calib_data=cfg.data if precision == "int8" else None,
-                                        calib_cache=str(out / "model.int8.trt.calib.json") if precision == "int8"
-                                        else None)
+                                        calib_data=cfg.data if precision == "int8" else None)
         try:
             build_engine.run(bcfg)
             engines.append(engine)
@@ -133,7 +111,7 @@ def _build_engines(cfg: GpuCheckConfig, onnx_path: Path, out: Path) -> tuple[lis
 
 def run(cfg: GpuCheckConfig) -> Artifact:
     """Run every GPU check over ``cfg.runs``; returns gpu_check.json with its figures."""
-    runs, out = Path(cfg.runs), Path(cfg.out)
+    runs, out = Path(cfg.runs), cfg.out_dir
     gpu = nvidia_smi()
     teacher, onnx_path = runs / "teacher.pth", runs / "model.onnx"
     for needed in (teacher, onnx_path):
@@ -143,7 +121,7 @@ def run(cfg: GpuCheckConfig) -> Artifact:
     prepare_output(out / GPU_CHECK_JSON)
     found = backends()
     if not found["torch"]["available"]:
-        raise ConfigError(f"gpu-check: {found['torch']['reason']}; install a CUDA build of PyTorch")
+        raise DeviceError(f"gpu-check: {found['torch']['reason']}")
     batch = np.random.default_rng(0).standard_normal((8, 3, *_input_hw(onnx_path))).astype(np.float32)
     before = _teacher_logits(teacher, batch)
 
@@ -151,7 +129,10 @@ def run(cfg: GpuCheckConfig) -> Artifact:
     if found["tensorrt"]["available"] and found["cuda_binding"]["available"]:
         engines, failures = _build_engines(cfg, onnx_path, out)
     checkpoints = [p for p in (runs / "student.pth", runs / "pruned.pth") if p.is_file()]
-    models = [*map(str, engines), str(onnx_path), *map(str, checkpoints)]  # engines before checkpoints: on purpose
+    # engines before checkpoints: on purpose. The ONNX model only where ONNX Runtime has CUDA (the benchmark
+    # refuses a CUDA run it cannot give; the backends table says why it is absent)
+    onnx_models = [str(onnx_path)] if found["onnxruntime"]["available"] else []
+    models = [*map(str, engines), *onnx_models, *map(str, checkpoints)]
     bench = report.run(report.BenchmarkConfig(models=tuple(models), baseline=str(teacher), out=str(out / "benchmark"),
                                               data=cfg.data, device="cuda", seconds=cfg.seconds,
                                               val_limit=cfg.val_limit, progress=False))
@@ -170,9 +151,9 @@ def run(cfg: GpuCheckConfig) -> Artifact:
 
 
 def _input_hw(onnx_path: Path) -> tuple[int, int]:
-    from calib.batcher import onnx_input
+    from optimize.onnx_model import OnnxModel
 
-    _, size, _ = onnx_input(str(onnx_path))
+    size = OnnxModel.read(onnx_path).image_size
     return size, size
 
 

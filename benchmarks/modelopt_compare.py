@@ -23,7 +23,7 @@ ONNX Runtime on the CPU: top-1 and top-1 agreement with the FP32 model.
 How quantized tensors are matched across the two graphs. Tensor names could differ: our calibrate runs ONNX
 Runtime's ``quant_pre_process`` (shape inference and basic graph optimizations, which may fold nodes), and Model
 Optimizer converts to opset 19 and duplicates shared constants. What survives both is the *consumer nodes*:
-Conv / Gemm / Add / pooling nodes keep their exporter names (``/layer1/layer1.0/conv1/Conv``), and a fused BN's
+Conv / Gemm / Add / pooling nodes keep their exporter names (``node_Conv_296``, ``node_linear``), and a fused BN's
 output name moves to its Conv. So each activation Q/DQ pair is read as the quantized *edges* it feeds:
 ``(consumer node name, input slot)``, found by following ``QuantizeLinear -> DequantizeLinear -> consumers``;
 the quantized FP32 tensor is whatever feeds that slot of that node in the FP32 graph. An edge whose consumer
@@ -59,9 +59,10 @@ import onnx
 from onnx import numpy_helper
 
 from calib import calibrate
-from calib.batcher import ImageBatcher, onnx_input
+from optimize.batcher import ImageBatcher
 from optimize.data import load_data
 from optimize.errors import ConfigError, EdgeoptError
+from optimize.onnx_model import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -134,23 +135,22 @@ def modelopt_version(python: str) -> str:
     return proc.stdout.strip()
 
 
-def calibration_images(onnx_path: str | Path, data: str, *, num_images: int, batch_size: int,
+def calibration_images(model: OnnxModel, data: str, *, num_images: int, batch_size: int,
                        val_limit: int | None) -> tuple[np.ndarray, Any]:
     """The calibration batch ``calib.calibrate.run`` feeds ONNX Runtime, stacked, and the val split.
 
     Returns:
         ``(float32 [n, 3, S, S], val dataset)``: the training images in calibrate's order, full batches only.
     """
-    preprocessing, _ = calibrate.model_preprocessing(onnx_path)
-    _, size, _ = onnx_input(str(onnx_path))
+    preprocessing, _ = model.preprocessing()
     splits = load_data(data, preprocessing, train_limit=num_images, val_limit=val_limit, augment=False)
-    batcher = ImageBatcher(splits.train, batch_size=batch_size, image_size=size, drop_last=True)
+    batcher = ImageBatcher(splits.train, batch_size=batch_size, image_size=model.image_size, drop_last=True)
     if not batcher.count:
         raise ConfigError(f"{splits.name} gives no full calibration batch of {batch_size}; lower --batch-size")
     return np.concatenate([batch for batch, _ in batcher]), splits.val
 
 
-def run_modelopt(python: str, src: Path, calib_npy: Path, out: Path, *, method: str, batch_size: int,
+def run_modelopt(python: str, model: OnnxModel, calib_npy: Path, out: Path, *, method: str, batch_size: int,
                  timeout_s: float) -> Path:
     """Quantize a copy of ``src`` to INT8 Q/DQ with Model Optimizer (CPU calibration, FP32 kept); returns ``out``.
 
@@ -158,9 +158,9 @@ def run_modelopt(python: str, src: Path, calib_npy: Path, out: Path, *, method: 
     size 1, and then take every Gemm / MatMul for a GEMV (M = 1) and leave it in float, whatever its size.
     The copy and Model Optimizer's intermediate files stay in ``out``'s folder; its log is ``<out>.log``.
     """
-    name, size, _ = onnx_input(str(src))
+    name, size = model.input.name, model.image_size
     copy = out.with_name(f"{out.stem}.input.onnx")
-    shutil.copyfile(src, copy)
+    shutil.copyfile(model.path, copy)
     log = out.with_name(f"{out.stem}.log")
     cmd = [python, "-m", "modelopt.onnx.quantization", "--onnx_path", copy.name, "--quantize_mode", "int8",
            "--calibration_method", METHODS[method], "--calibration_data_path", calib_npy.name,
@@ -171,7 +171,7 @@ def run_modelopt(python: str, src: Path, calib_npy: Path, out: Path, *, method: 
         proc = subprocess.run(cmd, cwd=out.parent, env=_clean_env(), capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
-        raise ModeloptError(f"Model Optimizer ran over {timeout_s:.0f} s on {src}") from e
+        raise ModeloptError(f"Model Optimizer ran over {timeout_s:.0f} s on {model.path}") from e
     log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
     if proc.returncode != 0 or not out.is_file():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -270,7 +270,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         ``edges_modelopt_only``, ``same_tensors``, ``same_edges`` and the run's settings.
     """
     src = Path(cfg.onnx)
-    calibrate.check_onnx_file(src)
+    model = OnnxModel.read(src)
     python = modelopt_python(cfg)
     version = modelopt_version(python)
     if version != MODELOPT_VERSION:
@@ -279,7 +279,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    images, val_set = calibration_images(src, cfg.data, num_images=cfg.num_images, batch_size=cfg.batch_size,
+    images, val_set = calibration_images(model, cfg.data, num_images=cfg.num_images, batch_size=cfg.batch_size,
                                          val_limit=cfg.val_limit)
     calib_npy = work / "calib.npy"
     np.save(calib_npy, images)
@@ -288,11 +288,10 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     ours = calibrate.run(calibrate.CalibConfig(onnx=str(src), out=str(work / "ours.int8.onnx"), data=cfg.data,
                                                num_images=cfg.num_images, method=cfg.method, target="tensorrt",
                                                val_limit=cfg.val_limit, batch_size=cfg.batch_size))
-    theirs = run_modelopt(python, src, calib_npy, work / "modelopt.int8.onnx", method=cfg.method,
+    theirs = run_modelopt(python, model, calib_npy, work / "modelopt.int8.onnx", method=cfg.method,
                           batch_size=cfg.batch_size, timeout_s=cfg.timeout_s)
 
-    size = onnx_input(str(src))[1]
-    val = ImageBatcher(val_set, batch_size=cfg.batch_size, image_size=size)
+    val = ImageBatcher(val_set, batch_size=cfg.batch_size, image_size=model.image_size)
     fp32_pred, labels = calibrate.predictions(src, val)
     result: dict[str, Any] = {
         "onnx": str(src), "data": cfg.data, "method": cfg.method, "calibration_images": int(len(images)),

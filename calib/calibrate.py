@@ -23,79 +23,28 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from optimize.artifacts import (Artifact, atomic_path, check_not_input, prepare_output, read_manifest, resolve_data,
-                                sha256_file, write_json, write_manifest)
+from optimize.artifacts import (Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output,
+                                resolve_data, write_json, write_manifest)
+from optimize.batcher import ImageBatcher
+from optimize.configs import CPU_FORMS, CalibConfig
 from optimize.data import load_data
-from optimize.errors import ConfigError, DataError, EdgeoptError
+from optimize.errors import CalibrationError, DataError
+from optimize.onnx_model import OnnxModel
 from optimize.preprocess import Preprocessing
-from optimize.timing import images_per_second, time_runs
+from optimize.timing import time_throughput
 
-from .batcher import ImageBatcher, ModelInputError, model_image_input, onnx_input
 from . import qdq
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("entropy", "minmax", "percentile")
-TARGETS = ("tensorrt", "cpu")
-CPU_FORMS = ("qoperator-u8s8", "qdq-s8s8")
 CACHE_FORMAT = "edgeopt-calibration-cache"
-
-
-class CalibrationError(EdgeoptError):
-    """Calibration cannot run or its cache does not fit the model."""
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    """Options of ``cli.py calibrate``.
-
-    Attributes:
-        onnx: FP32 ONNX model written by ``export`` (its metadata gives the preprocessing).
-        out: INT8 ONNX model to write.
-        data: calibration images come from its training split, accuracy from its val split. None: the data the
-            ONNX's manifests record (fashion-mnist when none does); with an existing ``cache`` and no recorded data
-            that is here, quantize from the cache alone, without accuracy figures.
-        num_images: size of the class-stratified calibration sample.
-        method: ``entropy`` (KL), ``minmax`` or ``percentile`` (99.999th).
-        target: ``tensorrt`` (symmetric S8S8 Q/DQ) or ``cpu`` (the faster measured form).
-        cache: calibration cache to reuse (no data read) or, if missing, to write; None: ``<out stem>.calib.json``.
-        val_limit: val images for the accuracy figures (None: the whole split).
-        batch_size: images per calibration / evaluation batch.
-        timing_seconds: how long each model is timed (at batch 1 and 8) when the ``cpu`` target compares forms;
-            the form is chosen by its batch-8 throughput.
-        form: ``cpu`` target only: write this INT8 form (``qoperator-u8s8`` or ``qdq-s8s8``) without comparing
-            (``search`` tries each); None: both are written and timed, the faster is kept.
-    """
-
-    onnx: str
-    out: str
-    data: str | None = None
-    num_images: int = 512
-    method: str = "entropy"
-    target: str = "tensorrt"
-    cache: str | None = None
-    val_limit: int | None = None
-    batch_size: int = 32
-    timing_seconds: float = 2.0
-    form: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CalibrationError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
-        if self.target not in TARGETS:
-            raise CalibrationError(f"--target must be one of {', '.join(TARGETS)} (got {self.target!r})")
-        if self.num_images < 1 or self.batch_size < 1:
-            raise CalibrationError("--num-images and --batch-size must be at least 1")
-        if self.form is not None and (self.target != "cpu" or self.form not in CPU_FORMS):
-            raise ConfigError(f"--form {self.form!r} needs --target cpu and one of {', '.join(CPU_FORMS)} (--target "
-                              "tensorrt has one form, qdq-tensorrt)")
 
 
 def _ort():
@@ -117,7 +66,7 @@ def throughput(path: str | Path, image_size: int, *, batch: int = 8, seconds: fl
     sess = session(path)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
-    return images_per_second(time_runs(lambda: sess.run(None, {name: x}), seconds=seconds, warmup=3), batch)
+    return time_throughput(lambda: sess.run(None, {name: x}), batch=batch, seconds=seconds, warmup=3)
 
 
 def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
@@ -129,86 +78,6 @@ def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np
         preds.append(sess.run(None, {name: batch})[0].argmax(1))
         labels.append(y)
     return np.concatenate(preds), np.concatenate(labels)
-
-
-def metadata_props(path: str | Path) -> dict[str, str]:
-    """An ONNX file's ``metadata_props`` (where ``export`` records classes and preprocessing) as a dict."""
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def _graph_side(model: onnx.ModelProto, path: Path) -> int | None:
-    """S of a static ``[n, 3, S, S]`` image input, else None (symbolic sides; other layouts are refused where
-    the model is run, by :func:`calib.batcher.image_input_dims`)."""
-    try:
-        return model_image_input(model, path)[1]
-    except ModelInputError:
-        return None
-
-
-def _recorded_json(path: Path, props: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(props[key])
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"{path}: its metadata {key} is not valid JSON ({e}); re-export the model with "
-                               "'cli.py export'") from e
-
-
-def recorded_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str] | None]:
-    """Preprocessing and class names ``export`` recorded (ONNX metadata, else the manifest); (None, None) if none.
-
-    Raises:
-        CalibrationError: the record is damaged (not JSON, wrong types) or disagrees with the graph's input size.
-    """
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    if "edgeopt.preprocessing" in props:
-        source, recorded = f"{path} (metadata edgeopt.preprocessing)", _recorded_json(path, props,
-                                                                                      "edgeopt.preprocessing")
-        names_source = f"{path} (metadata edgeopt.class_names)"
-        names = _recorded_json(path, props, "edgeopt.class_names") if "edgeopt.class_names" in props else None
-    else:
-        manifest = read_manifest(path) or {}
-        if not manifest.get("preprocessing"):
-            return None, None
-        source, recorded = f"{path}'s manifest", manifest["preprocessing"]
-        names_source, names = source, manifest.get("class_names")
-    side = _graph_side(model, path)
-    claimed = recorded.get("image_size") if isinstance(recorded, dict) else None
-    if side is not None and claimed != side and isinstance(claimed, int):  # checked first: the likelier mistake
-        raise CalibrationError(f"{source}: records image_size {claimed} but the graph takes [n, 3, {side}, {side}]; "
-                               "re-export the model with 'cli.py export'")
-    try:
-        preprocessing = Preprocessing.from_dict(recorded, source=source)
-    except ConfigError as e:
-        raise CalibrationError(str(e)) from e
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise CalibrationError(f"{names_source}: class names must be a list of strings; re-export the model with "
-                               "'cli.py export'")
-    return preprocessing, names
-
-
-def model_preprocessing(path: str | Path) -> tuple[Preprocessing, list[str] | None]:
-    """Preprocessing and class names recorded by ``export`` (ONNX metadata, else the manifest).
-
-    Raises:
-        CalibrationError: none recorded, or the record is damaged or disagrees with the graph.
-    """
-    preprocessing, class_names = recorded_preprocessing(path)
-    if preprocessing is None:
-        raise CalibrationError(f"{path} records no preprocessing; export it with 'cli.py export' first")
-    return preprocessing, class_names
-
-
-def check_onnx_file(path: Path) -> None:
-    """Refuse a missing or invalid ONNX file with a one-line reason."""
-    if not path.is_file():
-        raise CalibrationError(f"ONNX model {path} does not exist; write one with 'cli.py export'")
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:  # noqa: BLE001 - protobuf and checker errors alike mean "not a usable ONNX file"
-        raise CalibrationError(f"{path} is not a valid ONNX model ({type(e).__name__}: "
-                               f"{(str(e).splitlines() or [''])[0]}); export it again") from e
 
 
 class _Reader:
@@ -292,15 +161,14 @@ def run(cfg: CalibConfig) -> Artifact:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src = Path(cfg.onnx)
-    check_onnx_file(src)
+    model = OnnxModel.read(src)
     check_not_input(cfg.out, {"--onnx": cfg.onnx, "--cache": cfg.cache})
     out = prepare_output(cfg.out)
-    input_name, size, dynamic = onnx_input(str(src))
-    if not dynamic:
-        raise CalibrationError(f"{src} has a fixed batch size; export it with 'cli.py export' (symbolic batch axis)")
-    preprocessing, class_names = model_preprocessing(src)
-    onnx_sha = sha256_file(src)
-    cache_path = Path(cfg.cache) if cfg.cache else out.with_name(f"{out.stem}.calib.json")
+    model.require_dynamic_batch()
+    input_name, size = model.input.name, model.image_size
+    preprocessing, class_names = model.preprocessing()
+    onnx_sha = model.sha256
+    cache_path = Path(cfg.cache) if cfg.cache else calibration_cache_path(out)
     cache = _read_cache(cache_path, onnx_sha, preprocessing, cfg.method) if cfg.cache and cache_path.exists() else None
     if cfg.data is None:  # the data the model records; with a cache, a recorded folder that is gone is not needed
         try:
@@ -318,9 +186,7 @@ def run(cfg: CalibConfig) -> Artifact:
     if cfg.data is not None:
         splits = load_data(cfg.data, preprocessing, train_limit=cfg.num_images, val_limit=cfg.val_limit,
                            augment=False, val_only=cache is not None)
-        if class_names and class_names != splits.class_names:
-            raise CalibrationError(f"{src} predicts {len(class_names)} classes {class_names[:3]}... but "
-                                   f"{splits.name} has {splits.class_names[:3]}...; calibrate with the model's data")
+        splits.check_model(src, class_names, model.num_classes)
         val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=size)
         if not cache and len(splits.train) < cfg.num_images:
             if len(splits.train) < cfg.batch_size:
@@ -373,7 +239,7 @@ def run(cfg: CalibConfig) -> Artifact:
                 c["speedup_vs_fp32"] = c["img_per_s_b8"] / figures["fp32"]["img_per_s_b8"]
         chosen = max(candidates, key=lambda f: candidates[f].get("img_per_s_b8", 0.0))
         chosen_model = onnx.load(str(candidates[chosen]["path"]))
-        onnx.helper.set_model_props(chosen_model, metadata_props(src))
+        onnx.helper.set_model_props(chosen_model, dict(model.metadata))
         with atomic_path(out) as final:
             onnx.save(chosen_model, str(final))
         if not cache:

@@ -248,6 +248,31 @@ def manifest_path(artifact: str | os.PathLike) -> Path:
     return artifact.with_name(artifact.name + MANIFEST_SUFFIX)
 
 
+# -- the names of derived artifacts: every stage that writes or looks for one asks here -------------------------
+
+def calibration_cache_path(out: str | os.PathLike) -> Path:
+    """The calibration cache beside an INT8 output (a calibrated ONNX, an engine): ``<out stem>.calib.json``.
+
+    ``runs/model.int8.onnx`` and ``runs/model.int8.engine`` -> ``runs/model.int8.calib.json``: calibrate writes
+    it, build-engine's INT8 step writes or reuses it, package looks for an engine's there.
+    """
+    out = Path(out)
+    return out.with_name(f"{out.stem}.calib.json")
+
+
+def last_checkpoint_path(out: str | os.PathLike) -> Path:
+    """The resumable checkpoint beside ``out``: ``runs/teacher.pth`` -> ``runs/teacher.last.pth``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.last{out.suffix or '.pth'}")
+
+
+def engine_path(folder: str | os.PathLike, backend: str, precision: str) -> Path:
+    """An engine's name in a run folder: ``model[.<precision>]`` (nothing for fp32), then ``.engine`` (TensorRT) or
+    ``.ort.onnx`` (ONNX Runtime): ``runs/model.int8.engine``, ``runs/model.ort.onnx``."""
+    stem = "model" if precision == "fp32" else f"model.{precision}"
+    return Path(folder) / (stem + (".ort.onnx" if backend == "onnxruntime" else ".engine"))
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour an artifact depends on."""
     versions = {"python": platform.python_version()}

@@ -76,7 +76,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, stem: str,
                     preprocessing: Preprocessing, metrics: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write an edgeopt checkpoint atomically (temp file + rename) and return its path."""
-    state_dict = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    state_dict = {k: v.detach().cpu() for k, v in fold_prune_masks(unwrap(model).state_dict()).items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -119,8 +119,14 @@ def _read(path: Path, trust: bool) -> Any:
                               "copy it again or re-save it") from e
 
 
-def _fold_prune_masks(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Turn torch.nn.utils.prune leftovers (``w_orig`` + ``w_mask``) into plain weights."""
+def fold_prune_masks(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with torch.nn.utils.prune's leftovers (``w_orig`` + ``w_mask``) folded into plain weights ``w``.
+
+    The one place masks are folded: :func:`save_checkpoint` writes every edgeopt checkpoint through it (so none
+    carries masks, whoever pruned the model) and the loader passes foreign state_dicts and pickled modules through
+    it (a model pruned with torch.nn.utils.prune and saved without ``prune.remove``). Same rule as
+    ``prune.remove``: the effective weight is ``w_orig * w_mask``.
+    """
     out = {}
     for key, value in sd.items():
         if key.endswith("_orig") and key[:-5] + "_mask" in sd:
@@ -138,7 +144,7 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
                 return _as_state_dict(obj[key])
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             sd = {k.removeprefix("module."): v for k, v in obj.items()}
-            return _fold_prune_masks(sd)
+            return fold_prune_masks(sd)
     return None
 
 

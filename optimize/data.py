@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .bundle.runner import IMAGE_EXTENSIONS
 from .errors import DataError
 from .preprocess import Preprocessing, fashion_mnist_preset, folder_preset, load_image
 
@@ -37,7 +38,6 @@ _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
@@ -49,8 +49,7 @@ class DataSplits:
         val: validation split (eval transform).
         class_names: index -> name, shared by both splits.
         name: ``fashion-mnist`` or the folder's path, as recorded in manifests.
-        fingerprint: sha256 identifying the data (file contents for Fashion-MNIST, the file listing for a
-            folder) and the subset taken.
+        fingerprint: sha256 of the source's :func:`data_fingerprint` and of the images taken from it.
     """
 
     train: "LabeledImages"
@@ -66,6 +65,29 @@ class DataSplits:
     def describe(self) -> dict:
         return {"data": self.name, "sha256": self.fingerprint, "train_images": len(self.train),
                 "val_images": len(self.val), "num_classes": self.num_classes}
+
+    def check_model(self, model: str | Path, class_names: Sequence[str] | None,
+                    num_classes: int | None = None) -> None:
+        """Refuse a model whose classes differ from this data's (count, then names and order), naming both.
+
+        Every stage that feeds a model this data asks here (evaluate and the training stages, calibrate, the
+        benchmark), so a mismatch reads the same wherever it is found.
+
+        Args:
+            model: the model's path, for the message.
+            class_names: the names the model records (None or empty: compared by count only).
+            num_classes: the model's output count, when known.
+
+        Raises:
+            DataError: another class count, or other names or order.
+        """
+        if num_classes is not None and num_classes != self.num_classes:
+            raise DataError(f"{model} predicts {num_classes} classes but {self.name} has {self.num_classes}; use "
+                            "data with the model's classes, or retrain for these")
+        if class_names and list(class_names) != self.class_names:
+            raise DataError(f"{model} was trained on classes {list(class_names)[:5]}... but {self.name} has "
+                            f"{self.class_names[:5]}...; class folders must match the model's (same names, same "
+                            "order)")
 
 
 class LabeledImages(Dataset):
@@ -182,7 +204,6 @@ def _empty_split() -> LabeledImages:
 def load_fashion_mnist(preprocessing: Preprocessing, *, train_limit: int | None = None,
                        val_limit: int | None = None, augment: bool = True, val_only: bool = False) -> DataSplits:
     folder = fashion_mnist_dir()
-    digest = hashlib.sha256()
     splits = {"train": _empty_split()}
     for split, (img_stem, lbl_stem) in _FMNIST_FILES.items():
         if val_only and split == "train":
@@ -191,17 +212,15 @@ def load_fashion_mnist(preprocessing: Preprocessing, *, train_limit: int | None 
         images, labels = _read_idx(img_path), _read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{img_path} and {lbl_path} do not belong together ({images.shape} vs {labels.shape})")
-        digest.update(hashlib.sha256(images.tobytes()).digest() + hashlib.sha256(labels.tobytes()).digest())
         limit = train_limit if split == "train" else val_limit
         keep = stratified_indices(labels, limit)
-        digest.update(f"{split}:{len(keep)}".encode())
         transform = (preprocessing.train_transform() if (split == "train" and augment)
                      else preprocessing.eval_transform())
         imgs = images[keep]
         splits[split] = LabeledImages(lambda i, a=imgs: Image.fromarray(a[i], mode="L"), labels[keep],
                                       [f"{split}/{i}" for i in keep], transform)
     return DataSplits(splits["train"], splits["val"], list(FASHION_MNIST_CLASSES), FASHION_MNIST,
-                      digest.hexdigest())
+                      _taken_fingerprint(FASHION_MNIST, splits))
 
 
 # -- ImageFolder-style folders -------------------------------------------------------------------------
@@ -304,7 +323,6 @@ def load_folder(root: Path, preprocessing: Preprocessing, *, train_limit: int | 
     else:
         _, train_paths, train_labels = _scan_split(root / "train", classes)
     _, val_paths, val_labels = _scan_split(root / "val", classes)
-    digest = hashlib.sha256()
     splits = {"train": _empty_split()}
     for split, paths, labels, limit in (("train", train_paths, train_labels, train_limit),
                                         ("val", val_paths, val_labels, val_limit)):
@@ -317,13 +335,44 @@ def load_folder(root: Path, preprocessing: Preprocessing, *, train_limit: int | 
             if not paths:
                 raise DataError(f"none of the images selected in {shown}/{split}/ decode; replace them (see the "
                                 "warnings above)")
-        for p in paths:
-            digest.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode("utf-8", "surrogateescape"))
         transform = (preprocessing.train_transform() if (split == "train" and augment)
                      else preprocessing.eval_transform())
         splits[split] = LabeledImages(_safe_loader(paths), labels,
                                       [display_name(p.relative_to(root)) for p in paths], transform)
-    return DataSplits(splits["train"], splits["val"], [display_name(c) for c in classes], shown, digest.hexdigest())
+    return DataSplits(splits["train"], splits["val"], [display_name(c) for c in classes], shown,
+                      _taken_fingerprint(str(root), splits))
+
+
+def data_fingerprint(data: str) -> str:
+    """sha256 identifying a data source, taken without decoding an image: the one rule for "is it the same data".
+
+    The pipeline takes it before every stage to skip those whose inputs are unchanged, and every
+    :class:`DataSplits` records it (with the subset taken) in the manifests.
+
+    - Fashion-MNIST: the bytes of its four IDX files (about 30 MB: cheap, and the same on every machine).
+    - A folder: the relative path, size and modification time (ns) of every file under it, so an image added,
+      removed or replaced in place, even by one of the same size, changes it; reading every image of an
+      ImageNet-size folder would take minutes. A missing folder has the fingerprint of an empty one.
+    """
+    digest = hashlib.sha256()
+    if data == FASHION_MNIST:
+        folder = fashion_mnist_dir()
+        for stem in sorted(s for pair in _FMNIST_FILES.values() for s in pair):
+            digest.update(f"{stem}\0".encode() + hashlib.sha256(_find_idx(folder, stem).read_bytes()).digest())
+        return digest.hexdigest()
+    root = Path(data)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _taken_fingerprint(data: str, splits: dict[str, LabeledImages]) -> str:
+    """:attr:`DataSplits.fingerprint`: the source's :func:`data_fingerprint` and the ids of the images taken."""
+    digest = hashlib.sha256(data_fingerprint(data).encode())
+    for split, images in splits.items():
+        digest.update(f"{split}:{len(images)}\n".encode() + "\n".join(images.ids).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def default_preprocessing(data: str, image_size: int | None = None) -> Preprocessing:

@@ -14,7 +14,6 @@ under the loop's AMP autocast on CUDA).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +22,14 @@ from torch import nn
 from .artifacts import Artifact, check_not_input, prepare_output
 from .checkpoint import load_checkpoint
 from .data import default_preprocessing, load_data
-from .errors import CheckpointError, ConfigError
+from .configs import DistillConfig
+from .errors import CheckpointError
 from .evaluate import check_model_fits_data
-from .loop import LoopConfig, LossFn, split_class_weights
+from .loop import LossFn, split_class_weights
 from .models import build_resnet
-from .train import CheckpointWriter, check_augment, loss_weights_record, train_model, with_augment
+from .train import CheckpointWriter, loss_weights_record, train_model, with_augment
 
 logger = logging.getLogger(__name__)
-
-STUDENTS = ("resnet18", "resnet34")
-
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
             temperature: float, alpha: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,58 +67,6 @@ def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
         return kd_loss(student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha, weight=weight)
 
     return loss
-
-
-def check_distillation_params(temperature: float, alpha: float) -> None:
-    if temperature <= 0:
-        raise ConfigError(f"--temperature must be positive (got {temperature})")
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"--alpha must be in [0, 1] (got {alpha})")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Options of ``cli.py distill``.
-
-    Attributes:
-        teacher: teacher checkpoint (edgeopt, torchvision state_dict, TorchScript, trusted pickle).
-        out: student checkpoint to write.
-        student: ``resnet18`` or ``resnet34``.
-        teacher_arch: the teacher's ResNet when it is a plain state_dict (guessed when None).
-        trust_checkpoint: allow a pickled whole nn.Module as the teacher.
-        student_init: start the student from this checkpoint instead of from scratch.
-        temperature: softening temperature T.
-        alpha: weight of the soft (teacher) term; 1 - alpha weighs the label term.
-        data / image_size / train_limit / val_limit: as for ``train``; the teacher's recorded preprocessing
-            wins over ``image_size``.
-        stem: the student's stem; None takes the teacher's (or ``imagenet``).
-        augment: training augmentation; None: the one the teacher's preprocessing records.
-        resume: continue from ``<out>.last.pth``.
-        loop: options of the shared training loop.
-    """
-
-    teacher: str
-    out: str
-    student: str = "resnet18"
-    teacher_arch: str | None = None
-    trust_checkpoint: bool = False
-    student_init: str | None = None
-    temperature: float = 4.0
-    alpha: float = 0.9
-    data: str = "fashion-mnist"
-    image_size: int | None = None
-    stem: str | None = None
-    augment: str | None = None
-    train_limit: int | None = None
-    val_limit: int | None = None
-    resume: bool = False
-    loop: LoopConfig = field(default_factory=LoopConfig)
-
-    def __post_init__(self) -> None:
-        if self.student not in STUDENTS:
-            raise ConfigError(f"--student must be one of {', '.join(STUDENTS)} (got {self.student!r})")
-        check_distillation_params(self.temperature, self.alpha)
-        check_augment(self.augment)
 
 
 def run(cfg: DistillConfig) -> Artifact:

@@ -16,41 +16,12 @@ import torch
 
 from .artifacts import atomic_path
 from .checkpoint import LoadedModel, load_checkpoint
+from .configs import EvalConfig
 from .data import DataSplits, default_preprocessing, load_data
-from .errors import DataError
-from .loop import EvalMetrics, classification_metrics, evaluate, make_loader, resolve_device
+from .device import torch_device
+from .loop import EvalMetrics, classification_metrics, evaluate, make_loader
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Options of ``cli.py evaluate``.
-
-    Attributes:
-        model: checkpoint (edgeopt, torchvision state_dict, TorchScript).
-        data: ``fashion-mnist`` or a folder with ``train/`` and ``val/``.
-        arch: expected ResNet for a plain state_dict (guessed when None).
-        image_size: input side when the checkpoint records no preprocessing.
-        val_limit: class-stratified subset of the val split.
-        batch_size: images per forward pass.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        trust_checkpoint: allow a pickled whole nn.Module (runs code from the file).
-        plot: also write the confusion matrix as a PNG here, and the first conv layer's feature maps for one val
-            image beside it (``<plot stem>.conv1.png``).
-        progress: show a progress bar.
-    """
-
-    model: str
-    data: str = "fashion-mnist"
-    arch: str | None = None
-    image_size: int | None = None
-    val_limit: int | None = None
-    batch_size: int = 256
-    device: str = "auto"
-    trust_checkpoint: bool = False
-    plot: str | None = None
-    progress: bool = True
 
 
 @dataclass
@@ -79,13 +50,8 @@ class EvalReport:
 
 
 def check_model_fits_data(loaded: LoadedModel, splits: DataSplits) -> None:
-    """Refuse a model whose classes differ from the data's, naming both."""
-    if loaded.num_classes is not None and loaded.num_classes != splits.num_classes:
-        raise DataError(f"{loaded.path} predicts {loaded.num_classes} classes but {splits.name} has "
-                        f"{splits.num_classes}; use data with the model's classes, or retrain for these")
-    if loaded.class_names and loaded.class_names != splits.class_names:
-        raise DataError(f"{loaded.path} was trained on classes {loaded.class_names[:5]}... but {splits.name} has "
-                        f"{splits.class_names[:5]}...; class folders must match the model's (same names, same order)")
+    """Refuse a model whose classes differ from the data's, naming both (:meth:`DataSplits.check_model`)."""
+    splits.check_model(loaded.path, loaded.class_names, loaded.num_classes)
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Path, title: str) -> Path:
@@ -206,7 +172,7 @@ def run(cfg: EvalConfig) -> EvalReport:
                        cfg.model, loaded.preprocessing.image_size)
     splits = load_data(cfg.data, preprocessing, val_limit=cfg.val_limit, augment=False, val_only=True)
     check_model_fits_data(loaded, splits)
-    device = resolve_device(cfg.device)
+    device = torch_device(cfg.device)
     loader = make_loader(splits.val, batch_size=cfg.batch_size, shuffle=False, device=device)
     metrics = evaluate(loaded.model.to(device), loader, num_classes=splits.num_classes, device=device,
                        progress=cfg.progress)

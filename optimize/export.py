@@ -6,11 +6,17 @@ TensorRT optimization profile. Before the file is renamed into place it must pas
 with the PyTorch model on real validation images at batch sizes 1, 7 and 32: the same top-1 class for
 every image and a max abs logit difference within ``atol``. Class names, preprocessing and the source
 checkpoint's sha256 go into the ONNX ``metadata_props`` and the manifest, so later stages need ask nothing.
+
+:func:`export_onnx` is the one way this project writes ONNX (tests and benchmarks included). It uses the
+torch.export-based exporter (``dynamo=True``); the TorchScript exporter, deprecated since torch 2.9, runs only
+where that one fails (it raises, breaks the contract above, or fails the parity check), with a warning, and the
+manifest's ``exporter`` says which one wrote the file and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,16 +32,19 @@ import torch
 from .artifacts import (Artifact, atomic_path, check_not_input, prepare_output, resolve_data, write_error,
                         write_manifest)
 from .checkpoint import LoadedModel, load_checkpoint
+from .configs import ExportConfig
 from .data import default_preprocessing, load_data
 from .errors import ConfigError, EdgeoptError
 from .evaluate import check_model_fits_data
 from .preprocess import Preprocessing
-from .prune import make_permanent
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 VERIFY_BATCHES = (1, 7, 32)
+# the lowest opset torch's dynamo exporter writes natively (its torchlib); lower ones are converted down after its
+# optimizer ran (asked for directly, torch converts before optimizing, fails on ResNets and keeps 18)
+DYNAMO_OPSET = 18
 
 
 class ExportError(EdgeoptError):
@@ -43,40 +52,20 @@ class ExportError(EdgeoptError):
 
 
 @dataclass(frozen=True)
-class ExportConfig:
-    """Options of ``cli.py export``.
+class ExporterUsed:
+    """Which ``torch.onnx`` exporter wrote a file (the manifest's ``exporter``).
 
     Attributes:
-        model: checkpoint to export (pruned or not; any format ``evaluate`` accepts).
-        out: ONNX file to write.
-        opset: ONNX opset (17 suits TensorRT 8.6 and later, and ONNX Runtime).
-        atol: largest max-abs logit difference between ONNX Runtime and PyTorch accepted.
-        data: where the verification images come from (the val split); None: the data ``model``'s manifest
-            records (fashion-mnist when it records none).
-        image_size: input side when the checkpoint records no preprocessing.
-        torchscript: also write a traced TorchScript file beside the ONNX (``<out stem>.torchscript.pt``).
-        arch / trust_checkpoint: how to load ``model``.
+        name: ``dynamo`` (torch.export-based) or ``torchscript`` (the deprecated one, the fallback).
+        fallback_reason: why the dynamo exporter's graph was not kept; None when it was.
     """
 
-    model: str
-    out: str
-    opset: int = 17
-    atol: float = 1e-3
-    data: str | None = None
-    image_size: int | None = None
-    torchscript: bool = False
-    arch: str | None = None
-    trust_checkpoint: bool = False
-
-    def __post_init__(self) -> None:
-        low, high = opset_range()
-        if not low <= self.opset <= high:
-            raise ConfigError(f"--opset {self.opset}: torch {torch.__version__}'s ONNX exporter writes opsets {low} to "
-                              f"{high}; give one of those (17 suits TensorRT 8.6 and later, and ONNX Runtime)")
+    name: str
+    fallback_reason: str | None = None
 
 
 def opset_range() -> tuple[int, int]:
-    """The opsets ``torch.onnx.export`` (TorchScript exporter) can write and the installed ``onnx`` knows."""
+    """The opsets both exporters can write (the TorchScript one bounds it: it is the fallback) and onnx knows."""
     import onnx
 
     try:
@@ -86,6 +75,14 @@ def opset_range() -> tuple[int, int]:
     low = getattr(_constants, "ONNX_MIN_OPSET", 7)
     high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 17))
     return low, min(high, onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """ExportConfig's check: an opset the exporter writes and the installed onnx knows."""
+    low, high = opset_range()
+    if not low <= opset <= high:
+        raise ConfigError(f"--opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets {low} to {high}; "
+                          "give one of those (17 suits TensorRT 8.6 and later, and ONNX Runtime)")
 
 
 def onnx_metadata(loaded: LoadedModel, preprocessing: Preprocessing, class_names: list[str]) -> dict[str, str]:
@@ -147,22 +144,157 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, source: str) -> None:
-    """Run ``torch.onnx.export``; its failures become one :class:`ExportError` line (writes fail as OSError)."""
-    with warnings.catch_warnings(), _stdout_silenced():
-        # the TorchScript-based exporter warns that it is deprecated; it stays the path without onnxscript
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _global_average_pools(graph: Any) -> None:
+    """Turn a ``ReduceMean`` over all spatial axes (keepdims) back into ``GlobalAveragePool``, in place.
+
+    torch.export records ``adaptive_avg_pool2d(x, 1)`` as a mean over the last two axes. The TorchScript exporter
+    wrote GlobalAveragePool, which the Q/DQ placement (calib/qdq.py, after Model Optimizer) quantizes as a pooling
+    layer and ONNX Runtime runs as QLinearGlobalAveragePool; a ReduceMean would stay float in both.
+    """
+    from onnx import helper, numpy_helper
+
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info)}
+    initializers = {i.name: i for i in graph.initializer}
+    for node in (n for n in graph.node if n.op_type == "ReduceMean"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")  # an attribute below opset 18, an input from 18 on
+        if len(node.input) > 1:
+            axes = numpy_helper.to_array(initializers[node.input[1]]) if node.input[1] in initializers else None
+        rank = ranks.get(node.input[0], 0)
+        spatial = rank >= 3 and axes is not None and sorted(int(a) % rank for a in axes) == list(range(2, rank))
+        if spatial and attrs.get("keepdims", 1) == 1:
+            node.op_type = "GlobalAveragePool"
+            del node.input[1:], node.attribute[:]
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]  # ONNX Runtime warns about unused ones (the axes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _check_contract(proto: Any, opset: int, dynamic_batch: bool) -> None:
+    """The graph this module promises: ``opset``, one ``input`` and one ``logits``, batch axes named ``batch``."""
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise ExportError(f"the graph has opset {got}, not {opset}")
+    graph = proto.graph
+    if [v.name for v in graph.input] != [INPUT_NAME] or [v.name for v in graph.output] != [OUTPUT_NAME]:
+        raise ExportError(f"the graph's inputs / outputs are {[v.name for v in graph.input]} / "
+                          f"{[v.name for v in graph.output]}, not {[INPUT_NAME]} / {[OUTPUT_NAME]}")
+    axes = [v.type.tensor_type.shape.dim[0].dim_param for v in (graph.input[0], graph.output[0])]
+    if dynamic_batch and axes != [BATCH_DIM, BATCH_DIM]:
+        raise ExportError(f"the batch axes are named {axes}, not {BATCH_DIM!r}")
+
+
+def _dynamo_graph(model: torch.nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> Any:
+    """The torch.export-based exporter's graph (optimized: BatchNorm folded), at ``opset``, checked."""
+    import onnx
+
+    if dynamic_batch and example.shape[0] == 1:
+        example = torch.cat([example, example])  # torch.export specializes a dimension its example has as 1
+    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, DYNAMO_OPSET),
+                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes,
+                                verbose=False)
+    proto = program.model_proto
+    _global_average_pools(proto.graph)
+    for node in proto.graph.node:  # the exporter's stack traces: this machine's paths, not for a shipped file
+        del node.metadata_props[:]
+    if opset < DYNAMO_OPSET:
+        proto = onnx.version_converter.convert_version(proto, opset)
+    _check_contract(proto, opset, dynamic_batch)
+    return proto
+
+
+def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, *,
+                        dynamic_batch: bool, fold_batchnorm: bool, source: str) -> None:
+    """The deprecated TorchScript exporter; its failures become one :class:`ExportError` line (writes: OSError)."""
+    axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # it warns that it is deprecated on every call: export_onnx logs why it is used instead
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         try:
             torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}})
+                              do_constant_folding=fold_batchnorm, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes=axes)
         except RuntimeError as e:
             if write_error(path, e) is not None:
                 raise  # a failed write: atomic_path reports it under the output's own name
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ExportError(f"torch.onnx.export cannot export {source} at opset {opset}: {reason}; try another "
-                              "--opset") from e
+            raise ExportError(f"torch.onnx.export cannot export {source} at opset {opset}: {_first_line(e)}; try "
+                              "another --opset") from e
+
+
+def _save(proto: Any, path: Path, metadata: dict[str, str] | None) -> None:
+    """Write ``proto`` as one file (initializers inside: a ResNet is far from protobuf's 2 GB) with ``metadata``."""
+    import onnx
+
+    onnx.helper.set_model_props(proto, metadata or {})
+    onnx.save(proto, str(path))
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 17,
+                dynamic_batch: bool = True, fold_batchnorm: bool = True, metadata: dict[str, str] | None = None,
+                check: Callable[[Path], None] | None = None, source: str = "the model") -> ExporterUsed:
+    """Write ``model`` to ``path`` as one self-contained ONNX file: input ``input``, output ``logits``.
+
+    The torch.export-based exporter first; the deprecated TorchScript one only where that one raises, writes a
+    graph that breaks the contract (``opset``, names, batch axis) or fails ``check``, with a warning naming the
+    reason. What it silences (the C++ graph dump on stdout, the TorchScript exporter's deprecation warning) it
+    silences for this call only.
+
+    Args:
+        model: the module, in eval mode.
+        example: one input batch (its batch size does not matter when ``dynamic_batch``).
+        path: file to write.
+        opset: ONNX opset of the file (below 18 the dynamo exporter's graph is converted down).
+        dynamic_batch: name the batch axis ``batch`` (symbolic) instead of fixing it to the example's.
+        fold_batchnorm: False keeps BatchNormalization nodes; only the TorchScript exporter can (the dynamo
+            exporter's optimizer always folds them into the convolutions), so it writes such a file.
+        metadata: ONNX ``metadata_props`` to set.
+        check: called with ``path`` once written; an :class:`ExportError` it raises on the dynamo exporter's file
+            means "fall back" (export passes the parity check against PyTorch).
+        source: what ``model`` is, for messages.
+
+    Returns:
+        The exporter whose file is at ``path``, and why it is not the dynamo one.
+
+    Raises:
+        ExportError: the TorchScript exporter failed too, or its file failed ``check``.
+        OSError: writing ``path`` failed.
+    """
+    import onnx
+
+    path = Path(path)
+    reason = None if fold_batchnorm else "BatchNormalization kept (fold_batchnorm=False): the dynamo exporter folds it"
+    if reason is None:
+        try:
+            with _stdout_silenced():
+                proto = _dynamo_graph(model, example, opset, dynamic_batch)
+        except Exception as e:  # noqa: BLE001 - torch.export and onnxscript fail in many types; each means fall back
+            reason = f"{type(e).__name__}: {_first_line(e)}"[:500]
+        else:
+            _save(proto, path, metadata)
+            try:
+                if check is not None:
+                    check(path)
+            except ExportError as e:
+                reason = str(e)
+            else:
+                return ExporterUsed("dynamo")
+        logger.warning("the torch.export-based ONNX exporter failed on %s (%s); using the deprecated TorchScript "
+                       "exporter instead", source, reason)
+    with _stdout_silenced():
+        _torchscript_export(model, example, path, opset, dynamic_batch=dynamic_batch, fold_batchnorm=fold_batchnorm,
+                            source=source)
+    if metadata:
+        _save(onnx.load(str(path)), path, metadata)
+    if check is not None:
+        check(path)
+    return ExporterUsed("torchscript", reason)
 
 
 def _torchscript_path(out: Path) -> Path:
@@ -171,8 +303,6 @@ def _torchscript_path(out: Path) -> Path:
 
 def run(cfg: ExportConfig) -> Artifact:
     """Export ``cfg.model`` to ONNX, verify it, and write it with its manifest (and optional TorchScript)."""
-    import onnx
-
     check_not_input(cfg.out, {"--model": cfg.model})
     if cfg.torchscript:
         check_not_input(_torchscript_path(Path(cfg.out)), {"--model": cfg.model})
@@ -184,23 +314,20 @@ def run(cfg: ExportConfig) -> Artifact:
     check_model_fits_data(loaded, splits)
     class_names = loaded.class_names or splits.class_names
     model = loaded.model.eval()
-    if loaded.kind != "torchscript":
-        make_permanent(model)  # pruning leftovers (a trusted pickle may still carry masks)
     images = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
 
+    verification: dict[str, Any] = {}
     with atomic_path(out) as tmp:
-        _export(model, images[:1], tmp, cfg.opset, cfg.model)
-        proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, onnx_metadata(loaded, preprocessing, class_names))
-        onnx.save(proto, str(tmp))
-        verification = verify_onnx(tmp, model, images, cfg.atol)
+        exporter = export_onnx(model, images[:1], tmp, opset=cfg.opset, source=cfg.model,
+                               metadata=onnx_metadata(loaded, preprocessing, class_names),
+                               check=lambda path: verification.update(verify_onnx(path, model, images, cfg.atol)))
     logger.info("exported %s: ONNX Runtime matches PyTorch (max abs diff %.2e, top-1 agreement %.0f%%)", out,
                 verification["max_abs_diff"], 100 * verification["top1_agreement"])
 
     extra: dict[str, Any] = {"arch": loaded.arch, "input": {"name": INPUT_NAME, "shape": [BATCH_DIM, 3,
                              preprocessing.image_size, preprocessing.image_size], "dtype": "float32"},
                              "output": {"name": OUTPUT_NAME, "shape": [BATCH_DIM, len(class_names)]},
-                             "opset": cfg.opset}
+                             "opset": cfg.opset, "exporter": dataclasses.asdict(exporter)}
     if cfg.torchscript:
         ts_path = _torchscript_path(out)
         with atomic_path(ts_path) as tmp:

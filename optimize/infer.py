@@ -2,8 +2,8 @@
 
 The model is opened with :func:`optimize.runners.open_runner` (a ``.pth`` checkpoint, an ``.onnx`` model or a
 TensorRT engine), so every backend is fed the tensor :meth:`Preprocessing.eval_transform` makes from the
-preprocessing the artifact recorded, batched by calibration's batcher
-(:class:`calib.batcher.ImageBatcher`). Folders are expanded to the image files under them; a file that cannot
+preprocessing the artifact recorded, batched by the batcher calibration and the benchmark use
+(:class:`optimize.batcher.ImageBatcher`). Folders are expanded to the image files under them; a file that cannot
 be decoded becomes an error entry in the results instead of stopping the run. ``serve`` shares the scoring.
 
 Example::
@@ -23,42 +23,15 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from calib.batcher import ImageBatcher
-from .data import IMAGE_EXTENSIONS, LabeledImages
-from .errors import ConfigError, DataError
+from .batcher import ImageBatcher
+from .bundle.runner import expand
+from .data import LabeledImages
+from .configs import InferConfig
+from .errors import DataError
 from .preprocess import Preprocessing, load_image
 from .runners import Runner, RunnerError, open_runner
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    """Options of ``cli.py infer``.
-
-    Attributes:
-        model: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
-        images: image files and folders (searched recursively for :data:`optimize.data.IMAGE_EXTENSIONS`).
-        top_k: classes reported per image, most probable first.
-        batch_size: images per inference call, capped by the model's largest batch (an engine's profile).
-        device: ``cpu`` or ``cuda``.
-        threads: CPU threads (default: every core this process may use).
-        trust_checkpoint: allow a pickled whole ``nn.Module`` checkpoint (unpickling runs code from the file).
-    """
-
-    model: str
-    images: tuple[str, ...]
-    top_k: int = 5
-    batch_size: int = 32
-    device: str = "cpu"
-    threads: int | None = None
-    trust_checkpoint: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.images:
-            raise ConfigError("give at least one image file or folder")
-        if self.top_k < 1 or self.batch_size < 1:
-            raise ConfigError("--top-k and --batch-size must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -91,18 +64,7 @@ def expand_images(paths: Iterable[str | Path]) -> list[Path]:
     Raises:
         DataError: a path does not exist, or a folder holds no image file.
     """
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"image {path} does not exist; check the path")
-    return files
+    return expand(paths, error=DataError)
 
 
 def model_inputs(runner: Runner) -> tuple[Preprocessing, list[str] | None]:

@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import unwrap
 from .data import DataSplits, LabeledImages, skip_unreadable_collate
-from .errors import ConfigError
+from .configs import CLASS_WEIGHTS, LoopConfig
+from .device import torch_device
+from .errors import ConfigError, DivergedError
 
 logger = logging.getLogger(__name__)
 
@@ -55,106 +57,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("warmup-cosine", "cosine", "step", "plateau", "none")
-CLASS_WEIGHTS = ("none", "balanced")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Options of the shared loop (the same flags for train, distill and fine-tuning).
-
-    Attributes:
-        epochs: passes over the training split (>= 1).
-        batch_size: images per step per process.
-        optimizer: ``adamw`` (the default: on the short CPU budgets measured here it reached 51% top-1 where
-            SGD at 0.05 / 0.01 reached 13% / 29%, ResNet-50, 6k images, 1 epoch) or ``sgd`` (momentum, nesterov).
-        lr: peak learning rate; None picks 2e-3 for AdamW (87.0% vs 86.6% for 1e-3, ResNet-18, 20k images, 1
-            epoch, warm-up cosine) and 0.05 for SGD.
-        momentum: SGD momentum.
-        weight_decay: None picks 0.05 (AdamW's decoupled decay) or 5e-4 (SGD's L2).
-        schedule: ``warmup-cosine`` (per optimizer step: linear warm-up over the first ``warmup`` of the run's
-            steps, then cosine to 0), ``cosine`` (per epoch, to 0 over ``epochs``), ``step`` (x ``gamma`` every
-            ``step_size`` epochs), ``plateau`` (x 0.1 when val top-1 stalls) or ``none``.
-        warmup: fraction of the run's optimizer steps spent warming up, for ``warmup-cosine``.
-        step_size: epochs between decays for ``step``.
-        gamma: decay factor for ``step``.
-        patience: stop when val top-1 has not improved for this many epochs (0: never stop early).
-        accumulate: micro-batches per optimizer step (gradient accumulation).
-        label_smoothing: cross-entropy label smoothing in [0, 1).
-        class_weights: ``none`` or ``balanced``: the label loss weighs class ``c`` by ``n / (k * n_c)`` over the
-            training split's counts (uneven folders); the weights are recorded in the manifest.
-        clip_grad_norm: clip the gradients' global L2 norm to this before each step (None: no clipping).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        amp: mixed precision while training: float16 autocast + grad scaling on CUDA; on the CPU only with
-            ``cpu_bf16``.
-        cpu_bf16: bfloat16 autocast for training on a CPU that computes bf16 natively (AVX512-BF16 or AMX; float32
-            elsewhere): ResNet-50 trained 1.5x faster here (245 vs 159 img/s, channels_last both). A step whose
-            gradients are not all finite is skipped, as CUDA's grad scaler does, and counted (``skipped_steps`` in
-            the epoch's row). Off by default: such gradients appeared in 1 of 16 tiny runs sharing the cores, not
-            reproducibly, so a bf16 run is not bit-for-bit repeatable (a resumed run may differ from an unbroken one).
-        channels_last: NHWC memory format (1.2x faster ResNet-50 training on the CPU measured here).
-        seed: seeds weights, shuffling and augmentation; a resumed run continues the same sequence.
-        workers: DataLoader worker processes; None: 0 on a CPU of 2 cores or fewer (workers would steal the
-            cores the model needs), else up to 8.
-        progress: show tqdm progress bars.
-    """
-
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "adamw"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    schedule: str = "warmup-cosine"
-    warmup: float = 0.1
-    step_size: int = 10
-    gamma: float = 0.1
-    patience: int = 0
-    accumulate: int = 1
-    label_smoothing: float = 0.0
-    class_weights: str = "none"
-    clip_grad_norm: float | None = None
-    device: str = "auto"
-    amp: bool = True
-    cpu_bf16: bool = False
-    channels_last: bool = True
-    seed: int = 0
-    workers: int | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
-            (self.step_size >= 1, "--step-size must be at least 1"),
-            (self.patience >= 0, "--patience must be 0 (off) or more"),
-            (self.accumulate >= 1, f"--accumulate must be at least 1 (got {self.accumulate})"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (0 <= self.warmup < 1, f"--warmup must be in [0, 1) (got {self.warmup})"),
-            (self.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {CLASS_WEIGHTS}"),
-            (self.clip_grad_norm is None or self.clip_grad_norm > 0,
-             f"--clip-grad-norm must be positive (got {self.clip_grad_norm})"),
-            (self.device in DEVICES, f"--device must be one of {DEVICES}"),
-            (self.workers is None or self.workers >= 0, "--workers must be 0 or more"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 2e-3)
-
-    @property
-    def decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 5e-4 if self.optimizer == "sgd" else 0.05
 
 
 # -- processes and devices ------------------------------------------------------------------------------
@@ -176,16 +78,6 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA device; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def init_distributed(device: str) -> DistContext:
     """Join the process group torchrun set up (env://); a single process needs nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -193,7 +85,7 @@ def init_distributed(device: str) -> DistContext:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not tdist.is_initialized():
-        backend = "nccl" if resolve_device(device, local_rank).type == "cuda" else "gloo"
+        backend = "nccl" if torch_device(device, local_rank).type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         tdist.init_process_group(backend=backend)
@@ -405,7 +297,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                 logits = model(x)
                 loss = loss_fn(logits, y, x)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {i}; lower --lr")
+                raise DivergedError(f"the loss became {loss.item()} at step {i}; lower --lr")
             scaler.scale(loss / cfg.accumulate).backward()
         if boundary and guard and not _grads_finite(optimizer):
             skipped += 1  # the weights and the optimizer state stay as they were; the schedule moves on
@@ -584,7 +476,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
         the per-epoch history, the best epoch's metrics, and whether early stopping ended the run.
     """
     ctx = ctx or init_distributed(cfg.device)
-    device = resolve_device(cfg.device, ctx.local_rank)
+    device = torch_device(cfg.device, ctx.local_rank)
     seed_everything(cfg.seed)
     model.to(device)
     if cfg.channels_last:
@@ -657,7 +549,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
             logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
                         epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
             if not math.isfinite(train["loss"]):
-                raise FloatingPointError("training diverged; lower --lr")
+                raise DivergedError("training diverged; lower --lr")
             improved = val.top1 > best_top1
             if improved:
                 best_top1, since_best = val.top1, 0

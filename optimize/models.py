@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from .configs import ARCHS, STEMS
 from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,10 +29,7 @@ RESNET_LAYOUTS = {
     "resnet101": ((3, 4, 23, 3), True),
     "resnet152": ((3, 8, 36, 3), True),
 }
-ARCHS = tuple(RESNET_LAYOUTS)
-# imagenet: torchvision's 7x7/2 conv + 3x3/2 max-pool. cifar: one 3x3/1 conv and no pool, which keeps 16x the
-# resolution in the body: better on 32 px images, but 13x slower to train on a 2-core CPU (measured).
-STEMS = ("imagenet", "cifar")
+assert tuple(RESNET_LAYOUTS) == ARCHS, "configs.ARCHS names the ResNets built here"
 
 
 def _use_cifar_stem(model: tvm.ResNet) -> None:

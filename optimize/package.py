@@ -29,30 +29,25 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import onnx
-
-from calib import calibrate
-from calib.batcher import onnx_input
-from .artifacts import Artifact, library_versions, manifest_path, read_manifest, remove_stale_temp, sha256_file, \
-    write_error, write_json
-from .build_engine import parse_size
-from .errors import ConfigError, EdgeoptError, OutputError
-from .runners import backend_of, onnx_precision
+from .artifacts import Artifact, calibration_cache_path, library_versions, manifest_path, read_manifest, \
+    remove_stale_temp, sha256_file, write_error, write_json
+from .build_engine import int8_step
+from .configs import CalibConfig, PackageConfig, parse_size
+from .errors import ConfigError, OutputError, PackageError
+from .onnx_model import OnnxModel
+from .runners import backend_of
 from .tensorrt_backend import Profile, to_fp16_onnx
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "edgeopt-bundle"
 TEMPLATES = Path(__file__).with_name("bundle")
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_BATCHES = (1, 8, 64)  # min / opt / max when nothing records a profile
 DEFAULT_WORKSPACE = "2G"
-_QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 REQUIREMENTS = """\
 # runner.py with model.onnx (onnxruntime-gpu in place of onnxruntime runs it on an NVIDIA GPU)
 numpy>=1.24
@@ -93,70 +88,24 @@ build_engine.sh inside that container (TRTEXEC=/path/to/its trtexec) or where Te
 """
 
 
-class PackageError(EdgeoptError):
-    """The model cannot be packaged as asked."""
+def check_servable(model: OnnxModel) -> None:
+    """Refuse an ONNX a bundle cannot describe: one image input ``[batch, 3, S, S]`` with S fixed and a symbolic
+    batch axis (Triton batches), logits with a fixed class count."""
+    model.require_dynamic_batch()
+    if model.side is None or model.num_classes is None:
+        raise PackageError(f"{model.path} takes {list(model.input.shape)} and gives {list(model.output.shape)}: a "
+                           "bundle needs the image side and the class count fixed; export it with 'cli.py export'")
 
 
-@dataclass(frozen=True)
-class PackageConfig:
-    """Options of ``cli.py package``.
-
-    Attributes:
-        model: ONNX model (from ``export``, ``calibrate`` or ``build-engine``) or TensorRT engine.
-        out: bundle folder to write.
-        name: Triton model name (default: the model file's stem, with other characters than letters, digits,
-            ``_`` and ``-`` replaced by ``_``).
-        onnx: an engine's source ONNX when it no longer lies where ``build-engine`` read it.
-        precision: what ``build_engine.sh`` builds by default (default: the engine's, else the ONNX's).
-        min_batch / opt_batch / max_batch: the batch profile of ``build_engine.sh`` and the Triton config
-            (default: the engine's profile, else 1 / 8 / 64). An engine's own profile cannot be changed.
-        force: replace an existing non-empty ``out``.
-    """
-
-    model: str
-    out: str
-    name: str | None = None
-    onnx: str | None = None
-    precision: str | None = None
-    min_batch: int | None = None
-    opt_batch: int | None = None
-    max_batch: int | None = None
-    force: bool = False
-
-    def __post_init__(self) -> None:
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if self.name is not None and not _NAME.match(self.name):
-            raise ConfigError(f"--name {self.name!r}: use letters, digits, '_' and '-' only (a folder name in "
-                              "the Triton repository)")
-
-
-@dataclass(frozen=True)
-class ModelIO:
-    """The single image input and logits output of an ONNX classifier."""
-
-    input_name: str
-    image_size: int
-    output_name: str
-    classes: int
-
-    @classmethod
-    def of(cls, path: Path) -> "ModelIO":
-        input_name, size, dynamic = onnx_input(str(path))
-        if not dynamic:
-            raise PackageError(f"{path} has a fixed batch size; export it with 'cli.py export' (symbolic batch axis)")
-        output = onnx.load(str(path), load_external_data=False).graph.output[0]
-        return cls(input_name, size, output.name, output.type.tensor_type.shape.dim[-1].dim_value)
-
-
-def triton_config(name: str, platform: str, io: ModelIO, profile: Profile, comment: str = "") -> str:
-    """Triton's ``config.pbtxt`` (protobuf text format): batch dim implied, dynamic batching up to the profile;
-    ``comment`` goes on top as ``#`` lines."""
+def triton_config(name: str, platform: str, model: OnnxModel, profile: Profile, comment: str = "") -> str:
+    """Triton's ``config.pbtxt`` (protobuf text format) for a :func:`check_servable` model: batch dim implied,
+    dynamic batching up to the profile; ``comment`` goes on top as ``#`` lines."""
     preferred = ", ".join(str(b) for b in sorted({profile.opt_batch, profile.max_batch}))
     comment = "".join(f"# {line}\n" for line in comment.splitlines())
     return TRITON_CONFIG.format(comment=comment, name=_quote(name), platform=_quote(platform),
-                                max_batch=profile.max_batch, input_name=_quote(io.input_name), size=io.image_size,
-                                output_name=_quote(io.output_name), classes=io.classes, preferred=preferred)
+                                max_batch=profile.max_batch, input_name=_quote(model.input.name),
+                                size=model.image_size, output_name=_quote(model.output.name),
+                                classes=model.num_classes, preferred=preferred)
 
 
 def _quote(text: str) -> str:
@@ -174,18 +123,9 @@ def _render(template: str, values: dict[str, Any]) -> str:
     return text
 
 
-def _tensorrt_issue(path: Path) -> str | None:
-    """Why TensorRT cannot build from this ONNX (ONNX Runtime-only operators), or None."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    if any(n.op_type in _QOPERATOR_OPS for n in graph.node):
-        return "it is ONNX Runtime's QOperator INT8 form ('calibrate --target cpu')"
-    if any(n.domain not in ("", "ai.onnx") for n in graph.node):
-        return "it has ONNX Runtime contrib operators (an ONNX Runtime-optimized model from 'build-engine')"
-    return None
-
-
-def _engine_onnx(engine: Path, manifest: dict[str, Any], override: str | None) -> Path:
-    """The ONNX an engine was built from, checked against the sha256 its manifest records."""
+def _engine_onnx(engine: Path, manifest: dict[str, Any], override: str | None) -> OnnxModel:
+    """The ONNX an engine was built from, checked against the sha256 its manifest records (before it is parsed:
+    a wrong file is named as such, not as a damaged ONNX)."""
     recorded = manifest.get("inputs", {}).get("onnx", {})
     path = Path(override or recorded.get("path", ""))
     if not path.is_file():
@@ -193,7 +133,7 @@ def _engine_onnx(engine: Path, manifest: dict[str, Any], override: str | None) -
                            "to rebuild the engine on the device: give --onnx")
     if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
         raise PackageError(f"{path} is not the ONNX {engine} was built from (sha256 differs); give the right --onnx")
-    return path
+    return OnnxModel.read(path)
 
 
 def _profile(cfg: PackageConfig, recorded: dict[str, int] | None, binding: bool) -> Profile:
@@ -210,14 +150,14 @@ def _profile(cfg: PackageConfig, recorded: dict[str, int] | None, binding: bool)
 def _calibrated_onnx(engine: Path, manifest: dict[str, Any], fp32_onnx: Path, dst: Path) -> Path:
     """The Q/DQ ONNX of an INT8 engine built from an FP32 ONNX, re-made from its calibration cache; the cache."""
     config = manifest.get("config", {})
-    candidates = [Path(p) for p in (config.get("calib_cache"), engine.with_suffix(".calib.json")) if p]
+    candidates = [Path(p) for p in (config.get("calib_cache"), calibration_cache_path(engine)) if p]
     cache = next((p for p in candidates if p.is_file()), None)
     if cache is None:
         raise PackageError(f"{engine} is INT8 from the FP32 {fp32_onnx}, but its calibration cache "
                            f"({', '.join(map(str, candidates))}) is gone, so the device cannot rebuild it; package "
                            "a Q/DQ ONNX from 'cli.py calibrate --target tensorrt' instead")
-    calibrate.run(calibrate.CalibConfig(onnx=str(fp32_onnx), out=str(dst), data=None, target="tensorrt",
-                                        method=config.get("calib_method", "entropy"), cache=str(cache)))
+    int8_step(CalibConfig(onnx=str(fp32_onnx), out=str(dst), data=None, target="tensorrt",
+                          method=config.get("calib_method", "entropy"), cache=str(cache)))
     return cache
 
 
@@ -275,12 +215,16 @@ def _check_out(cfg: PackageConfig, source: _Source) -> Path:
 
 @dataclass(frozen=True)
 class _Source:
-    """What is packaged: the ONNX (always), the TensorRT engine (or None) and the model's manifest."""
+    """What is packaged: the ONNX (always, read once), the TensorRT engine (or None) and the model's manifest."""
 
     path: Path
-    onnx: Path
+    model: OnnxModel
     engine: Path | None
     manifest: dict[str, Any]
+
+    @property
+    def onnx(self) -> Path:
+        return self.model.path
 
     @property
     def engine_facts(self) -> dict[str, Any]:
@@ -297,18 +241,11 @@ def _source(cfg: PackageConfig) -> _Source:
                            "runs/model.onnx') and package the ONNX")
     manifest = read_manifest(src) or {}
     if backend == "onnxruntime":
-        return _Source(src, src, None, manifest)
+        return _Source(src, OnnxModel.read(src), None, manifest)
     if "engine" not in manifest:
         raise PackageError(f"{src} has no build-engine manifest ({manifest_path(src).name}); build it with "
                            "'cli.py build-engine'")
     return _Source(src, _engine_onnx(src, manifest, cfg.onnx), src, manifest)
-
-
-def _checked_source(cfg: PackageConfig) -> _Source:
-    """:func:`_source`, its ONNX proved loadable (a truncated file fails here, naming it)."""
-    source = _source(cfg)
-    calibrate.check_onnx_file(source.onnx)
-    return source
 
 
 def _check_dla(source: _Source, precision: str, profile: Profile) -> None:
@@ -325,25 +262,27 @@ def _check_dla(source: _Source, precision: str, profile: Profile) -> None:
                           "equal --min-batch, --opt-batch and --max-batch")
 
 
-def _write_onnx(source: _Source, work: Path) -> Path | None:
+def _write_onnx(source: _Source, work: Path) -> tuple[Path | None, OnnxModel]:
     """``model.onnx`` (+ manifest) into ``work``: the model's ONNX, or for an INT8 engine built from an FP32 ONNX
-    the Q/DQ ONNX re-made from its calibration cache. Returns the calibration cache, if any."""
+    the Q/DQ ONNX re-made from its calibration cache. Returns the calibration cache, if any, and model.onnx."""
     dst = work / "model.onnx"
-    if source.engine_facts.get("precision") == "int8" and onnx_precision(source.onnx) != "int8":
+    if source.engine_facts.get("precision") == "int8" and source.model.precision != "int8":
         cache = _calibrated_onnx(source.engine, source.manifest, source.onnx, dst)
+        bundled = OnnxModel.read(dst)
     else:
+        bundled = replace(source.model, path=dst)  # a copy: the same facts
         shutil.copyfile(source.onnx, dst)
         if manifest_path(source.onnx).is_file():
             shutil.copyfile(manifest_path(source.onnx), manifest_path(dst))
         recorded = (read_manifest(source.onnx) or {}).get("calibration_cache")
         cache = source.onnx.with_name(recorded) if recorded else None
     if cache is None or not cache.is_file():
-        return None
+        return None, bundled
     shutil.copyfile(cache, work / cache.name)
-    return cache
+    return cache, bundled
 
 
-def _write_triton(source: _Source, work: Path, name: str, io: ModelIO, profile: Profile, labels: str) -> str:
+def _write_triton(source: _Source, work: Path, name: str, profile: Profile, labels: str) -> str:
     """``model_repository/<name>/`` for Triton; returns the platform: ``tensorrt_plan`` for an engine whose profile
     starts at batch 1 (Triton sends any batch from 1 to max_batch_size), else ``onnxruntime_onnx``."""
     repo = work / "model_repository" / name
@@ -360,12 +299,12 @@ def _write_triton(source: _Source, work: Path, name: str, io: ModelIO, profile: 
                        f"{profile.min_batch}, and Triton sends any batch from 1 to max_batch_size. Package an engine "
                        "built with --min-batch 1 to serve it with TensorRT.")
             logger.warning("the Triton repository runs the ONNX, not %s: %s", source.engine, comment)
-    (repo / "config.pbtxt").write_text(triton_config(name, platform, io, profile, comment))
+    (repo / "config.pbtxt").write_text(triton_config(name, platform, source.model, profile, comment))
     (repo / "labels.txt").write_text(labels)
     return platform
 
 
-def _write_scripts(source: _Source, work: Path, io: ModelIO, profile: Profile, precision: str, qdq: bool,
+def _write_scripts(source: _Source, work: Path, profile: Profile, precision: str, qdq: bool,
                    triton_plan: str) -> None:
     """``runner.py`` + ``requirements.txt`` and ``build_engine.sh`` with this model's profile and flags;
     ``triton_plan``: the Triton repository's plan that build_engine.sh replaces ("" for none)."""
@@ -377,7 +316,7 @@ def _write_scripts(source: _Source, work: Path, io: ModelIO, profile: Profile, p
     (work / "build_engine.sh").write_text(_render("build_engine.sh", {
         "PRECISION": precision, "MIN_BATCH": profile.min_batch, "OPT_BATCH": profile.opt_batch,
         "MAX_BATCH": profile.max_batch, "WORKSPACE_MIB": parse_size(workspace or DEFAULT_WORKSPACE) >> 20,
-        "INPUT_NAME": io.input_name, "IMAGE_SIZE": io.image_size, "QDQ": int(qdq),
+        "INPUT_NAME": source.model.input.name, "IMAGE_SIZE": source.model.image_size, "QDQ": int(qdq),
         "DLA_CORE": "" if dla_core is None else int(dla_core),
         "SPARSITY_FLAG": "--sparsity=enable" if flags.get("sparse_weights") else "", "TRITON_PLAN": triton_plan}))
     for script in ("runner.py", "build_engine.sh"):
@@ -386,10 +325,10 @@ def _write_scripts(source: _Source, work: Path, io: ModelIO, profile: Profile, p
 
 def run(cfg: PackageConfig) -> Artifact:
     """Write the bundle for ``cfg.model``; returns the bundle folder with ``bundle.json`` as its manifest."""
-    source = _checked_source(cfg)
+    source = _source(cfg)
     out = _check_out(cfg, source)
-    preprocessing, class_names = calibrate.model_preprocessing(source.onnx)
-    io = ModelIO.of(source.onnx)
+    preprocessing, class_names = source.model.preprocessing()
+    check_servable(source.model)
     recorded = source.manifest.get("engine", {}).get("profile")
     profile = _profile(cfg, recorded, binding=source.engine is not None)
     name = cfg.name or re.sub(r"[^A-Za-z0-9_-]", "_", source.path.stem)
@@ -399,9 +338,9 @@ def run(cfg: PackageConfig) -> Artifact:
     except OSError as e:
         raise (write_error(out, e) or OutputError(f"cannot write beside {out}: {e}; choose another --out")) from e
     try:
-        cache = _write_onnx(source, work)
-        issue = _tensorrt_issue(work / "model.onnx")
-        qdq = issue is None and onnx_precision(work / "model.onnx") == "int8"
+        cache, bundled = _write_onnx(source, work)
+        issue = bundled.tensorrt_issue()
+        qdq = issue is None and bundled.precision == "int8"
         precision = cfg.precision or source.engine_facts.get("precision") or ("int8" if qdq else "fp32")
         if precision == "int8" and not qdq:
             raise ConfigError(f"--precision int8 needs a Q/DQ ONNX ('cli.py calibrate --target tensorrt'); "
@@ -418,8 +357,8 @@ def run(cfg: PackageConfig) -> Artifact:
         labels = "".join(n.replace("\n", " ") + "\n" for n in class_names)
         (work / "labels.txt").write_text(labels)
         write_json(work / "preprocess.json", preprocessing.to_dict())
-        platform = _write_triton(source, work, name, io, profile, labels)
-        _write_scripts(source, work, io, profile, precision, qdq,
+        platform = _write_triton(source, work, name, profile, labels)
+        _write_scripts(source, work, profile, precision, qdq,
                        f"model_repository/{name}/1/model.plan" if platform == "tensorrt_plan" else "")
         payload = {
             "format": BUNDLE_FORMAT, "version": 1,
@@ -429,8 +368,10 @@ def run(cfg: PackageConfig) -> Artifact:
             "name": name, "precision": precision, "qdq": qdq,
             "profile": {"min_batch": profile.min_batch, "opt_batch": profile.opt_batch,
                         "max_batch": profile.max_batch},
-            "input": {"name": io.input_name, "shape": ["batch", 3, io.image_size, io.image_size], "dtype": "float32"},
-            "output": {"name": io.output_name, "shape": ["batch", io.classes], "dtype": "float32"},
+            "input": {"name": source.model.input.name, "shape": ["batch", 3, *[source.model.image_size] * 2],
+                      "dtype": "float32"},
+            "output": {"name": source.model.output.name, "shape": ["batch", source.model.num_classes],
+                       "dtype": "float32"},
             "preprocessing": preprocessing.to_dict(), "class_names": class_names,
             "triton": {"repository": "model_repository", "model": name, "platform": platform,
                        "max_batch_size": profile.max_batch},

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -41,10 +40,12 @@ from typing import Any, Callable
 
 import yaml
 
-from .artifacts import Artifact, prepare_output, sha256_file, write_json
+from .artifacts import (Artifact, calibration_cache_path, engine_path, last_checkpoint_path, prepare_output,
+                        sha256_file, write_json)
+from .configs import PRESETS, STAGE_CONFIGS, LoopConfig, PipelineConfig, RecipeCommon
+from .data import data_fingerprint
+from .device import resolve_device
 from .errors import ConfigError, EdgeoptError
-from .loop import LoopConfig
-from .train import last_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,111 +53,8 @@ STAGES = ("teacher", "distill", "prune", "export", "calibrate", "build-engine", 
 STATE_FILE = "pipeline.json"
 LOCK_FILE = ".pipeline.lock"
 
-
-
-@dataclass(frozen=True)
-class RecipeCommon:
-    """The top-level keys of a recipe, shared by the stages.
-
-    Attributes:
-        data: ``fashion-mnist`` or a folder with ``train/`` and ``val/``.
-        image_size: input side; None: the data's preset.
-        train_limit / val_limit: class-stratified subsets.
-        device: ``auto``, ``cpu`` or ``cuda`` for training and benchmarks.
-        teacher: an existing teacher checkpoint (the teacher stage is then left out).
-        student: an existing distilled student (the distill stage is then left out; prune starts from it).
-    """
-
-    data: str = "fashion-mnist"
-    image_size: int | None = None
-    train_limit: int | None = None
-    val_limit: int | None = None
-    device: str = "auto"
-    teacher: str | None = None
-    student: str | None = None
-
-
 _COMMON = dataclasses.asdict(RecipeCommon())
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # about 3 minutes on 2 CPU cores: every stage runs, on a slice
-    "quick": {
-        "train_limit": 2000, "val_limit": 1000,
-        "stages": {
-            "teacher": {"arch": "resnet50", "epochs": 1},
-            "distill": {"student": "resnet18", "epochs": 1, "alpha": 0.5},
-            "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 1, "lr": 1e-3, "alpha": 0.5},
-            "export": {"opset": 17},
-            "calibrate": {"target": "cpu", "num_images": 256, "timing_seconds": 0.5},
-            "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp16", "int8"], "max_batch": 64},
-            "benchmark": {"batch_sizes": [1, 8, 32], "rounds": 3, "seconds": 0.15, "warmup": 1, "input_sizes": [224]},
-        },
-    },
-    # about 30 minutes on 2 CPU cores: all 60k training images, the full 10k val split; bfloat16 autocast where
-    # the CPU computes it natively (1.5x faster training; float32 elsewhere, then ~40 min); the figures that chose
-    # these settings are in docs/RESULTS.md (demo-models)
-    "standard": {
-        "stages": {
-            "teacher": {"arch": "resnet50", "epochs": 3, "cpu_bf16": True},
-            "distill": {"student": "resnet18", "epochs": 3, "alpha": 0.5, "temperature": 4.0, "cpu_bf16": True},
-            # fine-tuning lr 1e-3 + alpha 0.5: 89.67% vs 89.30% for lr 2e-4 + alpha 0.9 (student 90.43%)
-            "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 1, "lr": 1e-3, "alpha": 0.5,
-                      "cpu_bf16": True},
-            "export": {"opset": 17},
-            "calibrate": {"target": "cpu", "num_images": 512, "timing_seconds": 1.0},
-            "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp16", "int8"], "max_batch": 64},
-            # min_speedup: the demo's own budget (the final artifact >= 20x the teacher at batch 8), a recipe value
-            "benchmark": {"batch_sizes": [1, 8, 32], "rounds": 5, "seconds": 0.4, "min_speedup": 20,
-                          "input_sizes": [224]},
-        },
-    },
-    # for a GPU: all data, the cifar stem (32x32 through the first stage), long SGD runs with pad-and-crop
-    # augmentation, aimed at the dataset's own table (ResNet-18 >= 94.9%; the ResNet-50 teacher >= 95.0%);
-    # a CPU would take days (`--device cuda` is asked for, so a CPU-only machine gets a clear error at once)
-    "full": {
-        "device": "cuda",
-        "stages": {
-            "teacher": {"arch": "resnet50", "stem": "cifar", "augment": "crop-flip", "epochs": 40,
-                        "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "label_smoothing": 0.1,
-                        "warmup": 0.05},
-            "distill": {"student": "resnet18", "augment": "crop-flip", "epochs": 40, "alpha": 0.5,
-                        "temperature": 4.0, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup": 0.05},
-            "prune": {"method": "l1-channel", "amount": 0.5, "steps": 2, "finetune_epochs": 8,
-                      "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4},
-            "export": {"opset": 17},
-            "calibrate": {"target": "cpu", "num_images": 1024},
-            "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp32", "fp16", "int8"],
-                             "max_batch": 256},
-            "benchmark": {"batch_sizes": [1, 8, 32, 128], "rounds": 5, "seconds": 0.6, "input_sizes": [224]},
-        },
-    },
-}
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Options of ``cli.py pipeline``.
-
-    Attributes:
-        out: folder for every artifact, the reports and ``pipeline.json``.
-        preset: ``quick``, ``standard`` (the demo, 2 CPU cores) or ``full`` (a GPU, the dataset's anchors): the
-            recipe a recipe file is merged over.
-        recipe: YAML recipe file (None: the preset as is).
-        overrides: top-level recipe keys given on the command line (``data``, ``teacher``, ``train_limit``...).
-        force: rerun every stage even when unchanged.
-        progress: progress bars in the stages.
-    """
-
-    out: str
-    preset: str = "standard"
-    recipe: str | None = None
-    overrides: tuple[tuple[str, Any], ...] = ()
-    force: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -231,17 +129,9 @@ _PIPELINE_OPTIONS: dict[str, dict[str, Any]] = {
 
 def _stage_hints() -> dict[str, dict[str, Any]]:
     """Each stage's option -> type: its config's annotations, the shared loop's (training stages), the pipeline's."""
-    from benchmarks import report
-    from calib import calibrate
-
-    from . import build_engine, distill, export, prune, train
-
-    configs = {"teacher": train.TrainConfig, "distill": distill.DistillConfig, "prune": prune.PruneConfig,
-               "export": export.ExportConfig, "calibrate": calibrate.CalibConfig,
-               "build-engine": build_engine.BuildConfig, "benchmark": report.BenchmarkConfig}
     loop = typing.get_type_hints(LoopConfig)
     hints = {}
-    for stage, config_cls in configs.items():
+    for stage, config_cls in STAGE_CONFIGS.items():
         own = typing.get_type_hints(config_cls)
         hints[stage] = {**(loop if "loop" in own else {}), **own, **_PIPELINE_OPTIONS.get(stage, {})}
     return hints
@@ -290,12 +180,13 @@ def _check_types(options: dict[str, Any], hints: dict[str, Any], source: str, wh
 _LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 
-def stage_config(config_cls: type, stage: str, options: dict[str, Any] | None, fixed: dict[str, Any], *,
+def stage_config(stage: str, options: dict[str, Any] | None, fixed: dict[str, Any], *,
                  progress: bool, device: str = "auto") -> Any:
     """``config_cls`` from a recipe stage's options plus what the pipeline wires in; unknown keys are refused.
 
     Options naming a field of the shared training loop go into the stage's ``loop`` (training stages only).
     """
+    config_cls = STAGE_CONFIGS[stage]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     options = dict(options or {})
     loop_opts = {k: options.pop(k) for k in list(options) if k in _LOOP_FIELDS and k not in fields}
@@ -314,18 +205,6 @@ def stage_config(config_cls: type, stage: str, options: dict[str, Any] | None, f
         return config_cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"recipe stage '{stage}': {e}") from e
-
-
-def _data_identity(data: str) -> str:
-    """A cheap fingerprint of the data: the name for Fashion-MNIST, the file listing (size, mtime) for a folder."""
-    root = Path(data)
-    if not root.is_dir():
-        return data
-    digest = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = f.stat()
-        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
 
 
 @dataclass
@@ -372,13 +251,13 @@ class _Planner:
                                   "distill one")
         if (opts := self.options("teacher")) is not None:
             fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
-            tcfg = stage_config(train.TrainConfig, "teacher", opts, fixed, progress=progress, device=device)
+            tcfg = stage_config("teacher", opts, fixed, progress=progress, device=device)
             steps.append(_Step("teacher", "teacher", tcfg, [], [teacher],
                                lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True))
         if (opts := self.options("distill")) is not None:
             student = self.out / "student.pth"
             fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
-            dcfg = stage_config(distill.DistillConfig, "distill", opts, fixed, progress=progress, device=device)
+            dcfg = stage_config("distill", opts, fixed, progress=progress, device=device)
             steps.append(_Step("distill", "distill", dcfg, [teacher], [student],
                                lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True))
             model = student
@@ -387,12 +266,12 @@ class _Planner:
             use_teacher = opts.pop("teacher", True)
             fixed = {"model": str(model), "out": str(pruned), **self.data,
                      "teacher": str(teacher) if use_teacher else None}
-            pcfg = stage_config(prune.PruneConfig, "prune", opts, fixed, progress=progress, device=device)
+            pcfg = stage_config("prune", opts, fixed, progress=progress, device=device)
             steps.append(_Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
                                lambda resume, c=pcfg: prune.run(c)))
             model = pruned
         onnx_path = self.out / "model.onnx"
-        ecfg = stage_config(export.ExportConfig, "export", self.options("export"),
+        ecfg = stage_config("export", self.options("export"),
                             {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
         steps.append(_Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c)))
 
@@ -401,15 +280,18 @@ class _Planner:
             int8_path = self.out / "model.int8.onnx"
             fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
                      "val_limit": self.r["val_limit"]}
-            ccfg = stage_config(calibrate.CalibConfig, "calibrate", opts, fixed, progress=progress)
+            ccfg = stage_config("calibrate", opts, fixed, progress=progress)
             steps.append(_Step("calibrate", "calibrate", ccfg, [onnx_path],
-                               [int8_path, int8_path.with_name("model.int8.calib.json")],
+                               [int8_path, calibration_cache_path(int8_path)],
                                lambda resume, c=ccfg: calibrate.run(c)))
         engines = self._engine_steps(steps, onnx_path, int8_path)
 
         bopts = self.options("benchmark")
         input_sizes = bopts.pop("input_sizes", [])
         val_limit = bopts.pop("val_limit", self.r["val_limit"])
+        # where training ran (auto resolved by training's rule; cuda is checked when the benchmark runs, so a plan
+        # can be made on another machine), unless the benchmark stage names its own device
+        bench_device = bopts.pop("device", resolve_device(device) if device == "auto" else device)
         bopts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bopts.items()}
         models = [p for s in steps if s.stage in ("distill", "prune", "export", "calibrate")
                   for p in s.outputs if p.suffix in (".pth", ".onnx")] + engines
@@ -417,8 +299,8 @@ class _Planner:
             folder = self.out / ("report" if size is None else f"report-{size}")
             fixed = {"baseline": str(teacher), "models": tuple(str(m) for m in models), "out": str(folder),
                      "data": self.r["data"], "input_size": size, "val_limit": val_limit,
-                     "device": "cuda" if device == "cuda" else "cpu"}
-            bcfg = stage_config(report.BenchmarkConfig, "benchmark", bopts, fixed, progress=progress)
+                     "device": bench_device}
+            bcfg = stage_config("benchmark", bopts, fixed, progress=progress)
             steps.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
                                [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
                                lambda resume, c=bcfg: report.run(c)))
@@ -443,17 +325,16 @@ class _Planner:
         engines = []
         for backend, precisions in plan.items():
             for precision in precisions:
-                suffix = ".ort.onnx" if backend == "onnxruntime" else ".engine"
-                name = "model" + ("" if precision == "fp32" else f".{precision}") + suffix
-                out = self.out / name
+                out = engine_path(self.out, backend, precision)
                 src = onnx_path
                 fixed = {"out": str(out), "backend": backend, "precision": precision}
                 if precision == "int8" and backend == "onnxruntime" and int8_path is not None:
                     src = int8_path  # the CPU-target INT8 model the calibrate stage measured
-                elif precision == "int8":
-                    fixed.update(calib_data=self.r["data"], calib_cache=str(out.with_suffix(".calib.json")))
+                elif precision == "int8":  # the calibrate stage's ranges when it ran, else made for this engine
+                    cache = calibration_cache_path(int8_path if int8_path is not None else out)
+                    fixed.update(calib_data=self.r["data"], calib_cache=str(cache))
                 fixed["onnx"] = str(src)
-                bcfg = stage_config(build_engine.BuildConfig, "build-engine", opts, fixed, progress=self.progress)
+                bcfg = stage_config("build-engine", opts, fixed, progress=self.progress)
                 steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, [src], [out],
                                    lambda resume, c=bcfg: build_engine.run(c)))
                 engines.append(out)
@@ -466,7 +347,7 @@ def _key(step: _Step, recipe: dict[str, Any]) -> dict[str, Any]:
         config.pop(noise, None)
         if isinstance(config.get("loop"), dict):
             config["loop"].pop(noise, None)
-    key = {"config": config, "data": _data_identity(recipe["data"]),
+    key = {"config": config, "data": data_fingerprint(recipe["data"]),
            "inputs": {str(p): sha256_file(p) for p in step.inputs}}
     return json.loads(json.dumps(key, default=str))  # as pipeline.json will hold it (tuples become lists)
 
@@ -635,7 +516,7 @@ def _run_steps(cfg: PipelineConfig, recipe: dict[str, Any], out: Path, on_step) 
             results.append(StepResult(step.name, "skipped", 0.0, [str(p) for p in step.outputs]))
             continue
         resume = (step.resumable and record.get("status") == "running" and record.get("key") == key
-                  and last_path(step.outputs[0]).is_file())
+                  and last_checkpoint_path(step.outputs[0]).is_file())
         logger.debug("[%d/%d] %s%s", i, len(steps), step.name, " (resuming)" if resume else "")
         if on_step:
             on_step(i, len(steps), step.name, "resume" if resume else "start", state["timings"].get(step.name))

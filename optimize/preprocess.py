@@ -20,10 +20,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
+# the bundle's runner (torch-free, copied into every bundle) holds the image decoding both sides share
+from .bundle.runner import MAX_ASPECT_RATIO, to_rgb
+from .configs import AUGMENTS
 from .errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,9 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 
-AUGMENTS = ("flip", "crop-flip", "crop-flip-rotate", "random-resized-crop", "random-resized-crop-rotate", "none")
 ROTATION_DEGREES = 15  # the seeds' RandomRotation(15)
-MAX_ASPECT_RATIO = 50  # longer side / shorter side; panoramas are ~10:1, a 1 x 1e6 strip is an attack
 MAX_SIDE = 8192  # image_size / resize_size above this are damaged metadata, not a classifier's input
 _INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                    "nearest": T.InterpolationMode.NEAREST}
@@ -172,21 +172,6 @@ def folder_preset(*, image_size: int = 224) -> Preprocessing:
     """Photos: ImageNet statistics, resize to image_size/0.875 then center crop (torchvision's eval preset)."""
     return Preprocessing(image_size=image_size, resize_size=int(round(image_size / 0.875)),
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment="random-resized-crop")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Return ``img`` as 8-bit RGB whatever its mode: L/P/LA/RGBA/CMYK/YCbCr and 16-bit or float grayscale."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
-    return img.convert("RGB")
 
 
 def check_image_size(width: int, height: int) -> None:

@@ -6,15 +6,17 @@
 - ``.engine`` / ``.plan``: TensorRT (:class:`optimize.tensorrt_backend.TensorRTRunner`).
 
 Every runner offers ``infer(batch) -> logits`` (numpy in, numpy out) for inference, and ``prepare(batch)`` +
-``run(prepared)`` for timing: ``prepare`` puts the input where the backend wants it (device memory, bound
-buffers) once, and ``run`` executes and waits for the result (CUDA synchronised), so what is timed is the model,
-not the copy or the loader.
+``run(prepared)`` + ``synchronize()`` for timing: ``prepare`` puts the input where the backend wants it (device
+memory, bound buffers) once, ``run`` executes, and ``synchronize`` waits until the device has finished (PyTorch
+on CUDA queues its kernels; the others return finished), so what is timed is the model, not the copy or the
+loader. :func:`optimize.timing.time_runs` calls it before its clock stops.
 
 Example::
 
     runner = open_runner("runs/model.onnx", threads=2)
     logits = runner.infer(batch)                  # float32 [n, 3, S, S] -> float32 [n, classes]
-    x = runner.prepare(batch); runner.run(x)      # timing loop body
+    x = runner.prepare(batch)                     # timing: time_runs(lambda: runner.run(x), seconds=1.0,
+                                                  #                   synchronize=runner.synchronize)
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 import numpy as np
 
 from .artifacts import read_manifest
-from .errors import EdgeoptError
+from .device import require_ort_cuda, resolve_device
+from .errors import RunnerError
+from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -37,12 +41,6 @@ TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
-QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                       "MatMulInteger"})  # an ONNX graph holding any of these is INT8
-
-
-class RunnerError(EdgeoptError):
-    """The artifact cannot be run with the backend or device asked for."""
 
 
 def backend_of(path: str | Path) -> str:
@@ -108,6 +106,9 @@ class Runner:
     def run(self, prepared: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def synchronize(self) -> None:
+        """Wait until the device has finished what :meth:`run` queued (nothing to wait for by default)."""
+
     def infer(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -121,12 +122,11 @@ class TorchRunner(Runner):
 
         from .checkpoint import load_checkpoint
 
+        device = resolve_device(device)
         if precision not in TORCH_PRECISIONS:
             raise RunnerError(f"PyTorch precision must be one of {', '.join(TORCH_PRECISIONS)}")
         if device == "cpu" and precision != "fp32":
             raise RunnerError(f"PyTorch {precision} is only offered on CUDA (CPU kernels have no speed-up)")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RunnerError("--device cuda asked for, but PyTorch sees no CUDA device")
         if device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         loaded = load_checkpoint(path, trust=trust)
@@ -155,59 +155,14 @@ class TorchRunner(Runner):
 
     def run(self, prepared):
         with self._torch.inference_mode():
-            out = self.model(prepared)
+            return self.model(prepared)
+
+    def synchronize(self) -> None:
         if self.device == "cuda":
             self._torch.cuda.synchronize()
-        return out
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.run(self.prepare(batch)).float().cpu().numpy()
-
-
-def onnx_precision(path: str | Path) -> str:
-    """``int8`` (quantized ops), ``fp16`` (FP16 initializers) or ``fp32``, read from the graph."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    if any(n.op_type in QUANT_OPS for n in model.graph.node):
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    return "fp32"
-
-
-def onnx_preprocessing(path: str | Path) -> tuple[Preprocessing | None, list[str] | None]:
-    """Preprocessing and class names ``export`` recorded for an ONNX model (None, None when it records none).
-
-    Raises:
-        RunnerError: the record is damaged or disagrees with the graph's input size.
-    """
-    from calib.calibrate import CalibrationError, recorded_preprocessing
-
-    try:
-        return recorded_preprocessing(path)
-    except CalibrationError as e:
-        raise RunnerError(str(e)) from e
-
-
-def ort_cuda_missing() -> str:
-    """Why ONNX Runtime has no CUDA provider here, and the fix."""
-    from importlib import metadata
-
-    installed = set()
-    for name in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            metadata.version(name)
-            installed.add(name)
-        except metadata.PackageNotFoundError:
-            pass
-    if installed == {"onnxruntime", "onnxruntime-gpu"}:
-        return ("onnxruntime and onnxruntime-gpu are both installed and the CPU one shadows the CUDA provider: "
-                "'pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu'")
-    if "onnxruntime-gpu" in installed:
-        return ("onnxruntime-gpu is installed but its CUDA provider did not load (CUDA or cuDNN libraries missing "
-                "or of another major version)")
-    return "ONNX Runtime has no CUDA provider here: swap onnxruntime for onnxruntime-gpu (see the README's GPU notes)"
 
 
 class OnnxRuntimeRunner(Runner):
@@ -221,8 +176,7 @@ class OnnxRuntimeRunner(Runner):
             raise RunnerError(f"ONNX model {path} does not exist")
         opts = ort.SessionOptions()
         if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RunnerError(ort_cuda_missing())
+            require_ort_cuda()
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             threads = threads or default_threads()
@@ -233,21 +187,16 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors for unreadable models
             raise RunnerError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
-        inp = self.session.get_inputs()[0]
-        from calib.batcher import ModelInputError, image_input_dims
-
-        try:
-            fixed_batch, side = image_input_dims(path, inp.shape)
-        except ModelInputError as e:
-            raise RunnerError(str(e)) from e
-        preprocessing, class_names = onnx_preprocessing(path)
-        size = side or (preprocessing.image_size if preprocessing else None)
+        model = OnnxModel.read(path, check=False)  # ONNX Runtime has just checked it
+        fixed_batch = model.fixed_batch
+        preprocessing, class_names = model.recorded_preprocessing()
+        size = model.side or (preprocessing.image_size if preprocessing else None)
         if size is None:
             raise RunnerError(f"{path} has no fixed input size and records no preprocessing")
-        super().__init__(path, "onnxruntime", onnx_precision(path), device, size, preprocessing, class_names,
+        super().__init__(path, "onnxruntime", model.precision, device, size, preprocessing, class_names,
                          fixed_batch, threads if device == "cpu" else None, read_manifest(path) or {}, fixed_batch)
-        self.input_name = inp.name
-        self.output_name = self.session.get_outputs()[0].name
+        self.input_name = model.input.name
+        self.output_name = model.output.name
         self._ort = ort
 
     def prepare(self, batch: np.ndarray):
@@ -325,7 +274,7 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
 
     Args:
         path: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
-        device: ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu`` or ``cuda`` (:func:`optimize.device.resolve_device`).
         precision: PyTorch only: ``fp32`` (default), ``fp16`` or ``bf16`` (CUDA). Other formats carry their own.
         threads: CPU threads (default: every core this process may use).
         channels_last: PyTorch only: NHWC memory format.
@@ -333,11 +282,13 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
         image_size: PyTorch only: input side when the checkpoint records no preprocessing.
 
     Raises:
-        RunnerError: unknown format, missing backend or device, a precision the format does not take.
+        RunnerError: unknown format, missing backend, a precision the format does not take.
+        DeviceError: the device cannot run here (no CUDA device; no CUDA build of ONNX Runtime).
+        OnnxModelError: an ONNX model whose input edgeopt cannot feed, or whose recorded preprocessing is damaged.
     """
-    if device not in ("cpu", "cuda"):
-        raise RunnerError(f"device must be cpu or cuda, not {device!r}")
     backend = backend_of(path)
+    if device != "cuda" or backend == "torch":  # ONNX Runtime and TensorRT check their own CUDA
+        device = resolve_device(device)
     if not Path(path).is_file():
         raise RunnerError(f"model {path} does not exist; check the path")
     if backend != "torch" and precision is not None:

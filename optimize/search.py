@@ -40,110 +40,19 @@ from typing import Any, Callable
 
 import yaml
 
-from .artifacts import Artifact, atomic_path, prepare_output, read_manifest, resolve_data, sha256_file, write_json
-from .errors import ConfigError, EdgeoptError
+from .artifacts import (Artifact, atomic_path, last_checkpoint_path, prepare_output, read_manifest, resolve_data,
+                        sha256_file, write_json)
+from .configs import PRESETS, SearchConfig
+from .errors import ConfigError, EdgeoptError, SearchError
 
 logger = logging.getLogger(__name__)
 
-SPACES = ("compression", "training")
-TARGETS = ("cpu", "tensorrt")
-OBJECTIVES = ("throughput", "latency")
 REPORT_JSON = "search.json"
 REPORT_MD = "report.md"
 BEST_YAML = "best.yaml"
 PARETO_PNG = "pareto.png"
 HOPELESS_MARGIN_PT = 0.5  # fine-tuned FP32 this far below the budget: INT8 will not bring it back
 MAX_FAILURES = 3  # trials in a row that fail with an error before this process gives up
-
-
-class SearchError(EdgeoptError):
-    """The search cannot go on (a study that does not match, trials that keep failing)."""
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Options of ``cli.py search``.
-
-    Attributes:
-        teacher: the original model (the accuracy baseline of the budget), shared by every trial.
-        out: folder for the study (``study.db``), ``trials/``, ``report.md``, ``search.json``, ``pareto.png``
-            and ``best.yaml``.
-        data: ``fashion-mnist`` or a folder; None: the data the teacher's manifests record.
-        student: a distilled student to prune (``compression`` space); None: distilled once into
-            ``<out>/student.pth`` with the preset's distill options, then shared.
-        max_accuracy_drop: the budget, in top-1 points below the teacher.
-        target: ``cpu`` (ONNX Runtime) or ``tensorrt`` (engines, on a GPU).
-        trials: finished trials the study should hold in all (across every process sharing it).
-        storage: optuna storage URL; None: ``sqlite:///<out>/study.db``.
-        study_name: the study's name in the storage.
-        space: ``compression`` or ``training`` (the student's lr, batch size, weight decay, label smoothing).
-        objective: ``throughput`` (img/s at ``batch``, maximized) or ``latency`` (p50 ms at batch 1, minimized).
-        batch: the target batch size for ``throughput``.
-        resume: continue (or join) the study in ``storage``; without it an existing study is refused.
-        preset: the pipeline preset a trial's recipe is merged over (its stage options not searched).
-        image_size / train_limit / val_limit: as for ``pipeline``.
-        rounds / seconds: each trial's benchmark timing (rounds of one window per artifact).
-        seed: the sampler's seed.
-        minutes: this process's time budget: it starts no trial that would, at the mean duration of its trials so
-            far, end after this many minutes (None: no limit; ``trials`` still caps the study).
-        heartbeat / grace_period: seconds between a running trial's heartbeats in the storage, and without one
-            before another process may fail it (trials of other hosts).
-        progress: progress bars in the stages.
-    """
-
-    teacher: str
-    out: str
-    data: str | None = None
-    student: str | None = None
-    max_accuracy_drop: float = 1.0
-    target: str = "cpu"
-    trials: int = 20
-    storage: str | None = None
-    study_name: str = "edgeopt-search"
-    space: str = "compression"
-    objective: str = "throughput"
-    batch: int = 8
-    resume: bool = False
-    preset: str = "standard"
-    image_size: int | None = None
-    train_limit: int | None = None
-    val_limit: int | None = None
-    rounds: int = 3
-    seconds: float = 0.3
-    seed: int = 0
-    minutes: float | None = None
-    heartbeat: int = 60
-    grace_period: int = 300
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        from .pipeline import PRESETS
-
-        if not (isinstance(self.max_accuracy_drop, (int, float)) and self.max_accuracy_drop >= 0):
-            raise ConfigError(f"--max-accuracy-drop must be >= 0 top-1 points (got {self.max_accuracy_drop})")
-        if self.trials < 1:
-            raise ConfigError(f"--trials must be at least 1 (got {self.trials})")
-        for name, value, allowed in (("--target", self.target, TARGETS), ("--space", self.space, SPACES),
-                                     ("--objective", self.objective, OBJECTIVES), ("--preset", self.preset,
-                                                                                   tuple(PRESETS))):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
-        if self.batch < 1 or self.rounds < 1 or self.seconds <= 0:
-            raise ConfigError("--batch and --rounds must be >= 1 and --seconds > 0")
-        if self.minutes is not None and self.minutes <= 0:
-            raise ConfigError(f"--minutes must be > 0 (got {self.minutes})")
-        if self.heartbeat < 1 or self.grace_period <= self.heartbeat:
-            raise ConfigError("--heartbeat must be >= 1 s and --grace-period longer than --heartbeat")
-        if self.student and self.space == "training":
-            raise ConfigError("--space training trains the student in every trial; drop --student")
-
-    @property
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
-
-    @property
-    def timed_batch(self) -> int:
-        return 1 if self.objective == "latency" else self.batch
 
 
 # -- the search space ---------------------------------------------------------------------------------------------
@@ -179,8 +88,6 @@ def starting_point(cfg: SearchConfig) -> dict[str, Any] | None:
     """The preset's own compression recipe as parameters: trial 0, the figure the search has to beat."""
     if cfg.space != "compression":
         return None
-    from .pipeline import PRESETS
-
     stages = PRESETS[cfg.preset]["stages"]
     prune, calib = stages.get("prune") or {}, stages.get("calibrate") or {}
     point = {"method": prune.get("method", "l1-channel"), "amount": prune.get("amount", 0.5),
@@ -202,8 +109,10 @@ def trial_recipe(params: dict[str, Any], cfg: SearchConfig, *, teacher: Path, st
     recipe: dict[str, Any] = {"data": data, "image_size": cfg.image_size, "train_limit": cfg.train_limit,
                               "val_limit": cfg.val_limit, "device": "cuda" if cfg.target == "tensorrt" else "auto",
                               "teacher": str(teacher.resolve())}
+    # the target's device, whatever training ran on (a pipeline benchmarks where it trained unless told)
     bench = {"batch_sizes": [cfg.timed_batch], "rounds": cfg.rounds, "seconds": cfg.seconds,
-             "max_accuracy_drop": cfg.max_accuracy_drop, "input_sizes": []}
+             "max_accuracy_drop": cfg.max_accuracy_drop, "input_sizes": [],
+             "device": "cuda" if cfg.target == "tensorrt" else "cpu"}
     stages: dict[str, Any] = {"export": {}, "benchmark": bench}
     if cfg.space == "training":
         stages.update(distill=dict(params), prune=False, calibrate=False, **{"build-engine": False})
@@ -600,7 +509,6 @@ def _shared_student(cfg: SearchConfig, teacher: Path, data: str) -> Path | None:
     if cfg.student:
         return Path(cfg.student)  # checked before anything was written
     from . import distill, pipeline
-    from .train import last_path
 
     student = Path(cfg.out) / "student.pth"
     manifest = read_manifest(student) or {}
@@ -611,10 +519,10 @@ def _shared_student(cfg: SearchConfig, teacher: Path, data: str) -> Path | None:
     options = dict(recipe["stages"].get("distill") or {})
     fixed = {"teacher": str(teacher), "out": str(student), "data": data, "image_size": cfg.image_size,
              "train_limit": cfg.train_limit, "val_limit": cfg.val_limit}
-    dcfg = pipeline.stage_config(distill.DistillConfig, "distill", options, fixed, progress=cfg.progress,
+    dcfg = pipeline.stage_config("distill", options, fixed, progress=cfg.progress,
                                  device="cuda" if cfg.target == "tensorrt" else "auto")
     logger.info("distilling the shared student %s once (the preset's distill options)", student)
-    distill.run(dataclasses.replace(dcfg, resume=last_path(student).is_file()))
+    distill.run(dataclasses.replace(dcfg, resume=last_checkpoint_path(student).is_file()))
     return student
 
 

@@ -30,14 +30,14 @@ import logging
 import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from .artifacts import sha256_file
-from .errors import ConfigError, EdgeoptError
+from .configs import ServeConfig
+from .errors import EdgeoptError, RequestError, ServeError
 from .infer import image_tensor, model_inputs, top_k
 from .preprocess import check_image_size
 from .runners import open_runner
@@ -46,63 +46,6 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "serve needs FastAPI, uvicorn and python-multipart: pip install 'edgeopt[serve]'"
 RAW_TYPES = ("application/octet-stream",)
-
-
-class ServeError(EdgeoptError):
-    """The service cannot start (missing dependency, port in use)."""
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Options of ``cli.py serve``.
-
-    Attributes:
-        model: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
-        host / port: where to listen (port 0: any free port, logged at start).
-        top_k: classes per image unless the request asks ``?top_k=N``.
-        max_batch: most images per inference (the model's own largest batch caps it).
-        max_wait_ms: how long the first image of a batch waits for others.
-        max_queue: images waiting at most; beyond, requests get 503.
-        max_upload_bytes: largest request body (all images together); larger gets 413.
-        max_images: most images in one request.
-        max_pixels: largest decoded image (width x height); larger gets 413.
-        timeout_s: a connection whose request is incomplete (headers or body) and that sends nothing for this
-            long is closed (408 when nothing was answered yet).
-        device / threads / trust_checkpoint: how to open the model (as ``infer``).
-    """
-
-    model: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    top_k: int = 5
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 1024
-    max_upload_bytes: int = 10 << 20
-    max_images: int = 64
-    max_pixels: int = 40_000_000
-    timeout_s: float = 30.0
-    device: str = "cpu"
-    threads: int | None = None
-    trust_checkpoint: bool = False
-
-    def __post_init__(self) -> None:
-        if min(self.top_k, self.max_batch, self.max_queue, self.max_upload_bytes, self.max_images,
-               self.max_pixels) < 1:
-            raise ConfigError("--top-k, --max-batch, --max-queue, --max-upload-bytes, --max-images and --max-pixels "
-                              "must be at least 1")
-        if self.max_wait_ms < 0 or not 0 <= self.port <= 65535:
-            raise ConfigError("--max-wait-ms must be >= 0 and --port within 0..65535")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"the connection timeout must be above 0 seconds (got {self.timeout_s})")
-
-
-class RequestError(EdgeoptError):
-    """A request the service refuses, answered with ``status`` and the message as ``{"detail": ...}``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class MicroBatcher:

@@ -20,7 +20,7 @@ in the device's *primary* context, the one PyTorch and ONNX Runtime use, so the 
 through cuda-python's runtime API (preferred) or pycuda's ``autoprimaryctx`` (never ``autoinit``, which creates
 a second context and leaves it current).
 
-Nothing here can run without an NVIDIA GPU; ``tests/test_tensorrt_api.py`` checks every ``trt.*`` name each
+Nothing here can run without an NVIDIA GPU; ``tests/optimize/test_tensorrt_backend.py`` checks every ``trt.*`` name each
 version's path uses against that version's real Python bindings (8.5 against NVIDIA's sources).
 """
 
@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EdgeoptError
+from .configs import check_profile
+from .errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ CUDA_HINT = ("neither cuda-python nor pycuda is installed: 'pip install cuda-pyt
 FP16_SENSITIVE_OPS = ("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf",
                       "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
                       "LayerNormalization", "InstanceNormalization", "GroupNormalization")
-
-
-class EngineError(EdgeoptError):
-    """An engine cannot be built or run here."""
 
 
 def trt_version(trt) -> tuple[int, int]:
@@ -88,12 +85,7 @@ class Profile:
     max_batch: int
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise EngineError(f"batch sizes must satisfy 1 <= --min-batch ({self.min_batch}) <= --opt-batch "
-                              f"({self.opt_batch}) <= --max-batch ({self.max_batch})")
-        if self.max_batch > 4096:
-            raise EngineError(f"--max-batch {self.max_batch} is beyond any device's memory for a classifier; "
-                              "use 4096 or less")
+        check_profile(self.min_batch, self.opt_batch, self.max_batch)
 
     @property
     def static(self) -> bool:

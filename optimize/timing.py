@@ -15,8 +15,7 @@ file) is measured here the same way:
 Example::
 
     def window(seconds):                     # one round's window of one candidate: img/s
-        times = time_runs(lambda: session.run(None, feed), seconds=seconds, warmup=1)
-        return images_per_second(times, batch)
+        return time_throughput(lambda: runner.run(x), batch=batch, seconds=seconds, synchronize=runner.synchronize)
 
     figures = interleaved({"fp32": window_a, "int8": window_b}, rounds=5, seconds=0.4)
     a, b = Spread.of(figures["fp32"]), Spread.of(figures["int8"])
@@ -35,20 +34,37 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
-def time_runs(run: Callable[[], Any], *, seconds: float, warmup: int = 0, min_runs: int = 3) -> list[float]:
+def time_runs(run: Callable[[], Any], *, seconds: float, warmup: int = 0, min_runs: int = 3,
+              synchronize: Callable[[], Any] | None = None) -> list[float]:
     """Seconds each call of ``run`` took: ``warmup`` untimed calls, then calls until ``seconds`` are spent.
 
-    ``run`` must wait for its result (a CUDA backend synchronises), or the window times the queueing only.
+    This is edgeopt's one timing loop: every speed figure (``benchmark``, ``calibrate``'s form choice,
+    ``build-engine``'s comparison) comes from it.
+
+    Args:
+        run: one inference on a prepared input.
+        seconds: the timed window; at least ``min_runs`` calls are timed however long they take.
+        warmup: untimed calls first (kernel selection, caches, lazy allocation).
+        synchronize: waits until the device has finished what ``run`` queued (a CUDA stream); called after every
+            call, warm-up included, before the clock stops. Without it a GPU backend's window would time the
+            queueing, not the model. None when ``run`` returns only once its work is done (the CPU).
     """
+    step = run if synchronize is None else (lambda: (run(), synchronize()))
     for _ in range(warmup):
-        run()
+        step()
     times: list[float] = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < min_runs:
         t0 = time.perf_counter()
-        run()
+        step()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def time_throughput(run: Callable[[], Any], *, batch: int, seconds: float, warmup: int = 1,
+                    synchronize: Callable[[], Any] | None = None) -> float:
+    """Images per second of ``run`` (``batch`` images a call) over one :func:`time_runs` window."""
+    return images_per_second(time_runs(run, seconds=seconds, warmup=warmup, synchronize=synchronize), batch)
 
 
 def images_per_second(times: Sequence[float], batch: int) -> float:

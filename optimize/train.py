@@ -9,71 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .artifacts import Artifact, prepare_output, write_manifest
+from .artifacts import Artifact, last_checkpoint_path, prepare_output, write_manifest
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
+from .configs import TrainConfig
 from .loop import FitResult, LoopConfig, fit, split_class_weights
-from .models import ARCHS, STEMS, build_resnet, set_trainable
-from .preprocess import AUGMENTS, Preprocessing
+from .models import build_resnet, set_trainable
+from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
 # options that may differ between a run and its resumption without changing what is trained
 _RESUME_FREE = {"resume", "progress", "workers", "device"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Options of ``cli.py train``.
-
-    Attributes:
-        out: checkpoint to write (its folder is created).
-        arch: torchvision ResNet to train.
-        data: ``fashion-mnist`` or a folder with ``train/`` and ``val/``.
-        image_size: input side; None: 32 for Fashion-MNIST, 224 for folders.
-        stem: ``imagenet`` (torchvision's) or ``cifar`` (3x3, no pool: better on small images, ~13x slower).
-        pretrained: start from torchvision's ImageNet weights (needs the network).
-        freeze_backbone: train only the new classifier (transfer learning on a small folder).
-        trainable_layers: train the classifier and the last N residual stages (0-4); None: everything.
-        augment: training augmentation (see :data:`optimize.preprocess.AUGMENTS`); None: the data's preset.
-        train_limit / val_limit: class-stratified subsets, for quick runs.
-        resume: continue from ``<out>.last.pth``.
-        loop: options of the shared training loop.
-    """
-
-    out: str
-    arch: str = "resnet50"
-    data: str = "fashion-mnist"
-    image_size: int | None = None
-    stem: str = "imagenet"
-    pretrained: bool = False
-    freeze_backbone: bool = False
-    trainable_layers: int | None = None
-    augment: str | None = None
-    train_limit: int | None = None
-    val_limit: int | None = None
-    resume: bool = False
-    loop: LoopConfig = field(default_factory=LoopConfig)
-
-    def __post_init__(self) -> None:
-        check_augment(self.augment)
-        if self.arch not in ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
-        if self.stem not in STEMS:
-            raise ConfigError(f"--stem must be one of {', '.join(STEMS)} (got {self.stem!r})")
-
-
-def check_augment(augment: str | None) -> None:
-    if augment is not None and augment not in AUGMENTS:
-        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)} (got {augment!r})")
 
 
 def with_augment(preprocessing: Preprocessing, augment: str | None) -> Preprocessing:
@@ -87,12 +41,6 @@ def loss_weights_record(splits: DataSplits, loop: LoopConfig, weights: torch.Ten
     if weights is not None:
         record["class_weight_values"] = dict(zip(splits.class_names, [round(float(w), 6) for w in weights]))
     return record
-
-
-def last_path(out: str | Path) -> Path:
-    """The resumable checkpoint beside ``out``: ``runs/teacher.pth`` -> ``runs/teacher.last.pth``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.last{out.suffix or '.pth'}")
 
 
 class CheckpointWriter:
@@ -110,7 +58,7 @@ class CheckpointWriter:
     def __init__(self, out: Path, *, stage: str, arch: str, stem: str, class_names: list[str],
                  preprocessing: Preprocessing, config: Any, inputs: dict[str, Any],
                  extra: dict[str, Any] | None = None):
-        self.out, self.last = Path(out), last_path(out)
+        self.out, self.last = Path(out), last_checkpoint_path(out)
         self.stage, self.arch, self.stem = stage, arch, stem
         self.class_names, self.preprocessing = class_names, preprocessing
         self.config = dataclasses.asdict(config)

@@ -52,7 +52,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-MAX_ASPECT_RATIO = 50  # as edgeopt's preprocessing: a 1 x 1,000,000 strip would resize to 32 x 32,000,000
+# longer side / shorter side (edgeopt's preprocessing reads it from here): panoramas are ~10:1, a 1 x 1,000,000
+# strip would resize to 32 x 32,000,000
+MAX_ASPECT_RATIO = 50
 
 
 def load_image(path) -> Image.Image:
@@ -263,18 +265,20 @@ def _importable(module: str) -> bool:
 
 # -- command line ------------------------------------------------------------------------------------------
 
-def expand(paths: list[str]) -> list[Path]:
+def expand(paths, error: type[Exception] = RunnerError) -> list[Path]:
+    """Files as given, folders replaced by the image files under them (sorted); ``error`` for a missing path or a
+    folder without images (edgeopt's infer uses this too, with its DataError)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise RunnerError(f"folder {path} holds no image files")
+                raise error(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise RunnerError(f"image {path} does not exist")
+            raise error(f"image {path} does not exist; check the path")
     return files
 
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 
 from conftest import error_line, run_cli
+from optimize import export
 from optimize.checkpoint import load_checkpoint
 
 
@@ -31,6 +32,12 @@ def test_export_has_a_named_batch_axis_metadata_and_verification(trained, tmp_pa
     assert props["edgeopt.image_size"] == "16"
     assert props["edgeopt.source_sha256"] == load_checkpoint(trained).sha256
     manifest = json.loads((tmp_path / "model.onnx.json").read_text())
+    # the torch.export-based exporter wrote it, converted down to the opset asked for, pooling as before
+    assert manifest["exporter"] == {"name": "dynamo", "fallback_reason": None}
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [manifest["opset"]] == [17]
+    ops = {n.op_type for n in proto.graph.node}
+    assert "GlobalAveragePool" in ops and "ReduceMean" not in ops
+    assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces with this machine's paths
     batches = manifest["metrics"]["verification"]["batches"]
     assert set(batches) == {"1", "7", "32"}
     assert all(b["top1_agreement"] == 1.0 and b["max_abs_diff"] <= 1e-3 for b in batches.values())
@@ -43,6 +50,25 @@ def test_export_has_a_named_batch_axis_metadata_and_verification(trained, tmp_pa
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-3)
     scripted = torch.jit.load(str(tmp_path / "model.torchscript.pt"))
     torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_export_falls_back_to_the_torchscript_exporter_and_says_so(trained, tmp_path, monkeypatch, caplog):
+    """Where the torch.export-based exporter fails, the deprecated one writes the same contract; the manifest and a
+    warning say why."""
+    def fails(*args, **kwargs):
+        raise RuntimeError("an op torch.export cannot capture\nand more lines")
+
+    monkeypatch.setattr(export, "_dynamo_graph", fails)
+    out = tmp_path / "model.onnx"
+    export.run(export.ExportConfig(model=str(trained), out=str(out)))
+    manifest = json.loads((tmp_path / "model.onnx.json").read_text())
+    reason = "RuntimeError: an op torch.export cannot capture"
+    assert manifest["exporter"] == {"name": "torchscript", "fallback_reason": reason}
+    assert reason in caplog.text and "TorchScript" in caplog.text
+    proto = onnx.load(str(out))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert manifest["metrics"]["verification"]["top1_agreement"] == 1.0
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["edgeopt.class_names"])[0] == "T-shirt/top"
 
 
 def test_export_a_channel_pruned_model(trained, tmp_path):

@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, error_line, run_main
+from conftest import ROOT, error_line, run_main, skip_locally_fail_in_ci
 
-optuna = pytest.importorskip("optuna", reason="optuna is a dependency of edgeopt: pip install -e .")
+try:
+    import optuna
+except ImportError:
+    skip_locally_fail_in_ci("optuna is a dependency of edgeopt: pip install -e .", module=True)
 
 FAST = ["--preset", "quick", "--train-limit", "256", "--val-limit", "128", "--rounds", "1", "--seconds", "0.05",
         "--max-accuracy-drop", "50"]

@@ -28,6 +28,7 @@ from PIL import Image
 
 from conftest import fashion_arrays, error_line, run_cli, run_main
 from optimize import serve
+from optimize.errors import ConfigError
 from optimize.runners import open_runner
 
 
@@ -174,7 +175,12 @@ def test_infer_classifies_three_images_with_a_batch_1_onnx(exported_onnx, png, t
         images[-1].write_bytes(png)
     proc = run_cli("infer", "--model", model, *images, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert [len(r["top_k"]) for r in json.loads(proc.stdout)] == [5, 5, 5]
+    fixed = json.loads(proc.stdout)
+    assert [len(r["top_k"]) for r in fixed] == [5, 5, 5]
+    dynamic = json.loads(run_main("infer", "--model", exported_onnx, *images, "--json").stdout)
+    assert [[c["index"] for c in r["top_k"]] for r in fixed] == [[c["index"] for c in r["top_k"]] for r in dynamic]
+    np.testing.assert_allclose([[c["probability"] for c in r["top_k"]] for r in fixed],
+                               [[c["probability"] for c in r["top_k"]] for r in dynamic], atol=1e-5)
 
 
 def test_serve_with_a_batch_1_onnx_answers_several_and_concurrent_images(exported_onnx, png, tmp_path):
@@ -276,7 +282,7 @@ def test_slow_clients_are_timed_out(exported_onnx, request_bytes):
 
 
 def test_serve_timeout_must_be_positive(exported_onnx):
-    with pytest.raises(serve.ConfigError, match="timeout"):
+    with pytest.raises(ConfigError, match="timeout"):
         serve.ServeConfig(model=str(exported_onnx), timeout_s=0)
     proc = run_main("serve", "--model", exported_onnx, "--timeout", "0")  # the flag reaches the config
     assert proc.returncode == 2 and "timeout" in error_line(proc)

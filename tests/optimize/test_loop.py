@@ -1,9 +1,11 @@
-"""The training options of the seeds: class weights, frozen layers, gradient clipping, rotation, the schedule."""
+"""The shared training loop (optimize/loop.py) and its options: metrics, class weights, frozen layers, gradient
+clipping, rotation, the schedule, bf16, DDP."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,60 @@ from optimize.checkpoint import load_checkpoint
 from optimize.loop import class_weights, cross_entropy_loss, warmup_cosine
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
+
+
+def test_classification_metrics_match_a_hand_computation():
+    import numpy as np
+
+    from optimize.loop import EvalMetrics, classification_metrics
+
+    # rows: true a, b, c; columns: predicted a, b, c. c is never predicted.
+    confusion = [[5, 1, 0],
+                 [2, 3, 0],
+                 [1, 1, 0]]
+    m = classification_metrics(confusion, ["a", "b", "c"])
+    a, b, c = (m["per_class"][n] for n in "abc")
+    assert (a["precision"], a["recall"], a["support"]) == (5 / 8, 5 / 6, 6)
+    assert (b["precision"], b["recall"], b["support"]) == (3 / 5, 3 / 5, 5)
+    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 2)  # zero division -> 0
+    f1_a, f1_b = 2 * (5 / 8) * (5 / 6) / (5 / 8 + 5 / 6), 0.6
+    assert a["f1"] == pytest.approx(f1_a) and b["f1"] == pytest.approx(f1_b)
+    assert m["macro_precision"] == pytest.approx((5 / 8 + 3 / 5 + 0) / 3)
+    assert m["macro_recall"] == pytest.approx((5 / 6 + 3 / 5 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
+    assert m["weighted_f1"] == pytest.approx((6 * f1_a + 5 * f1_b) / 13)
+    assert m["weighted_recall"] == pytest.approx(8 / 13)  # top-1
+
+    metrics = EvalMetrics(loss=1.0, top1=8 / 13, top5=1.0, count=13, confusion=np.array(confusion))
+    assert metrics.classification(["a", "b", "c"]) == m
+    # a class in neither the labels nor the predictions is left out of the macro averages
+    absent = EvalMetrics(loss=1.0, top1=1.0, top5=1.0, count=5, confusion=np.array([[2, 0, 0], [0, 3, 0], [0, 0, 0]]))
+    c = absent.classification()
+    assert c["macro_precision"] == c["macro_recall"] == c["macro_f1"] == 1.0
+    assert list(c["per_class"]) == ["0", "1", "2"]
+
+
+def test_loop_options_run(tmp_path):
+    out = tmp_path / "opts.pth"
+    run_cli("-q", "train", *TINY, "--epochs", "2", "--accumulate", "2", "--schedule", "plateau", "--patience", "1",
+            "--label-smoothing", "0.1", "--optimizer", "adamw", "--out", out, check=True)
+    state = torch.load(out.with_name("opts.last.pth"), weights_only=True)["train_state"]
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    # 512 images / batch 64 = 8 micro-batches an epoch; accumulating 2 makes 4 optimizer steps an epoch
+    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {8}
+
+
+def test_ddp_training_with_torchrun_on_cpu(tmp_path):
+    out = tmp_path / "ddp.pth"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_cli("-q", "train", *TINY, "--out", out, launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(out.with_name("ddp.pth.json").read_text())
+    assert manifest["inputs"]["data"]["train_images"] == 512
+    report = json.loads(run_cli("-q", "evaluate", "--model", out, "--val-limit", "256", "--json", check=True).stdout)
+    assert report["count"] == 256
+    assert abs(report["top1"] - manifest["metrics"]["val_top1"]) < 1e-9
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from conftest import error_line, run_cli, run_main
+from optimize.export import export_onnx
 
 CALIB = ["--num-images", "128", "--val-limit", "256"]
 
@@ -97,8 +98,7 @@ def test_calibrate_bad_inputs(fp32_onnx, tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all")
     fixed = tmp_path / "fixed.onnx"
-    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 16, 16),), str(fixed), dynamo=False,
-                      input_names=["input"])
+    export_onnx(torch.nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 16, 16), fixed, dynamic_batch=False)
     for path, expect in ((junk, "not a valid ONNX"), (fixed, "fixed batch"), (tmp_path / "none.onnx", "does not exist")):
         proc = run_main("-q", "calibrate", "--onnx", path, "--out", tmp_path / "x.onnx", *CALIB)
         assert proc.returncode == 2 and expect in error_line(proc), proc.stderr

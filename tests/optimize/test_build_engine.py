@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import error_line, run_cli, run_main
+from optimize.export import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,29 @@ def test_onnxruntime_int8_engine_from_calibration_data(fp32_onnx, tmp_path):
     calibration = manifest["metrics"]["calibration"]
     assert calibration["target"] == "cpu" and calibration["form"] in calibration["candidates"]
     assert (tmp_path / "model.int8.ort.calib.json").exists()
-    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    assert _run(out, x).shape == (3, 10)
+    assert calibration["val_images"] == 256 and calibration["agreement_with_fp32"] >= 0.9
+    assert abs(calibration["top1_drop_pt"]) <= 3.0
+
+    # the engine written, run here on the same 256 val images: it must agree with the FP32 model, not only run
+    from optimize.data import load_data
+    from optimize.onnx_model import OnnxModel
+
+    val = load_data("fashion-mnist", OnnxModel.read(fp32_onnx).preprocessing()[0], val_limit=256, augment=False,
+                    val_only=True).val
+    x = np.stack([val[i][0].numpy() for i in range(len(val))]).astype(np.float32)
+    labels = np.asarray([val[i][1] for i in range(len(val))])
+    fp32, int8 = _run(fp32_onnx, x), _run(out, x)
+    assert int8.shape == (256, 10)
+    fp32_top1, int8_top1 = fp32.argmax(1), int8.argmax(1)
+    assert (fp32_top1 == labels).mean() == calibration["top1_fp32"]  # the manifest's figures are of these images
+    agreement = (int8_top1 == fp32_top1).mean()
+    # the 1-epoch model favours a few classes: agreeing must beat always answering FP32's most frequent class
+    assert agreement >= 0.9 and agreement > np.bincount(fp32_top1).max() / len(fp32_top1), agreement
+    assert abs(agreement - calibration["agreement_with_fp32"]) <= 0.02
+    assert abs((int8_top1 == labels).mean() - calibration["top1_int8"]) <= 0.02
+    # and the logits themselves stay close (a wrong scale or zero point breaks this before it moves top-1)
+    cosine = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    assert cosine.min() > 0.98, cosine.min()
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -95,8 +117,7 @@ def test_build_engine_bad_models(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_text("not onnx")
     fixed = tmp_path / "fixed.onnx"
-    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 16, 16),), str(fixed), dynamo=False,
-                      input_names=["input"])
+    export_onnx(torch.nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 16, 16), fixed, dynamic_batch=False)
     for path, expect in ((junk, "not a valid ONNX"), (fixed, "fixed batch")):
         proc = run_cli("-q", "build-engine", "--onnx", path, "--out", tmp_path / "x.onnx")
         assert proc.returncode == 2 and expect in error_line(proc)
@@ -158,8 +179,8 @@ def test_fp16_onnx_for_strongly_typed_tensorrt_keeps_io_and_head_float32(fp32_on
     info = to_fp16_onnx(fp32_onnx, tmp_path / "m.fp16.onnx")
     model = onnx.load(str(tmp_path / "m.fp16.onnx"))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    assert info["fp32_nodes"] == ["/fc/Gemm"] and info["io"] == "float32"
-    fc = next(n for n in model.graph.node if n.name == "/fc/Gemm")
+    fc = next(n for n in model.graph.node if n.op_type == "Gemm")  # the classifier head
+    assert info["fp32_nodes"] == [fc.name] and info["io"] == "float32"
     weights = {i.name: i.data_type for i in model.graph.initializer}
     assert weights[fc.input[1]] == onnx.TensorProto.FLOAT
     x = np.random.default_rng(2).standard_normal((32, 3, 16, 16)).astype(np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -131,3 +132,39 @@ def test_isa_flags_are_read_for_x86_and_arm():
     assert "amx_int8" in x86["isa_missing"] and "(no avx_vnni" in isa_summary(x86)
     arm = cpu_facts("Features : fp asimd asimddp\n", "aarch64")
     assert arm["isa"] == ["asimd", "asimddp"] and "i8mm" in arm["isa_missing"]
+
+
+def test_time_runs_stops_the_clock_after_synchronize():
+    """A run that only queues work (a CUDA stream) is timed until ``synchronize`` says the work is done."""
+    from optimize.timing import time_runs
+
+    calls = []
+    times = time_runs(lambda: calls.append("run"), seconds=0.0, warmup=1, min_runs=3,
+                      synchronize=lambda: calls.append("sync") or time.sleep(0.01))
+    assert calls == ["run", "sync"] * 4 and len(times) == 3 and min(times) >= 0.01
+
+
+def test_verdicts_read_the_budgets_from_the_options(tmp_path):
+    """The final artifact and the verdict move with --min-speedup and --max-accuracy-drop, nothing else."""
+    from benchmarks import gates
+    from benchmarks.measure import Row, add_speedups
+    from optimize.configs import BenchmarkConfig
+
+    def row(name, role, top1, img_s):
+        r = Row(name=name, path=name, role=role, backend="onnxruntime", top1=top1)
+        r.throughput["8"] = img_s
+        r.throughput_spread["8"] = Spread.of([img_s * 0.99, img_s, img_s * 1.01]).to_dict()
+        return r
+
+    def judge(**budgets):
+        rows = [row("base", "baseline", 0.90, 100.0), row("fast", "model", 0.88, 1000.0),
+                row("ok", "model", 0.895, 500.0)]
+        add_speedups(rows, rows[0])
+        cfg = BenchmarkConfig(models=("fast", "ok"), baseline="base", out=str(tmp_path), batch_sizes=(8,), **budgets)
+        return gates.judge(rows, rows[0], cfg)
+
+    loose = judge(max_accuracy_drop=3.0, min_speedup=20.0)
+    assert loose["final"]["artifact"] == "fast" and loose["verdicts"][0]["met"] is False  # 10x < 20x
+    assert "20x" in loose["verdicts"][0]["verdict"]
+    strict = judge(max_accuracy_drop=1.0, min_speedup=4.0)
+    assert strict["final"]["artifact"] == "ok" and strict["verdicts"][0]["met"] is True  # 5x, 0.5 pt

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calib import qdq
 from conftest import run_cli
+from optimize.export import export_onnx
 
 CALIB = ["--num-images", "64", "--val-limit", "128", "--target", "tensorrt", "--json"]
 
@@ -88,9 +89,7 @@ def test_calibrate_places_qdq_where_tensorrt_fuses(arch, convs, adds, exported_o
 
 def _resnet_onnx(path, *, fold_bn: bool, num_classes: int = 10, size: int = 16) -> onnx.ModelProto:
     model = torchvision.models.resnet18(num_classes=num_classes).eval()
-    torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                      do_constant_folding=fold_bn, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    export_onnx(model, torch.randn(1, 3, size, size), path, fold_batchnorm=fold_bn)
     return onnx.load(str(path))
 
 

@@ -1,0 +1,208 @@
+"""How ``benchmark`` shows its report: Markdown tables and two plots, drawn from report.json alone.
+
+Everything here reads the report dictionary ``benchmark`` writes as report.json (and returns as its manifest), so
+a report can be redrawn from the file without measuring again, and other reports (``search_vs_preset``) embed it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from optimize.artifacts import atomic_path
+from optimize.timing import isa_summary
+
+PLOT_PARETO, PLOT_LATENCY = "accuracy_vs_throughput.png", "latency_vs_batch.png"
+
+
+def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _with_spread(value: float | None, spread: dict[str, Any] | None) -> str:
+    """``20004 ±812``: the median and half the range of the rounds."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if not spread or len(spread.get("rounds", [])) < 2:
+        return f"{value:.0f}"
+    return f"{value:.0f} ±{(spread['high'] - spread['low']) / 2:.0f}"
+
+
+def _range(bounds: list[float] | None) -> str:
+    return f"{bounds[0]:.2f}-{bounds[1]:.2f} over the rounds" if bounds else "no range"
+
+
+def _neg(value: float | None) -> float | None:
+    return None if value is None else -value
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (pipe tables read fine in a terminal)."""
+    cfg, env, ref = report["config"], report["environment"], str(report["reference_batch"])
+    sizes = [str(b) for b in sorted(cfg["batch_sizes"])]
+    speed_only = cfg["input_size"] is not None
+    title = (f"at {cfg['input_size']}x{cfg['input_size']} (speed only, random inputs)" if speed_only
+             else "on the val split")
+    lines = [f"# edgeopt benchmark {title}", "",
+             f"Baseline: **{report['baseline']}**; speedups are against it at the same batch size, measured in this "
+             "run. "
+             f"{cfg['rounds']} rounds; in each, every artifact takes its turn for a {cfg['seconds']:g} s window per "
+             f"batch size (order rotated each round; {cfg['warmup']} warm-up runs before the first). Figures are "
+             "medians over the rounds, ± half the range between the slowest and fastest round; a speedup whose "
+             "range overlaps the baseline's is marked *within noise*. Inputs preallocated (device memory on CUDA, "
+             "synchronised).", ""]
+    head = ["model", "backend", "precision", "size MB", "params M", "MACs M", "sparsity"]
+    if not speed_only:
+        head += ["top-1", "top-5", "agree"]
+    head += ["b1 p50/p90/p99 ms"] + [f"img/s b{b}" for b in sizes] + [f"speedup b{ref}"]
+    if not speed_only:
+        head += ["e2e img/s", "Pareto"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 3 + [" ---: "] * (len(head) - 3)) + "|"]
+    skipped = []
+    for r in report["rows"]:
+        if r["skipped"]:
+            skipped.append(f"- {r['name']}: {r['skipped']}")
+            continue
+        cells = [r["name"] + (" (baseline)" if r["role"] == "baseline" else ""), r["backend"] + (
+            f" {r['device']}" if r["device"] != "cpu" else ""), r["precision"], _fmt(r["file_bytes"] / 1e6, ".2f"),
+                 _fmt(r["params"] / 1e6 if r["params"] else None, ".2f"),
+                 _fmt(r["macs"] / 1e6 if r["macs"] else None, ".1f"), _fmt(r["sparsity"], ".1%")]
+        if not speed_only:
+            cells += [_fmt(r["top1"], ".2%"), _fmt(r["top5"], ".2%"), _fmt(r["agreement"], ".1%")]
+        lat = r["latency_ms_b1"]
+        cells.append(f"{lat['p50']:.2f}/{lat['p90']:.2f}/{lat['p99']:.2f}" if lat else "—")
+        cells += [_with_spread(r["throughput"].get(b), (r.get("throughput_spread") or {}).get(b)) for b in sizes]
+        flag = " ⚠" if r["int8_gate"] and r["int8_gate"]["flags"] else ""
+        noise = " *within noise*" if (r.get("speedup_verdict") or {}).get(ref) == "within noise" else ""
+        cells.append(_fmt(r["speedup"].get(ref), ".2f", "—") + ("x" if r["speedup"].get(ref) else "") + noise + flag)
+        if not speed_only:
+            cells += [_with_spread(r["e2e_img_per_s"], r.get("e2e_spread")), "yes" if r["pareto"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Not measured:", *skipped]
+    gates = [r for r in report["rows"] if r["int8_gate"]]
+    if gates:
+        lines += ["", f"## INT8 gate (flagged when slower than its FP32/FP16 sibling at batch {ref} beyond noise, or "
+                      f"more than {cfg['max_accuracy_drop']:g} pt less top-1)", ""]
+        for r in gates:
+            g = r["int8_gate"]
+            if not g.get("sibling"):
+                lines.append(f"- {r['name']}: {g['flags'][0]}")
+                continue
+            verdict = "FLAGGED: " + "; ".join(g["flags"]) if g["flags"] else "passed"
+            plain = (f"; vs the plain INT8 {g['plain']}: {_fmt(g.get('vs_plain'), '.2f')}x "
+                     f"({g.get('vs_plain_verdict') or 'not timed'})" if g.get("plain") else "")
+            top1 = f", top-1 {_neg(g['drop_pt']):+.2f} pt" if g.get("drop_pt") is not None else ""
+            lines.append(f"- {r['name']} vs {g['sibling']}: {_fmt(g['speedup'], '.2f')}x "
+                         f"({_range(g.get('speedup_range'))}, {g.get('speed_verdict') or 'not timed'}){top1}{plain}: "
+                         f"{verdict}")
+    for p in report.get("pruning") or []:
+        lines += ["", f"## Pruning of {p['model']} ({p['method']} {_fmt(p['amount'], 'g')}, "
+                      f"{_fmt(p['macs_ratio'], '.2f')}x fewer MACs)", "",
+                  f"- top-1 before pruning {_fmt(p['top1_before'], '.2%')}; right after pruning "
+                  f"{_fmt(p['top1_pruned'], '.2%')}; before any fine-tuning, BatchNorm statistics re-estimated "
+                  f"{_fmt(p.get('top1_before_finetune'), '.2%')}; after fine-tuning {_fmt(p['top1_after'], '.2%')} "
+                  "(the checkpoint's manifest, on its own val split)"]
+    final = (report.get("final") or {}).get("artifact")
+    final_row = next((r for r in report["rows"] if r["name"] == final and r.get("classification")), None)
+    if final_row:
+        c = final_row["classification"]
+        lines += ["", f"## Per-class metrics of the final artifact ({final})", "",
+                  f"Macro precision {c['macro_precision']:.2%}, recall {c['macro_recall']:.2%}, F1 "
+                  f"{c['macro_f1']:.2%}; F1 weighted by support {c['weighted_f1']:.2%}.", "",
+                  "| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {k['precision']:.2%} | {k['recall']:.2%} | {k['f1']:.2%} | {k['support']} |"
+                  for name, k in c["per_class"].items()]
+    if report.get("final"):
+        f = report["final"]
+        lines += ["", "## Final artifact", "", f"**{f['artifact']}**: {f['why']}."]
+        if f.get("runner_up"):
+            lines[-1] += (f" Against the runner-up {f['runner_up']}: {f['vs_runner_up']:.2f}x, "
+                          + ("*within noise* (this run cannot rank the two)" if f["vs_runner_up_verdict"] ==
+                             "within noise" else f"{f['vs_runner_up_verdict']} in every round") + ".")
+    if report.get("verdicts"):
+        lines += ["", f"## Verdicts (budgets: --min-speedup {cfg['min_speedup']:g}, --max-accuracy-drop "
+                      f"{cfg['max_accuracy_drop']:g})", ""]
+        for g in report["verdicts"]:
+            state = {True: "MET", False: "NOT MET", None: "speed only (accuracy not measured)"}[g["met"]]
+            lines.append(f"- {g['verdict']}: **{state}** ({g['artifact']}: {_fmt(g['speedup'], '.2f')}x, "
+                         f"{_range(g.get('speedup_range'))}"
+                         + (f", {g['speed_verdict']}" if g.get("speed_verdict") == "within noise" else "")
+                         + (f", top-1 {_neg(g['drop_pt']):+.2f} pt)" if g["drop_pt"] is not None else ")"))
+    lines += ["", "## Environment", "",
+              f"- CPU: {env['cpu']} ({env['cpu_cores']} cores); instruction sets: "
+              f"{isa_summary(env) if 'isa' in env else 'not recorded'}",
+              f"- threads: {env['threads']} for every CPU backend (ONNX Runtime intra-op {env['threads']}, inter-op 1;"
+              f" PyTorch {env['threads']})",
+              f"- GPU: {env['gpu'] or 'none'}" + (f", driver {env['driver']}" if env.get("driver") else "")
+              + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+              + (f", cuDNN {env['cudnn']}" if env.get("cudnn") else "")
+              + (f", TensorRT {env['tensorrt']}" if env.get("tensorrt") else ""),
+              "- libraries: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+              f"- ONNX Runtime providers: {', '.join(env.get('onnxruntime_providers', []))}",
+              f"- date: {env['date']}; {env['platform']}"]
+    if report.get("plots"):
+        lines += ["", "Plots: " + ", ".join(report["plots"])]
+    return "\n".join(lines) + "\n"
+
+
+
+def plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """Accuracy (or MACs, speed-only) against throughput with the Pareto front, and latency against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, ref = report["config"], str(report["reference_batch"])
+    measured = [r for r in report["rows"] if not r["skipped"] and r["throughput"]]
+    pts = [r for r in measured if r["throughput"].get(ref)]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    if cfg["input_size"]:  # no accuracy: MACs against speed instead
+        for k, r in enumerate(pts):
+            ax.scatter(r["throughput"][ref], (r["macs"] or 0) / 1e6, s=30)
+            ax.annotate(r["name"], (r["throughput"][ref], (r["macs"] or 0) / 1e6), fontsize=7,
+                        xytext=(3, 3 - 9 * (k % 3)), textcoords="offset points")  # staggered: one model's overlap
+        ax.set_ylabel("MACs per image (M)")
+        ax.set_title(f"speed at {cfg['input_size']}px (random inputs)", fontsize=9)
+    else:
+        for k, r in enumerate(pts):
+            ax.scatter(r["throughput"][ref], 100 * (r["top1"] or 0), s=40 if r["pareto"] else 20,
+                       marker="*" if r["pareto"] else "o", color="tab:red" if r["pareto"] else "tab:blue")
+            ax.annotate(r["name"], (r["throughput"][ref], 100 * (r["top1"] or 0)), fontsize=7,
+                        xytext=(3, 3 - 9 * (k % 3)), textcoords="offset points")
+        front = sorted((r for r in pts if r["pareto"]), key=lambda r: r["throughput"][ref])
+        if len(front) > 1:
+            ax.plot([r["throughput"][ref] for r in front], [100 * (r["top1"] or 0) for r in front], "--",
+                    color="tab:red", label="Pareto front")
+            ax.legend(fontsize=8)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"accuracy vs throughput at batch {ref} ({cfg['device']})", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"images/s at batch {ref} (log)")
+    written = [_save(fig, out / PLOT_PARETO)]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for r in measured:
+        bs = sorted(int(b) for b in r["latency_ms"])
+        ax.plot(bs, [r["latency_ms"][str(b)] for b in bs], marker="o", label=r["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency per batch, p50 (ms)")
+    size = f", {cfg['input_size']}px" if cfg["input_size"] else ""
+    ax.set_title(f"latency vs batch size ({cfg['device']}{size})", fontsize=9)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / PLOT_LATENCY))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

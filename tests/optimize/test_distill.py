@@ -1,0 +1,59 @@
+"""The distill command (optimize/distill.py) on tiny ResNets and a Fashion-MNIST slice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SLICE, error_line, run_cli
+from optimize.checkpoint import load_checkpoint
+from optimize.distill import kd_loss
+
+
+def test_kd_loss_matches_a_hand_computation():
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    t = torch.tensor([[1.0, 1.5, 0.0], [-2.0, 0.5, 2.5]])
+    y = torch.tensor([0, 2])
+    T, alpha = 4.0, 0.9
+    expected = 0.0
+    for i in range(2):
+        ps = [float(v) for v in torch.softmax(s[i] / T, 0)]
+        pt = [float(v) for v in torch.softmax(t[i] / T, 0)]
+        kl = sum(p * (torch.log(torch.tensor(p)) - torch.log(torch.tensor(q))).item() for p, q in zip(pt, ps))
+        ce = -torch.log_softmax(s[i], 0)[y[i]].item()
+        expected += (alpha * T * T * kl + (1 - alpha) * ce) / 2
+    assert kd_loss(s, t, y, temperature=T, alpha=alpha).item() == pytest.approx(expected, rel=1e-5)
+    # alpha 0 is plain cross-entropy; identical logits leave only the label term
+    assert kd_loss(s, t, y, temperature=T, alpha=0.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert kd_loss(s, s, y, temperature=T, alpha=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_records_teacher_and_evaluates(student, trained):
+    manifest = json.loads(student.with_name("student.pth.json").read_text())
+    assert manifest["stage"] == "distill"
+    assert manifest["inputs"]["teacher"]["sha256"] == load_checkpoint(trained).sha256
+    assert manifest["config"]["temperature"] == 4.0 and manifest["config"]["alpha"] == 0.9
+    teacher_manifest = json.loads(trained.with_name("teacher.pth.json").read_text())
+    assert manifest["preprocessing"] == teacher_manifest["preprocessing"]  # the teacher's, not a default
+    report = json.loads(run_cli("-q", "evaluate", "--model", student, "--val-limit", "256", "--json",
+                                check=True).stdout)
+    assert report["top1"] == pytest.approx(manifest["metrics"]["val_top1"])
+
+
+def test_distill_from_a_torchscript_teacher(trained, tmp_path):
+    scripted = tmp_path / "teacher.ts"
+    torch.jit.trace(load_checkpoint(trained).model, torch.randn(1, 3, 16, 16)).save(str(scripted))
+    out = tmp_path / "s.pth"
+    run_cli("-q", "distill", "--teacher", scripted, *SLICE, "--image-size", "16", "--epochs", "1", "--out", out,
+            check=True)
+    assert load_checkpoint(out).arch == "resnet18"
+
+
+def test_distill_teacher_with_other_classes(trained, image_folder, tmp_path):
+    proc = run_cli("-q", "distill", "--teacher", trained, "--data", image_folder, "--epochs", "1",
+                   "--out", tmp_path / "s.pth")
+    assert proc.returncode == 2 and "classes" in error_line(proc)
+    assert not (tmp_path / "s.pth").exists()

@@ -1,0 +1,93 @@
+"""The CLI is built from the stage configs: one default per option, help without torch, flags round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import cli
+from conftest import ROOT
+from optimize import configs
+from optimize.errors import ConfigError
+from optimize.options import flag_of
+
+COMMANDS = cli._commands()
+# the smallest command line each subcommand accepts (its required options)
+REQUIRED = {
+    "train": ["--out", "t.pth"], "distill": ["--teacher", "t.pth", "--out", "s.pth"],
+    "prune": ["--model", "s.pth", "--out", "p.pth"], "export": ["--model", "p.pth", "--out", "m.onnx"],
+    "calibrate": ["--onnx", "m.onnx", "--out", "q.onnx"], "build-engine": ["--onnx", "m.onnx", "--out", "e.onnx"],
+    "evaluate": ["--model", "t.pth"], "infer": ["--model", "m.onnx", "a.png"],
+    "package": ["--model", "m.onnx", "--out", "dist"], "serve": ["--model", "m.onnx"],
+    "benchmark": ["--out", "bench", "--models", "m.onnx"], "gpu-check": [], "pipeline": [],
+    "search": ["--teacher", "t.pth"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_flags_defaults_are_the_configs_defaults(command):
+    """Parsing only the required flags gives the config a caller would make in code with the same values."""
+    args = cli.build_parser().parse_args([command, *REQUIRED[command]])
+    made = cli._config(args)
+    config_cls = getattr(configs, COMMANDS[command][0])
+    required = {f.name: getattr(made, f.name) for f in dataclasses.fields(config_cls)
+                if flag_of(f) in REQUIRED[command] or f.metadata.get("positional")}
+    if config_cls is configs.PipelineConfig:
+        required["overrides"] = made.overrides
+    in_code = config_cls(**required)
+    assert dataclasses.replace(made, progress=in_code.progress) == in_code if hasattr(made, "progress") \
+        else made == in_code
+
+
+def test_every_config_field_has_a_flag_with_help():
+    """A field without a flag would be an option only code can set; every one of them says why."""
+    for command, (name, _) in COMMANDS.items():
+        config_cls = getattr(configs, name)
+        help_text = cli.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+        for f in dataclasses.fields(config_cls):
+            if not f.metadata.get("cli", True) or dataclasses.is_dataclass(f.type) or f.name == "loop":
+                continue
+            shown = f.name if f.metadata.get("positional") else flag_of(f)
+            assert shown in help_text, f"{command}: {f.name} has no flag"
+        assert "(default: None)" not in help_text and help_text.count("(default:") >= 1
+
+
+def test_boolean_options_that_default_on_can_be_turned_off():
+    args = cli.build_parser().parse_args(["train", "--out", "t.pth", "--no-amp", "--no-channels-last", "--cpu-bf16"])
+    loop = cli._config(args).loop
+    assert (loop.amp, loop.channels_last, loop.cpu_bf16) == (False, False, True)
+
+
+def test_pipeline_flags_become_recipe_overrides():
+    args = cli.build_parser().parse_args(["pipeline", "--train-limit", "300", "--device", "cpu"])
+    overrides = dict(cli._config(args).overrides)
+    assert overrides["train_limit"] == 300 and overrides["device"] == "cpu" and overrides["data"] is None
+
+
+def test_configs_made_in_code_check_choices_with_the_flags_name():
+    with pytest.raises(ConfigError, match=r"--method must be one of l1-unstructured, l1-channel, 2:4 \(got 'l3'\)"):
+        configs.PruneConfig(model="s.pth", out="p.pth", method="l3")
+    with pytest.raises(ConfigError, match="--target"):
+        configs.CalibConfig(onnx="m.onnx", out="q.onnx", target="gpu")
+
+
+def test_prune_fine_tuning_learning_rate_without_lr_is_the_fine_tuning_default():
+    """CLI and recipe alike: no --lr means the fine-tuning default, not the training one."""
+    cfg = configs.PruneConfig(model="s.pth", out="p.pth", finetune_epochs=2)
+    assert cfg.finetune_loop.lr == configs.FINETUNE_LR["adamw"] and cfg.finetune_loop.epochs == 2
+    sgd = configs.PruneConfig(model="s.pth", out="p.pth", loop=configs.LoopConfig(optimizer="sgd", lr=0.3))
+    assert sgd.finetune_loop.lr == 0.3
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["package", "--help"], ["train", "--help"], ["benchmark", "--help"]])
+def test_help_imports_no_torch_or_onnx(argv):
+    code = ("import runpy, sys\nsys.argv = ['cli.py', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_path('cli.py', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'torchvision', 'numpy') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: cli.py" in proc.stdout
