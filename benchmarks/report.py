@@ -16,7 +16,8 @@ ResNet's global pooling takes any size) and ONNX models get their input dims rew
 the weights are the trained ones but the inputs are random, so no accuracy is reported. TensorRT engines are
 fixed at their built size and are skipped there.
 
-``device`` is resolved once (:func:`optimize.device.resolve_device`: ``auto`` is CUDA when PyTorch sees a device);
+``device`` is resolved once (:func:`optimize.device.resolve_for`: ``auto`` is CUDA when every listed artifact
+can run there);
 an ONNX model on a CUDA that ONNX Runtime cannot use is an error, never a quiet CPU row.
 
 Output (``out`` folder): ``report.json`` (every raw figure), ``report.md`` (tables that read in a terminal too),
@@ -35,9 +36,9 @@ from pathlib import Path
 
 from optimize.artifacts import Artifact, atomic_path, prepare_output, resolve_data, write_json
 from optimize.configs import BenchmarkConfig
-from optimize.device import resolve_device
+from optimize.device import resolve_for
 from optimize.errors import DataError
-from optimize.runners import RunnerError, default_threads
+from optimize.runners import RunnerError, backend_of, default_threads
 
 from . import gates, measure, render
 from .gates import pareto_front
@@ -61,7 +62,8 @@ def run(cfg: BenchmarkConfig) -> Artifact:
     """
     out = Path(cfg.out)
     prepare_output(out / REPORT_JSON)
-    cfg = replace(cfg, device=resolve_device(cfg.device))
+    # one device for every row: auto is CUDA only where all the listed artifacts can run on it
+    cfg = replace(cfg, device=resolve_for(cfg.device, [backend_of(p) for p in (cfg.baseline, *cfg.models) if p]))
     threads = cfg.threads or default_threads()
     jobs = measure.entries(cfg)
     try:

@@ -124,7 +124,7 @@ class LoopConfig(Options):
                             group="training loop")
     # 2e-3 for AdamW: 87.0% vs 86.6% for 1e-3 (ResNet-18, 20k images, 1 epoch, warm-up cosine)
     lr: float | None = option(None, help="peak learning rate", group="training loop",
-                              default_text="2e-3 AdamW, 0.05 SGD; prune's fine-tuning: half that")
+                              default_text="2e-3 AdamW, 0.05 SGD; prune's fine-tuning: 1e-3 AdamW, 0.01 SGD")
     momentum: float = option(0.9, help="SGD momentum", group="training loop")
     weight_decay: float | None = option(None, help="AdamW's decoupled decay or SGD's L2", group="training loop",
                                         default_text="0.05 AdamW, 5e-4 SGD")
@@ -592,7 +592,8 @@ class GpuCheckConfig(Options):
     """Options of ``cli.py gpu-check``: every GPU backend over a pipeline run's artifacts."""
 
     runs: str = option("runs/demo", help="a pipeline's output folder (make demo writes runs/demo)")
-    out: str | None = out_field("folder for the engines and reports", default=None)
+    out: str | None = option(None, help="folder for the engines and reports", group="output",
+                             default_text="RUNS/gpu-check")
     data: str = data_field()
     seconds: float = option(0.4, help="one benchmark timing window (per artifact, batch size and round; 5 rounds)")
     val_limit: int | None = val_limit_field(2000, help="val images for the accuracy figures")

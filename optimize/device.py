@@ -48,6 +48,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def resolve_for(name: str, backends) -> str:
+    """:func:`resolve_device` for artifacts of these backends (``torch``, ``onnxruntime``, ``tensorrt``): ``auto`` is
+    CUDA only when every one of them can run there (ONNX Runtime's CUDA comes from onnxruntime-gpu, not from
+    PyTorch), else the CPU; an explicit ``cuda`` is not softened (the runner raises where it cannot run)."""
+    device = resolve_device(name)
+    if name == "auto" and device == "cuda" and "onnxruntime" in set(backends) and not ort_has_cuda():
+        return "cpu"
+    return device
+
+
 def torch_device(name: str, local_rank: int = 0) -> "torch.device":
     """:func:`resolve_device` as a ``torch.device`` (``cuda:local_rank`` for a torchrun worker)."""
     import torch

@@ -84,6 +84,8 @@ def _unwrap_optional(hint: Any) -> Any:
 
 def _help_text(f: dataclasses.Field, default: Any, shown: str | None = None) -> str:
     text = f.metadata["help"]
+    if default is True:
+        return (text + f" (on by default; {'--no-' + flag_of(f)[2:]} turns it off)").replace("%", "%%")
     shown = shown or f.metadata.get("default_text")
     if shown is None and not (default is None or default is False or default is MISSING or default == ()):
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
@@ -126,8 +128,13 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[st
             kwargs["metavar"] = f.metadata["metavar"]
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
+        if hint is bool and default is True:  # on by default: --name and --no-name (one help line, any Python)
+            flag = flag_of(f)
+            target.add_argument(flag, dest=f.name, action="store_true", default=True, help=kwargs["help"])
+            target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            continue
         if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if default is True else "store_true"
+            kwargs["action"] = "store_true"
         elif typing.get_origin(hint) is tuple:
             kwargs["type"] = typing.get_args(hint)[0]
             kwargs["nargs"] = "+"

@@ -44,7 +44,6 @@ from .artifacts import (Artifact, calibration_cache_path, engine_path, last_chec
                         sha256_file, write_json)
 from .configs import PRESETS, STAGE_CONFIGS, LoopConfig, PipelineConfig, RecipeCommon
 from .data import data_fingerprint
-from .device import resolve_device
 from .errors import ConfigError, EdgeoptError
 
 logger = logging.getLogger(__name__)
@@ -289,9 +288,9 @@ class _Planner:
         bopts = self.options("benchmark")
         input_sizes = bopts.pop("input_sizes", [])
         val_limit = bopts.pop("val_limit", self.r["val_limit"])
-        # where training ran (auto resolved by training's rule; cuda is checked when the benchmark runs, so a plan
-        # can be made on another machine), unless the benchmark stage names its own device
-        bench_device = bopts.pop("device", resolve_device(device) if device == "auto" else device)
+        # the recipe's device, as training got it, unless the benchmark stage names its own; auto is resolved when the
+        # benchmark runs (CUDA where every artifact can run on it), so a plan is the same on every machine
+        bench_device = bopts.pop("device", device)
         bopts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bopts.items()}
         models = [p for s in steps if s.stage in ("distill", "prune", "export", "calibrate")
                   for p in s.outputs if p.suffix in (".pth", ".onnx")] + engines

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import read_manifest
-from .device import require_ort_cuda, resolve_device
+from .device import require_ort_cuda, resolve_device, resolve_for
 from .errors import RunnerError
 from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
@@ -288,7 +288,7 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
     """
     backend = backend_of(path)
     if device != "cuda" or backend == "torch":  # ONNX Runtime and TensorRT check their own CUDA
-        device = resolve_device(device)
+        device = resolve_for(device, [backend])
     if not Path(path).is_file():
         raise RunnerError(f"model {path} does not exist; check the path")
     if backend != "torch" and precision is not None:

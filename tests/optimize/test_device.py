@@ -24,6 +24,21 @@ def test_auto_follows_pytorch_and_cpu_is_always_there(no_cuda, monkeypatch):
     assert device.torch_device("cuda", 1) == torch.device("cuda", 1)
 
 
+def test_auto_is_cuda_only_where_every_backend_can_run_there(monkeypatch, exported_onnx):
+    """PyTorch with CUDA but the CPU onnxruntime: auto keeps ONNX models (and a report listing one) on the CPU,
+    an explicit cuda is refused, not softened."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device, "ort_has_cuda", lambda: False)
+    assert device.resolve_for("auto", ["torch"]) == "cuda"
+    assert device.resolve_for("auto", ["torch", "onnxruntime"]) == "cpu"
+    assert device.resolve_for("cuda", ["onnxruntime"]) == "cuda"
+    from optimize.runners import open_runner
+
+    assert open_runner(exported_onnx, device="auto").device == "cpu"
+    with pytest.raises(DeviceError, match="onnxruntime"):
+        open_runner(exported_onnx, device="cuda")
+
+
 def test_cuda_without_a_device_is_one_config_error_everywhere(no_cuda, trained, exported_onnx):
     """Training's device, the runners (infer, serve, benchmark) and evaluate raise the same error, same text."""
     from optimize.runners import open_runner
