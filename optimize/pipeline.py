@@ -325,16 +325,18 @@ class _Planner:
         for backend, precisions in plan.items():
             for precision in precisions:
                 out = engine_path(self.out, backend, precision)
-                src = onnx_path
+                src, inputs = onnx_path, [onnx_path]
                 fixed = {"out": str(out), "backend": backend, "precision": precision}
                 if precision == "int8" and backend == "onnxruntime" and int8_path is not None:
-                    src = int8_path  # the CPU-target INT8 model the calibrate stage measured
+                    src, inputs = int8_path, [int8_path]  # the CPU-target INT8 model the calibrate stage measured
                 elif precision == "int8":  # the calibrate stage's ranges when it ran, else made for this engine
                     cache = calibration_cache_path(int8_path if int8_path is not None else out)
                     fixed.update(calib_data=self.r["data"], calib_cache=str(cache))
+                    if int8_path is not None:  # new ranges from calibrate rebuild this engine too
+                        inputs.append(cache)
                 fixed["onnx"] = str(src)
                 bcfg = stage_config("build-engine", opts, fixed, progress=self.progress)
-                steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, [src], [out],
+                steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, inputs, [out],
                                    lambda resume, c=bcfg: build_engine.run(c)))
                 engines.append(out)
         return engines

@@ -16,8 +16,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("EDGEOPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
-# Tiny but real: a ResNet-18 at 16x16 on a 512-image slice trains an epoch in a few seconds on 2 cores.
-TINY = ["--arch", "resnet18", "--image-size", "16", "--train-limit", "512", "--val-limit", "256",
+# Tiny but real: a ResNet-18 at 16x16 on a 512-image slice trains an epoch in a few seconds on 2 cores. A constant
+# lr: with warm-up cosine its 8 steps reach 14% top-1 (one class for 75% of the images), which makes agreement and
+# equal-accuracy checks weak; without a schedule 35%.
+TINY = ["--arch", "resnet18", "--image-size", "16", "--schedule", "none", "--train-limit", "512", "--val-limit", "256",
         "--batch-size", "64", "--epochs", "1"]
 # the same slice for stages that take the image size from the model (distill, prune)
 SLICE = ["--train-limit", "512", "--val-limit", "256", "--batch-size", "64"]

@@ -185,5 +185,8 @@ def test_fp16_onnx_for_strongly_typed_tensorrt_keeps_io_and_head_float32(fp32_on
     assert weights[fc.input[1]] == onnx.TensorProto.FLOAT
     x = np.random.default_rng(2).standard_normal((32, 3, 16, 16)).astype(np.float32)
     fp16, fp32 = _run(tmp_path / "m.fp16.onnx", x), _run(fp32_onnx, x)
-    assert fp16.dtype == np.float32 and (fp16.argmax(1) == fp32.argmax(1)).all()
     np.testing.assert_allclose(fp16, fp32, atol=2e-2)
+    # the same top-1 wherever FP32's top two are further apart than FP16's error bound allows to swap
+    top2 = np.sort(fp32, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 4e-2
+    assert fp16.dtype == np.float32 and clear.sum() >= 16 and (fp16.argmax(1) == fp32.argmax(1))[clear].all()
