@@ -9,7 +9,7 @@ them import them when a config is made.
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -300,10 +300,8 @@ class PruneConfig(Options):
     @property
     def finetune_loop(self) -> LoopConfig:
         """The loop fine-tuning runs: ``finetune_epochs`` epochs, and without ``lr`` the fine-tuning default."""
-        import dataclasses
-
         lr = self.loop.lr if self.loop.lr is not None else FINETUNE_LR[self.loop.optimizer]
-        return dataclasses.replace(self.loop, epochs=max(1, self.finetune_epochs), lr=lr)
+        return replace(self.loop, epochs=max(1, self.finetune_epochs), lr=lr)
 
 
 @dataclass(frozen=True)

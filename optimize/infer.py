@@ -9,8 +9,7 @@ be decoded becomes an error entry in the results instead of stopping the run. ``
 Example::
 
     results = run(InferConfig(model="runs/model.int8.onnx", images=("photos/",), top_k=3))
-    for r in results:
-        print(r.image, r.error or f"{r.top_k[0].name} {r.top_k[0].probability:.1%}")
+    best = {r.image: r.top_k[0].name for r in results if not r.error}   # unreadable files carry r.error
 """
 
 from __future__ import annotations

@@ -565,10 +565,10 @@ def test_the_allow_list_names_deprecated_names(monkeypatch):
 
 # One snippet with a deliberate mistake per line, checked on every version: which must be reported where.
 WRONG = '''\
-def build(trt, builder, config, context, t):
+def build(trt, builder, config, context, t, stream):
     config.set_flag(trt.BuilderFlag.NOT_A_FLAG)                           # no such flag anywhere
     config.set_flag(trt.BuilderFlag.WORKSPACE)                            # a MemoryPoolType value, not a flag
-    config.execute_async_v3(0)                                            # IExecutionContext's, not the config's
+    config.execute_async_v3(stream)                                       # IExecutionContext's, not the config's
     config.progress_monitor = trt.IProgressMonitor()                      # 10 and later
     plan = builder.build_engine(None, config)                             # deprecated in 8.x, gone in 10
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)    # deprecated in 10, gone in 11
