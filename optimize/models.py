@@ -37,13 +37,22 @@ def _use_cifar_stem(model: tvm.ResNet) -> None:
     model.maxpool = nn.Identity()
 
 
+def _unstride_last_stage(model: tvm.ResNet) -> None:
+    """Output stride 16: layer4's first block keeps its input's resolution (the same weights, one stride 1)."""
+    block = model.layer4[0]
+    conv = block.conv2 if isinstance(block, tvm.resnet.Bottleneck) else block.conv1
+    conv.stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+
+
 def build_resnet(arch: str, num_classes: int, *, stem: str = "imagenet", pretrained: bool = False) -> tvm.ResNet:
     """A torchvision ResNet with ``num_classes`` outputs.
 
     Args:
         arch: one of :data:`ARCHS`.
         num_classes: size of the classifier.
-        stem: ``imagenet`` (7x7/2 conv + max-pool) or ``cifar`` (3x3/1 conv, no pool) for small images.
+        stem: ``imagenet`` (7x7/2 conv + max-pool), ``cifar`` (3x3/1 conv, no pool) for small images, or
+            ``imagenet-os16`` (the imagenet stem, layer4 not strided: 2x2 final features at 32 px).
         pretrained: start from torchvision's ImageNet weights (needs the network); the classifier is replaced.
     """
     if arch not in RESNET_LAYOUTS:
@@ -68,6 +77,8 @@ def build_resnet(arch: str, num_classes: int, *, stem: str = "imagenet", pretrai
         model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
     if stem == "cifar":
         _use_cifar_stem(model)
+    elif stem == "imagenet-os16":
+        _unstride_last_stage(model)
     return model
 
 
@@ -152,7 +163,8 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, arch: str |
     Args:
         state_dict: torchvision-style ResNet keys.
         arch: expected architecture; guessed from the keys when None.
-        stem: ``imagenet`` / ``cifar``; read from ``conv1``'s kernel size when None.
+        stem: one of :data:`STEMS`; read from ``conv1``'s kernel size when None (``imagenet-os16`` has
+            imagenet's shapes, so only a recorded stem names it).
         source: the file it came from, for error messages.
 
     Returns:

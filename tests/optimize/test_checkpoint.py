@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -91,6 +92,27 @@ def test_narrowed_model_reloads_with_weights_only(tmp_path):
     torch.testing.assert_close(loaded.model(x), model(x))
     report = _eval(path)
     assert report["count"] == 256
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_output_stride_16_keeps_layer4_at_2x2_and_reloads_as_itself(arch, tmp_path):
+    """imagenet-os16 has imagenet's weight shapes: only the recorded stem rebuilds it, with the unstrided layer4."""
+    torch.manual_seed(0)
+    model = build_resnet(arch, 10, stem="imagenet-os16").eval()
+    plain = build_resnet(arch, 10)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    shapes = []
+    model.layer4.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape[-2:])))
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    assert shapes == [(2, 2)]  # imagenet: 1x1 at 32 px
+    path = save_checkpoint(tmp_path / "os16.pth", model, arch=arch, stem="imagenet-os16",
+                           class_names=FASHION_MNIST_CLASSES, preprocessing=fashion_mnist_preset())
+    loaded = load_checkpoint(path)
+    assert loaded.stem == "imagenet-os16"
+    torch.testing.assert_close(loaded.model(x), model(x))
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.eval()(x), model(x))  # the same weights in imagenet's layout differ
 
 
 def test_bad_checkpoints_give_one_line_errors(trained, tmp_path):
