@@ -63,6 +63,10 @@ def _row(report: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((r for r in report["rows"] if r["name"] == name and not r.get("skipped")), None)
 
 
+def _arch_name(manifest: dict[str, Any]) -> str:
+    return manifest["config"]["arch"].replace("resnet", "ResNet-")
+
+
 def _mark(ok: bool | None) -> str:
     return "—" if ok is None else ("**met**" if ok else "**missed**")
 
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"{row['throughput'][ref]:.0f}" if row and row.get("throughput", {}).get(ref) else "—"
 
     rows = [
-        ("teacher ResNet-50", f"{epochs['teacher']} ep", t1, teacher, base),
+        (f"teacher {_arch_name(teacher)} ({teacher['config']['stem']} stem)", f"{epochs['teacher']} ep", t1, teacher,
+         base),
         ("ResNet-18 from scratch", f"{epochs['student']} ep", s1, scratch, None),
         (f"ResNet-18 distilled (T={student['config']['temperature']:g}, alpha={student['config']['alpha']:g})",
          f"{epochs['student']} ep", k1, student, _row(report, "student.pth")),
