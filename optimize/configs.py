@@ -203,7 +203,7 @@ class TrainConfig(Options):
     stem: str = option("imagenet", choices=STEMS,
                        help="imagenet: torchvision's 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no pool (better on "
                             "small images, ~13x slower); imagenet-os16: imagenet with an unstrided last stage "
-                            "(+1.6 pt ResNet-50 teacher at 32 px for ~1.05x the time)")
+                            "(+1.6 pt ResNet-50 teacher at 32 px for 3-10% more training time)")
     pretrained: bool = option(False, help="start from torchvision's ImageNet weights (needs the network)")
     freeze_backbone: bool = option(False, help="train only the new classifier (transfer learning on a small folder)")
     trainable_layers: int | None = option(None, metavar="N", default_text="everything",
