@@ -628,8 +628,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stages": {
             # imagenet-os16: 90.60% vs 89.01% for the imagenet stem, same epochs (RESULTS.md, recipe-frontier)
             "teacher": {"arch": "resnet50", "stem": "imagenet-os16", "epochs": 3, "cpu_bf16": True},
-            # the student keeps torchvision's layout (the fast one to deploy), not the teacher's
-            "distill": {"student": "resnet18", "stem": "imagenet", "epochs": 3, "alpha": 0.5, "temperature": 4.0,
+            # the student keeps torchvision's layout (the fast one to deploy), not the teacher's. alpha 0.1: with a
+            # teacher below the scratch ResNet-18, a light teacher term wins: 91.37% vs 90.92% for alpha 0.5
+            # (teacher 90.27%, scratch 91.19%); with the 89.01% imagenet-stem teacher 91.22% vs 90.43%
+            "distill": {"student": "resnet18", "stem": "imagenet", "epochs": 3, "alpha": 0.1, "temperature": 4.0,
                         "cpu_bf16": True},
             # fine-tuning lr 1e-3 + alpha 0.5: 89.67% vs 89.30% for lr 2e-4 + alpha 0.9 (student 90.43%)
             "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 1, "lr": 1e-3, "alpha": 0.5,
