@@ -63,8 +63,8 @@ def _row(report: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((r for r in report["rows"] if r["name"] == name and not r.get("skipped")), None)
 
 
-def _arch_name(manifest: dict[str, Any]) -> str:
-    return manifest["config"]["arch"].replace("resnet", "ResNet-")
+def _arch_name(arch: str) -> str:
+    return arch.replace("resnet", "ResNet-")
 
 
 def _mark(ok: bool | None) -> str:
@@ -95,15 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     base = next(r for r in report["rows"] if r.get("role") == "baseline")
     epochs = {k: m["config"]["loop"]["epochs"] for k, m in (("teacher", teacher), ("student", student))}
     ft = pruned["config"]["finetune_epochs"]
+    student_name = _arch_name(student["config"]["student"])  # the scratch row trains the same architecture
 
     def tput(row: dict[str, Any] | None) -> str:
         return f"{row['throughput'][ref]:.0f}" if row and row.get("throughput", {}).get(ref) else "—"
 
     rows = [
-        (f"teacher {_arch_name(teacher)} ({teacher['config']['stem']} stem)", f"{epochs['teacher']} ep", t1, teacher,
-         base),
-        ("ResNet-18 from scratch", f"{epochs['student']} ep", s1, scratch, None),
-        (f"ResNet-18 distilled (T={student['config']['temperature']:g}, alpha={student['config']['alpha']:g})",
+        (f"teacher {_arch_name(teacher['config']['arch'])} ({teacher['config']['stem']} stem)",
+         f"{epochs['teacher']} ep", t1, teacher, base),
+        (f"{student_name} from scratch", f"{epochs['student']} ep", s1, scratch, None),
+        (f"{student_name} distilled (T={student['config']['temperature']:g}, alpha={student['config']['alpha']:g})",
          f"{epochs['student']} ep", k1, student, _row(report, "student.pth")),
         (f"l1-channel {pm['amount']:g}, right after pruning", "—", pm["top1_pruned"], None, None),
         ("… with BatchNorm re-estimated (no training)", f"{pm['rounds'][-1].get('bn_images', 0)} img",
