@@ -28,6 +28,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchv
 STEMS = ("imagenet", "cifar", "imagenet-os16")
 STUDENTS = ("resnet18", "resnet34")
 AUGMENTS = ("flip", "crop-flip", "crop-flip-rotate", "random-resized-crop", "random-resized-crop-rotate", "none")
+# the training augmentation each data preset records (optimize/preprocess.py), named here for --help
+FASHION_MNIST_AUGMENT = "flip"
+FOLDER_AUGMENT = "random-resized-crop"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup-cosine", "cosine", "step", "plateau", "none")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -211,7 +214,7 @@ class TrainConfig(Options):
     trainable_layers: int | None = option(None, metavar="N", default_text="everything",
                                           help="train the classifier and the last N of the 4 residual stages")
     augment: str | None = option(None, help=_AUGMENT_HELP, choices=AUGMENTS,
-                                 default_text="crop-flip for fashion-mnist, random-resized-crop for folders")
+                                 default_text=f"{FASHION_MNIST_AUGMENT} for fashion-mnist, {FOLDER_AUGMENT} for folders")
     train_limit: int | None = train_limit_field()
     val_limit: int | None = val_limit_field()
     resume: bool = option(False, help="continue from <out>.last.pth after a kill")

@@ -25,7 +25,7 @@ from torchvision import transforms as T
 
 # the bundle's runner (torch-free, copied into every bundle) holds the image decoding both sides share
 from .bundle.runner import MAX_ASPECT_RATIO, to_rgb
-from .configs import AUGMENTS
+from .configs import AUGMENTS, FASHION_MNIST_AUGMENT, FOLDER_AUGMENT
 from .errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,13 +165,13 @@ def fashion_mnist_preset(*, image_size: int = 32) -> Preprocessing:
     86.6% with none; ResNet-50: 81.5% none, 82.7% flip); long runs (the ``full`` preset) add crop-flip.
     """
     return Preprocessing(image_size=image_size, resize_size=image_size, mean=FASHION_MNIST_MEAN,
-                         std=FASHION_MNIST_STD, train_augment="flip")
+                         std=FASHION_MNIST_STD, train_augment=FASHION_MNIST_AUGMENT)
 
 
 def folder_preset(*, image_size: int = 224) -> Preprocessing:
     """Photos: ImageNet statistics, resize to image_size/0.875 then center crop (torchvision's eval preset)."""
     return Preprocessing(image_size=image_size, resize_size=int(round(image_size / 0.875)),
-                         mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment="random-resized-crop")
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment=FOLDER_AUGMENT)
 
 
 def check_image_size(width: int, height: int) -> None:
