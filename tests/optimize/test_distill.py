@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SLICE, error_line, run_cli
-from optimize.checkpoint import load_checkpoint
+from optimize.checkpoint import load_checkpoint, save_checkpoint
+from optimize.data import FASHION_MNIST_CLASSES
 from optimize.distill import kd_loss
+from optimize.models import build_resnet
+from optimize.preprocess import fashion_mnist_preset
 
 
 def test_kd_loss_matches_a_hand_computation():
@@ -57,3 +60,15 @@ def test_distill_teacher_with_other_classes(trained, image_folder, tmp_path):
                    "--out", tmp_path / "s.pth")
     assert proc.returncode == 2 and "classes" in error_line(proc)
     assert not (tmp_path / "s.pth").exists()
+
+
+def test_student_of_an_os16_teacher_gets_torchvision_layout(tmp_path):
+    """The unstrided last stage is the teacher's training choice: the student follows any other stem, not that one."""
+    torch.manual_seed(0)
+    teacher = save_checkpoint(tmp_path / "os16.pth", build_resnet("resnet18", 10, stem="imagenet-os16"),
+                              arch="resnet18", stem="imagenet-os16", class_names=FASHION_MNIST_CLASSES,
+                              preprocessing=fashion_mnist_preset(image_size=16))
+    out = tmp_path / "s.pth"
+    run_cli("-q", "distill", "--teacher", teacher, *SLICE, "--epochs", "1", "--out", out, check=True)
+    assert load_checkpoint(out).stem == "imagenet"
+    assert json.loads(out.with_name("s.pth.json").read_text())["stem"] == "imagenet"
