@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import SLICE, error_line, run_cli
 from optimize.checkpoint import load_checkpoint, save_checkpoint
 from optimize.data import FASHION_MNIST_CLASSES
-from optimize.distill import kd_loss
+from optimize.distill import TeacherCache, kd_loss
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
 
@@ -72,3 +72,29 @@ def test_student_of_an_os16_teacher_gets_torchvision_layout(tmp_path):
     run_cli("-q", "distill", "--teacher", teacher, *SLICE, "--epochs", "1", "--out", out, check=True)
     assert load_checkpoint(out).stem == "imagenet"
     assert json.loads(out.with_name("s.pth.json").read_text())["stem"] == "imagenet"
+
+
+def test_teacher_cache_reuses_logits_of_identical_inputs_only():
+    torch.manual_seed(0)
+    teacher = build_resnet("resnet18", 10).eval()
+    a, b = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        ref_a, ref_b, ref_flipped = teacher(a), teacher(b), teacher(a.flip(-1))
+    seen: list[int] = []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    cache = TeacherCache()
+    torch.testing.assert_close(cache.logits(teacher, a), ref_a)
+    # seen inputs, new ones and flipped copies of seen ones (new inputs): the teacher runs on the 6 new ones only
+    out = cache.logits(teacher, torch.cat([a[:3], b[:3], a[:3].flip(-1)]))
+    assert seen == [6, 6]
+    torch.testing.assert_close(out[:3], ref_a[:3])
+    torch.testing.assert_close(out[3:6], ref_b[:3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[6:], ref_flipped[:3], rtol=1e-4, atol=1e-5)
+    assert (cache.hits, cache.misses) == (3, 12)
+    # a full cache still answers what it holds and computes the rest without keeping it
+    full = TeacherCache(max_floats=60)
+    full.logits(teacher, a)
+    full.logits(teacher, b)
+    assert len(full.rows) == 6
+    torch.testing.assert_close(full.logits(teacher, b), ref_b, rtol=1e-4, atol=1e-5)
+    assert seen[-2:] == [6, 6] and full.hits == 0
