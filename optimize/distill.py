@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # augmentations under which the same training image comes back as the same input tensor in a later epoch
 CACHEABLE_AUGMENTS = ("none", "flip")
 
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
             temperature: float, alpha: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The distillation loss of one batch (see the module docstring); ``weight``: class weights of the label term."""
@@ -54,12 +55,14 @@ class TeacherCache:
 
     Exact whatever the augmentation: a key is the whole normalized image, so only an identical input reuses a
     result. It pays where inputs recur: with flips only, epoch 2 finds about half its inputs, epoch 3 three quarters
-    (the teacher runs on 105k of 180k images in 3 epochs). At most ``max_floats`` logits are kept; later inputs
-    are still looked up, but not added.
+    (the teacher runs on 105k of 180k images in 3 epochs). It holds at most ``max_bytes`` (an estimate: the logits
+    plus ~200 bytes of key and dict entry each); once full, later inputs are still looked up, but not added.
     """
 
-    def __init__(self, max_floats: int = 1 << 26):
-        self.max_floats = max_floats
+    ENTRY_OVERHEAD = 200
+
+    def __init__(self, max_bytes: int = 1 << 29):
+        self.max_bytes = max_bytes
         self.rows: dict[bytes, np.ndarray] = {}
         self.hits = 0
         self.misses = 0
@@ -78,7 +81,7 @@ class TeacherCache:
                     part = images[new].contiguous(memory_format=layout)
                 computed = teacher(part).float().cpu().numpy()
             fresh = {keys[i]: row for i, row in zip(new, computed)}
-            if (len(self.rows) + len(fresh)) * computed.shape[1] <= self.max_floats:
+            if (len(self.rows) + len(fresh)) * (computed[0].nbytes + self.ENTRY_OVERHEAD) <= self.max_bytes:
                 self.rows.update(fresh)
         self.hits += len(keys) - len(new)
         self.misses += len(new)

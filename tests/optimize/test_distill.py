@@ -92,7 +92,7 @@ def test_teacher_cache_reuses_logits_of_identical_inputs_only():
     torch.testing.assert_close(out[6:], ref_flipped[:3], rtol=1e-4, atol=1e-5)
     assert (cache.hits, cache.misses) == (3, 12)
     # a full cache still answers what it holds and computes the rest without keeping it
-    full = TeacherCache(max_floats=60)
+    full = TeacherCache(max_bytes=6 * (10 * 4 + TeacherCache.ENTRY_OVERHEAD))  # 6 rows of 10 float32 logits
     full.logits(teacher, a)
     full.logits(teacher, b)
     assert len(full.rows) == 6
