@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,19 +68,15 @@ class TeacherCache:
         self.hits = 0
         self.misses = 0
 
-    def logits(self, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, teacher: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """``teacher``'s logits of ``images``, running it (under ``no_grad``) only on the inputs not yet held."""
         flat = images.detach().float().cpu().contiguous().numpy().reshape(len(images), -1)
         keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
         new = [i for i, k in enumerate(keys) if k not in self.rows]
         fresh: dict[bytes, np.ndarray] = {}
         if new:
             with torch.no_grad():
-                part = images
-                if len(new) < len(keys):
-                    layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) \
-                        and not images.is_contiguous() else torch.contiguous_format
-                    part = images[new].contiguous(memory_format=layout)
-                computed = teacher(part).float().cpu().numpy()
+                computed = teacher(images[new] if len(new) < len(keys) else images).float().cpu().numpy()
             fresh = {keys[i]: row for i, row in zip(new, computed)}
             if (len(self.rows) + len(fresh)) * (computed[0].nbytes + self.ENTRY_OVERHEAD) <= self.max_bytes:
                 self.rows.update(fresh)
@@ -101,18 +98,20 @@ def distillation_loss(teacher: nn.Module, *, temperature: float, alpha: float,
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    layout: list[tuple[torch.device, bool]] = []  # where the teacher was last put: (device, channels_last)
+    layout: list[tuple[torch.device, torch.memory_format]] = []  # where the teacher was last put
 
     def loss(student_logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        wanted = (images.device, images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous())
+        channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        wanted = (images.device, torch.channels_last if channels_last else torch.contiguous_format)
         if layout[-1:] != [wanted]:  # the student's device and layout: no reorder per conv
-            teacher.to(images.device, memory_format=torch.channels_last if wanted[1] else torch.contiguous_format)
+            teacher.to(images.device, memory_format=wanted[1])
             layout[:] = [wanted]
-        if cache is not None:
-            teacher_logits = cache.logits(teacher, images)
-        else:
+
+        def run(x: torch.Tensor) -> torch.Tensor:  # x in the student's layout (a cache's subset of rows may not be)
             with torch.no_grad():
-                teacher_logits = teacher(images)
+                return teacher(x.contiguous(memory_format=wanted[1]))
+
+        teacher_logits = cache.logits(run, images) if cache is not None else run(images)
         return kd_loss(student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha, weight=weight)
 
     return loss
