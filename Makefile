@@ -60,6 +60,7 @@ $(MODELOPT_STAMP):
 	touch $@
 
 test-modelopt: setup data $(MODELOPT_STAMP)
+	mkdir -p $(dir $(MODELOPT_RUNS))  # pytest makes --basetemp itself, not its parent (a clean checkout has no runs/)
 	EDGEOPT_MODELOPT_PYTHON=$(abspath $(MODELOPT_VENV))/bin/python $(PY) -m pytest -s tests/modelopt \
 		--basetemp=$(MODELOPT_RUNS) $(PYTEST_ARGS)
 
