@@ -55,7 +55,8 @@ def backends() -> dict[str, dict[str, Any]]:
     import torch
 
     from optimize.device import cuda_available, ort_cuda_missing, ort_has_cuda, torch_cuda_missing
-    from optimize.tensorrt_backend import CudaRuntime, import_tensorrt
+    from optimize.cuda_runtime import CudaRuntime
+    from optimize.tensorrt_backend import import_tensorrt
 
     found: dict[str, dict[str, Any]] = {}
     found["torch"] = ({"available": True, "version": torch.__version__, "cuda": torch.version.cuda,

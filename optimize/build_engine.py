@@ -31,7 +31,8 @@ from .artifacts import Artifact, atomic_path, calibration_cache_path, check_not_
 from .configs import BuildConfig, CalibConfig, parse_size
 from .errors import ConfigError
 from .onnx_model import OnnxModel
-from .tensorrt_backend import EngineBuilder, Profile, device_facts, import_tensorrt, to_fp16_onnx
+from .cuda_runtime import device_facts
+from .tensorrt_backend import EngineBuilder, Profile, import_tensorrt, to_fp16_onnx
 from .timing import Spread, compare, cpu_facts, interleaved, time_throughput
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ optimization profile. Precision by version:
 
 :class:`TensorRTRunner` checks an engine's manifest against the running TensorRT version and GPU *before*
 deserializing (an engine moves neither between GPUs nor TensorRT versions) and runs batches through device
-memory it owns on a stream of its own, with asynchronous copies from pinned host buffers. All CUDA work happens
-in the device's *primary* context, the one PyTorch and ONNX Runtime use, so the three can share one process:
-through cuda-python's runtime API (preferred) or pycuda's ``autoprimaryctx`` (never ``autoinit``, which creates
-a second context and leaves it current).
+memory it owns on a stream of its own, with asynchronous copies from pinned host buffers, binding each
+execution's input shape and buffer to the context. All CUDA work goes through :mod:`optimize.cuda_runtime`, in
+the device's *primary* context (the one PyTorch and ONNX Runtime use), after checking that the CUDA binding and
+TensorRT's wheels match the driver.
 
 Nothing here can run without an NVIDIA GPU; ``tests/optimize/test_tensorrt_backend.py`` checks every ``trt.*`` name each
 version's path uses against that version's real Python bindings (8.5 against NVIDIA's sources).
@@ -26,7 +26,6 @@ version's path uses against that version's real Python bindings (8.5 against NVI
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .configs import check_profile
+from .cuda_runtime import CudaRuntime
 from .errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ STRONGLY_TYPED_FROM = (10, 12)  # precision flags deprecated from here on, remov
 INSTALL_HINT = ("TensorRT is not installed: on a Jetson it comes with JetPack; on a server 'pip install "
                 "\"edgeopt[tensorrt]\"' (tensorrt + cuda-python; NVIDIA GPU and driver needed); '--backend onnxruntime' "
                 "works without it")
-CUDA_HINT = ("neither cuda-python nor pycuda is installed: 'pip install cuda-python' (or pycuda) to run TensorRT "
-             "engines")
 # op types kept in float32 by the FP16 conversion: reductions, exponentials and normalizations overflow or lose
 # too much in half precision (besides ONNX Runtime's own block list of ops without FP16 kernels)
 FP16_SENSITIVE_OPS = ("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf",
@@ -245,111 +243,33 @@ class EngineBuilder:
         return bytes(plan), facts
 
 
-class CudaRuntime:
-    """The few CUDA calls the runner needs, on device 0's primary context (the one PyTorch and ONNX Runtime use).
+@dataclass
+class PreparedBatch:
+    """A batch ``prepare`` left in device memory of its own: ``run`` binds it to the context each time.
 
-    cuda-python's runtime API when installed (it always works in the primary context), else pycuda through
-    ``pycuda.autoprimaryctx``. Every call's status is checked.
+    Attributes:
+        images: the images it holds; rows: the rows it runs (padded up to a static DLA engine's batch).
+        address: its device memory; owner: what keeps that memory alive.
     """
 
-    def __init__(self):
-        try:
-            try:
-                from cuda.bindings import runtime as cudart
-            except ImportError:
-                from cuda import cudart  # cuda-python before 12.6
-            self.kind, self._rt = "cuda-python", cudart
-        except ImportError:
-            try:
-                import pycuda.autoprimaryctx  # noqa: F401 - retains and pushes the primary context
-                import pycuda.driver as cuda
-            except ImportError as e:
-                raise EngineError(CUDA_HINT) from e
-            self.kind, self._rt = "pycuda", cuda
-
-    def _check(self, result):
-        """cuda-python returns ``(status, *values)``: raise on a non-zero status, return the values."""
-        status, *values = result if isinstance(result, tuple) else (result,)
-        if int(status) != 0:
-            name = self._rt.cudaGetErrorName(status)[1]
-            raise EngineError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
-        return values[0] if len(values) == 1 else values
-
-    def device(self) -> dict[str, str]:
-        """Name and compute capability of the device in use."""
-        if self.kind == "pycuda":
-            dev = self._rt.Context.get_device()
-            return {"gpu": dev.name(), "compute_capability": "%d.%d" % dev.compute_capability()}
-        props = self._check(self._rt.cudaGetDeviceProperties(self._check(self._rt.cudaGetDevice())))
-        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-        return {"gpu": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
-
-    def stream(self):
-        """A new non-blocking stream: ``(stream object, handle for execute_async_v3)``."""
-        if self.kind == "pycuda":
-            stream = self._rt.Stream()
-            return stream, stream.handle
-        stream = self._check(self._rt.cudaStreamCreateWithFlags(self._rt.cudaStreamNonBlocking))
-        return stream, int(stream)
-
-    def device_buffer(self, nbytes: int):
-        """Device memory: ``(owner, pointer)``."""
-        if self.kind == "pycuda":
-            owner = self._rt.mem_alloc(nbytes)
-            return owner, int(owner)
-        ptr = self._check(self._rt.cudaMalloc(nbytes))
-        return ptr, int(ptr)
-
-    def pinned(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        """Page-locked host memory (asynchronous copies need it), as a numpy array."""
-        if self.kind == "pycuda":
-            return self._rt.pagelocked_empty(shape, dtype)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        ptr = int(self._check(self._rt.cudaMallocHost(nbytes)))
-        return np.frombuffer((ctypes.c_byte * nbytes).from_address(ptr), dtype=dtype).reshape(shape)
-
-    def to_device(self, dst_ptr: int, host: np.ndarray, stream) -> None:
-        if self.kind == "pycuda":
-            self._rt.memcpy_htod_async(dst_ptr, host, stream)
-        else:
-            self._check(self._rt.cudaMemcpyAsync(dst_ptr, host.ctypes.data, host.nbytes,
-                                                 self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-
-    def to_host(self, host: np.ndarray, src_ptr: int, stream) -> None:
-        if self.kind == "pycuda":
-            self._rt.memcpy_dtoh_async(host, src_ptr, stream)
-        else:
-            self._check(self._rt.cudaMemcpyAsync(host.ctypes.data, src_ptr, host.nbytes,
-                                                 self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-
-    def synchronize(self, stream) -> None:
-        if self.kind == "pycuda":
-            stream.synchronize()
-        else:
-            self._check(self._rt.cudaStreamSynchronize(stream))
-
-    def free(self, device_owners: list, pinned: list[np.ndarray], stream) -> None:
-        """Release what :meth:`device_buffer`, :meth:`pinned` and :meth:`stream` gave (pycuda frees its own)."""
-        if self.kind == "pycuda":
-            return
-        for owner in device_owners:
-            self._rt.cudaFree(owner)
-        for host in pinned:
-            self._rt.cudaFreeHost(host.ctypes.data)
-        self._rt.cudaStreamDestroy(stream)
-
-
-def device_facts() -> dict[str, str]:
-    """Name and compute capability of the GPU in use (raises :class:`EngineError` without a CUDA binding)."""
-    return CudaRuntime().device()
+    images: int
+    rows: int
+    address: int
+    owner: Any
 
 
 class TensorRTRunner:
     """Run a built engine: ``input_spec()``, ``output_spec()``, ``infer(batch)``; ``prepare`` + ``run`` to time.
 
+    The input shape and tensor addresses belong to the execution context, not to a batch: every execution binds
+    the rows and device buffer it runs (:meth:`_bind`, skipped when the context already holds them), so timing
+    windows of several batch sizes can take turns on one context (NVIDIA's ``common_runtime.py`` likewise sets
+    shapes and addresses per inference). Buffers take the engine's I/O dtypes (an engine built with
+    ``--inputIOFormats=fp16:chw`` reads half-precision input); callers give and get float32.
+
     Args:
         engine_path: the ``.engine`` file.
-        manifest: its manifest (TensorRT version, GPU, profile); checked before deserializing.
+        manifest: its manifest (TensorRT version, GPU, profile, DLA core); checked before deserializing.
     """
 
     def __init__(self, engine_path: str | Path, manifest: dict[str, Any]):
@@ -363,6 +283,9 @@ class TensorRTRunner:
                                   f"{here[key]!r}: rebuild on this device (build_engine.sh or 'cli.py build-engine')")
         self.trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        dla_core = (built.get("flags") or {}).get("dla_core")
+        if dla_core is not None:  # a DLA engine loads on the core the runtime names, which must be set first
+            self.runtime.DLA_core = int(dla_core)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise EngineError(f"{engine_path} does not deserialize; rebuild it on this device")
@@ -370,62 +293,86 @@ class TensorRTRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.min_batch = int(built["profile"]["min_batch"])
-        self.max_batch = int(built["profile"]["max_batch"])
+        smallest, _, largest = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.min_batch, self.max_batch = int(smallest[0]), int(largest[0])
         self.chw = tuple(int(d) for d in self.engine.get_tensor_shape(self.input_name))[1:]
         self.classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
+        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
         self._stream, self._handle = self.cuda.stream()
-        self._in_owner, self._in = self.cuda.device_buffer(self.max_batch * int(np.prod(self.chw)) * 4)
-        self._out_owner, self._out = self.cuda.device_buffer(self.max_batch * self.classes * 4)
-        self._host_in = self.cuda.pinned((self.max_batch, *self.chw))
-        self._host_out = self.cuda.pinned((self.max_batch, self.classes))
-        for name, ptr in ((self.input_name, self._in), (self.output_name, self._out)):
-            if not self.context.set_tensor_address(name, ptr):
-                raise EngineError(f"TensorRT refused the device buffer of {name!r}")
+        self._in_owner, self._in = self.cuda.device_buffer(self._input_bytes(self.max_batch))
+        self._out_owner, self._out = self.cuda.device_buffer(self.max_batch * self.classes * self.output_dtype.itemsize)
+        self._host_in = self.cuda.pinned((self.max_batch, *self.chw), self.input_dtype)
+        self._host_out = self.cuda.pinned((self.max_batch, self.classes), self.output_dtype)
+        self._prepared_owners: list = []
+        self._bound: tuple[int, int] | None = None  # (rows, input address) the context holds
+        if not self.context.set_tensor_address(self.output_name, self._out):
+            raise EngineError(f"TensorRT refused the device buffer of {self.output_name!r}")
+
+    def _input_bytes(self, rows: int) -> int:
+        return rows * int(np.prod(self.chw)) * self.input_dtype.itemsize
 
     def input_spec(self) -> tuple[str, tuple, np.dtype]:
-        return self.input_name, (-1, *self.chw), np.dtype(np.float32)
+        return self.input_name, (-1, *self.chw), self.input_dtype
 
     def output_spec(self) -> tuple[str, tuple, np.dtype]:
-        return self.output_name, (-1, self.classes), np.dtype(np.float32)
+        return self.output_name, (-1, self.classes), self.output_dtype
 
-    def _stage(self, batch: np.ndarray) -> int:
-        """Set the input shape and queue the copy of ``batch``'s rows (only those) to the device; a batch below
-        the profile's minimum (a static DLA engine) is padded with zeros. Returns the rows run."""
+    def _rows(self, batch: np.ndarray) -> int:
+        """Rows to run for ``batch``: its size, padded up to the profile's minimum (a static DLA engine)."""
+        if len(batch) > self.max_batch:
+            raise EngineError(f"batch of {len(batch)} is above the engine's --max-batch {self.max_batch}")
+        return max(len(batch), self.min_batch)
+
+    def _stage(self, batch: np.ndarray, rows: int, address: int) -> None:
+        """Queue the copy of ``batch`` (in the engine's input dtype, zero rows up to ``rows``) to ``address``."""
         n = len(batch)
-        if n > self.max_batch:
-            raise EngineError(f"batch of {n} is above the engine's --max-batch {self.max_batch}")
-        rows = max(n, self.min_batch)
-        if not self.context.set_input_shape(self.input_name, (rows, *self.chw)):
-            raise EngineError(f"TensorRT refused input shape {(rows, *self.chw)} for {self.input_name!r}")
         self._host_in[:n] = batch
         self._host_in[n:rows] = 0
-        self.cuda.to_device(self._in, self._host_in[:rows], self._stream)
-        return rows
+        self.cuda.to_device(address, self._host_in[:rows], self._stream)  # only the rows run
+
+    def _bind(self, rows: int, address: int) -> None:
+        """Give the context this execution's input shape and buffer (unless it holds them already)."""
+        if self._bound == (rows, address):
+            return
+        self._bound = None
+        if not self.context.set_input_shape(self.input_name, (rows, *self.chw)):
+            raise EngineError(f"TensorRT refused input shape {(rows, *self.chw)} for {self.input_name!r}")
+        if not self.context.set_tensor_address(self.input_name, address):
+            raise EngineError(f"TensorRT refused the device buffer of {self.input_name!r}")
+        self._bound = (rows, address)
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self._handle):  # our stream: the default one adds device syncs
             raise EngineError("TensorRT execution failed")
 
-    def prepare(self, batch: np.ndarray) -> int:
-        """Copy ``batch`` into the engine's input buffer once (for timing ``run``); returns its size."""
-        n = self._stage(batch)
+    def prepare(self, batch: np.ndarray) -> PreparedBatch:
+        """Copy ``batch`` once into device memory of its own, for timing :meth:`run`."""
+        rows = self._rows(batch)
+        owner, address = self.cuda.device_buffer(self._input_bytes(rows))
+        self._prepared_owners.append(owner)
+        self._stage(batch, rows, address)
         self.cuda.synchronize(self._stream)
-        return n
+        return PreparedBatch(images=len(batch), rows=rows, address=address, owner=owner)
 
-    def run(self, prepared: int) -> int:
-        """Execute on the input ``prepare`` left in device memory and wait for it to finish."""
+    def run(self, prepared: PreparedBatch) -> int:
+        """Execute on the batch ``prepare`` left in device memory, with its shape, and wait for it to finish."""
+        self._bind(prepared.rows, prepared.address)
         self._execute()
         self.cuda.synchronize(self._stream)
-        return prepared
+        return prepared.images
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        rows = self._stage(batch)
+        """Float32 logits of ``batch`` (copied in, run, copied out on this runner's stream)."""
+        rows = self._rows(batch)
+        self._stage(batch, rows, self._in)
+        self._bind(rows, self._in)
         self._execute()
         self.cuda.to_host(self._host_out[:rows], self._out, self._stream)
         self.cuda.synchronize(self._stream)
-        return self._host_out[:len(batch)].copy()
+        return self._host_out[:len(batch)].astype(np.float32)
 
     def __del__(self):
         if hasattr(self, "_host_out"):
-            self.cuda.free([self._in_owner, self._out_owner], [self._host_in, self._host_out], self._stream)
+            self.cuda.free([self._in_owner, self._out_owner, *self._prepared_owners],
+                           [self._host_in, self._host_out], self._stream)

@@ -152,3 +152,51 @@ def image_folder(tmp_path_factory) -> Path:
     Image.fromarray(np.asarray(base, np.uint16) * 257).save(odd / "deep16.png")
     (odd / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     return root
+
+
+FAKES = ROOT / "tests" / "fakes"
+
+
+def _gpu_module(name: str) -> bool:
+    return name in ("tensorrt", "cuda", "pycuda") or name.startswith(("tensorrt.", "cuda.", "pycuda."))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A factory putting NVIDIA's stand-ins (tests/fakes) in place of tensorrt, cuda-python and (when asked)
+    pycuda for one test; the real modules, if any, come back afterwards.
+
+    ``fake_gpu(trt_version="10.3.0", driver=13000, runtime=13000, pycuda=False, trt_wheel_cu13=False)`` returns
+    the imported fakes as a namespace (``trt``, ``cudart``, ``pycuda``); ``driver`` / ``runtime`` are the CUDA
+    versions the driver and cuda-python report (12040 = 12.4). ``env()`` gives the same for a subprocess.
+    """
+    import importlib
+    import types
+
+    saved = {k: v for k, v in sys.modules.items() if _gpu_module(k)}
+
+    def install(*, trt_version: str = "10.3.0", driver: int = 13000, runtime: int = 13000, pycuda: bool = False,
+                trt_wheel_cu13: bool = False):
+        for name in [k for k in sys.modules if _gpu_module(k)]:
+            del sys.modules[name]
+        monkeypatch.setenv("FAKE_CUDA_DRIVER", str(driver))
+        monkeypatch.setenv("FAKE_CUDA_RUNTIME", str(runtime))
+        monkeypatch.setenv("FAKE_TRT_VERSION", trt_version)
+        paths = [FAKES / "gpu", *([FAKES / "pycuda"] if pycuda else []),
+                 *([FAKES / "trt_cu13_wheel"] if trt_wheel_cu13 else [])]
+        for path in paths:
+            monkeypatch.syspath_prepend(str(path))
+        if not pycuda:
+            sys.modules["pycuda"] = None  # import pycuda -> ImportError, even where a real one is installed
+        fakes = types.SimpleNamespace(trt=importlib.import_module("tensorrt"),
+                                      cudart=importlib.import_module("cuda.bindings.runtime"),
+                                      pycuda=importlib.import_module("pycuda.driver") if pycuda else None)
+        importlib.import_module("cuda.bindings.utils")
+        fakes.env = lambda: {"PYTHONPATH": os.pathsep.join(map(str, paths)), "FAKE_CUDA_DRIVER": str(driver),
+                             "FAKE_CUDA_RUNTIME": str(runtime), "FAKE_TRT_VERSION": trt_version}
+        return fakes
+
+    yield install
+    for name in [k for k in sys.modules if _gpu_module(k)]:
+        del sys.modules[name]
+    sys.modules.update(saved)

@@ -114,25 +114,49 @@ class OnnxModel:
         return self.session.run(None, {self.input: batch})[0][:n]
 
 
+# pip extras of edgeopt per CUDA major; the pair to install beside this bundle (requirements-tensorrt.txt says more)
+CUDA_PIP = {11: "'cuda-python>=11.4,<12' (JetPack 5)", 12: "'cuda-python>=12.0,<13'", 13: "'cuda-python>=13.0,<14'"}
+
+
+def cuda_text(code: int) -> str:
+    """``12.4`` for the CUDA version code 12040."""
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
 class Cuda:
     """The few CUDA calls TensorRTModel needs, in the device's primary context (the one TensorRT uses): through
     cuda-python's runtime API, else pycuda's ``autoprimaryctx`` (``autoinit`` would make a second context and
-    leave it current). Every call's status is checked (pycuda raises on an error itself)."""
+    leave it current). cuda-python must be built for the driver's CUDA major (cuda-python 13 fails every call on
+    JetPack 5/6 or an R535/R550 driver): if it is not, pycuda (compiled here) takes over when installed, else one
+    line names the install. Every call's status is checked (pycuda raises on an error itself)."""
 
     def __init__(self):
+        self.rt = self.pycuda = None
+        problem = None
         try:
             try:
                 from cuda.bindings import runtime as rt
             except ImportError:
                 from cuda import cudart as rt  # cuda-python before 12.6
-            self.rt, self.pycuda = rt, None
+            self.rt = rt
+            driver, built = self.check(rt.cudaDriverGetVersion()), self.check(rt.cudaRuntimeGetVersion())
+            if driver <= 0:
+                problem = "no NVIDIA driver found on this machine"
+            elif driver // 1000 < built // 1000:
+                problem = (f"cuda-python is built for CUDA {cuda_text(built)} but this driver supports CUDA "
+                           f"{cuda_text(driver)}: pip install {CUDA_PIP.get(driver // 1000, 'cuda-python of that major')}"
+                           f" (or pycuda)")
         except ImportError:
+            problem = ("a TensorRT engine needs cuda-python ('pip install cuda-python', its major version that of "
+                       "this device's CUDA) or pycuda; or run model.onnx")
+        if problem:
             try:
                 import pycuda.autoprimaryctx  # noqa: F401 - retains the primary context and makes it current
                 import pycuda.driver
             except ImportError:
-                raise RunnerError("a TensorRT engine needs cuda-python ('pip install cuda-python', its major "
-                                  "version that of this device's CUDA) or pycuda; or run model.onnx") from None
+                raise RunnerError(problem) from None
+            if self.rt is not None:
+                print(f"note: {problem}; using pycuda", file=sys.stderr)
             self.rt, self.pycuda = None, pycuda.driver
 
     def check(self, result):
@@ -150,15 +174,30 @@ class Cuda:
         return self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking))
 
     def handle(self, stream) -> int:
-        return stream.handle if self.pycuda else int(stream)
-
-    def pinned(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Page-locked float32 host memory, which asynchronous copies need."""
+        """The stream's address (``int()`` of a cuda-python object is deprecated from cuda-bindings 13)."""
         if self.pycuda:
-            return self.pycuda.pagelocked_empty(shape, np.float32)
-        nbytes = int(np.prod(shape)) * 4
+            return int(stream.handle)
+        try:
+            from cuda.bindings.utils import get_cuda_native_handle
+        except ImportError:
+            return int(stream)
+        return int(get_cuda_native_handle(stream))
+
+    def device_name(self) -> str:
+        if self.pycuda:
+            return self.pycuda.Context.get_device().name()
+        props = self.check(self.rt.cudaGetDeviceProperties(self.check(self.rt.cudaGetDevice())))
+        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+        return name.rstrip("\x00")
+
+    def pinned(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """Page-locked host memory, which asynchronous copies need."""
+        if self.pycuda:
+            return self.pycuda.pagelocked_empty(shape, dtype)
+        count = int(np.prod(shape))
+        nbytes = max(count * np.dtype(dtype).itemsize, 1)
         ptr = self.check(self.rt.cudaMallocHost(nbytes))
-        return np.frombuffer((ctypes.c_byte * nbytes).from_address(int(ptr)), np.float32).reshape(shape)
+        return np.frombuffer((ctypes.c_byte * nbytes).from_address(int(ptr)), dtype, count=count).reshape(shape)
 
     def device(self, nbytes: int):
         """Device memory; ``int()`` of it is its address."""
@@ -193,16 +232,48 @@ def check_tensorrt(version: str) -> None:
                           "later on a Jetson); or run model.onnx with onnxruntime")
 
 
+def same_tensorrt(recorded: str, here: str) -> bool:
+    """Whether the TensorRT that built a plan (``10.3.0`` from trtexec's banner, or ``10.3.0.26``) is this one."""
+    a, b = str(recorded).split("."), str(here).split(".")
+    n = min(len(a), len(b))
+    return n >= 2 and a[:n] == b[:n]
+
+
+def plan_manifest(path: Path) -> dict:
+    """The manifest beside a plan (``model.plan.json``, written by build_engine.sh or cli.py build-engine), or {}."""
+    manifest = path.with_name(path.name + ".json")
+    if not manifest.is_file():
+        return {}
+    try:
+        data = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise RunnerError(f"{manifest} is not JSON ({e}); rebuild the plan with ./build_engine.sh") from None
+    return data if isinstance(data, dict) else {}
+
+
 class TensorRTModel:
     """A TensorRT engine built on this device (TensorRT 8.5 and later), run on a stream of its own with
-    asynchronous copies between pinned host buffers and device memory. The process exit frees them."""
+    asynchronous copies between pinned host buffers and device memory, in the engine's I/O dtypes. The plan's
+    manifest (``model.plan.json``) is checked first: a plan built by another TensorRT or on another GPU does not
+    load, or loads and computes garbage. The process exit frees the buffers."""
 
     def __init__(self, path: Path):
         import tensorrt as trt
 
         check_tensorrt(str(trt.__version__))
         self.cuda = cuda = Cuda()
+        engine_facts = plan_manifest(path).get("engine", {})
+        here = {"tensorrt": str(trt.__version__), "gpu": cuda.device_name()}
+        if engine_facts.get("tensorrt") and not same_tensorrt(engine_facts["tensorrt"], here["tensorrt"]):
+            raise RunnerError(f"{path.name} was built by TensorRT {engine_facts['tensorrt']}, this device has "
+                              f"{here['tensorrt']}: rebuild it here with ./build_engine.sh")
+        if engine_facts.get("gpu") and engine_facts["gpu"] != here["gpu"]:
+            raise RunnerError(f"{path.name} was built on a {engine_facts['gpu']}, this device is a {here['gpu']}: "
+                              "rebuild it here with ./build_engine.sh")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        dla_core = (engine_facts.get("flags") or {}).get("dla_core")
+        if dla_core is not None:  # a DLA engine loads on the core the runtime names, set before deserializing
+            runtime.DLA_core = int(dla_core)
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise RunnerError(f"{path} does not load with TensorRT {trt.__version__} on this GPU; rebuild it here "
@@ -216,8 +287,8 @@ class TensorRTModel:
         chw = tuple(int(d) for d in self.engine.get_tensor_shape(self.input))[1:]
         classes = int(self.engine.get_tensor_shape(output)[-1])
         self.stream = cuda.stream()
-        self.host_in = cuda.pinned((self.max_batch, *chw))
-        self.host_out = cuda.pinned((self.max_batch, classes))
+        self.host_in = cuda.pinned((self.max_batch, *chw), trt.nptype(self.engine.get_tensor_dtype(self.input)))
+        self.host_out = cuda.pinned((self.max_batch, classes), trt.nptype(self.engine.get_tensor_dtype(output)))
         self.device_in = cuda.device(self.host_in.nbytes)
         self.device_out = cuda.device(self.host_out.nbytes)
         for name, buffer in ((self.input, self.device_in), (output, self.device_out)):
@@ -225,7 +296,7 @@ class TensorRTModel:
                 raise RunnerError(f"TensorRT refused the device buffer of {name!r}")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of ``batch``; a batch smaller than the engine's smallest (a static DLA engine) is padded."""
+        """Float32 logits of ``batch``; a batch smaller than the engine's smallest (a static DLA engine) is padded."""
         n = len(batch)
         rows = max(n, self.min_batch)
         self.host_in[:n] = batch
@@ -237,7 +308,7 @@ class TensorRTModel:
             raise RunnerError("TensorRT execution failed")
         self.cuda.to_host(self.host_out[:rows], self.device_out, self.stream)
         self.cuda.synchronize(self.stream)
-        return self.host_out[:n].copy()
+        return self.host_out[:n].astype(np.float32)
 
 
 def open_model(path: Path | None):

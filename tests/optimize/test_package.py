@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import ast
-import ctypes
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -222,111 +220,72 @@ def test_runner_refuses_tensorrt_before_8_5(bundle, runner, tmp_path):
     assert len(proc.stderr.splitlines()) == 1
 
 
-class FakeCudart:
-    """cuda-python's runtime API over host memory: ``(status, value)`` results; records copies and syncs."""
-
-    cudaStreamNonBlocking = 1
-    cudaMemcpyKind = type("cudaMemcpyKind", (), {"cudaMemcpyHostToDevice": "htod", "cudaMemcpyDeviceToHost": "dtoh"})
-    STREAM = 7
-
-    def __init__(self):
-        self.buffers, self.calls = [], []
-
-    def _alloc(self, nbytes):
-        self.buffers.append(ctypes.create_string_buffer(nbytes))
-        return 0, ctypes.addressof(self.buffers[-1])
-
-    cudaMalloc = cudaMallocHost = _alloc
-
-    def cudaStreamCreateWithFlags(self, flags):
-        return 0, self.STREAM
-
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        ctypes.memmove(dst, src, nbytes)
-        self.calls.append((kind, nbytes, stream))
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream):
-        self.calls.append(("sync", stream))
-        return (0,)
-
-
-def fake_tensorrt(cudart: FakeCudart, batches=(2, 4, 8)):
-    """A tensorrt module whose engine (input [N, 3, 4, 4], logits [N, 10]) returns the first 10 input values of
-    each row; it records the stream and shape of each execution."""
-    io_mode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-
-    class Context:
-        def __init__(self):
-            self.address, self.runs = {}, []
-
-        def set_tensor_address(self, name, ptr):
-            self.address[name] = ptr
-            return True
-
-        def set_input_shape(self, name, shape):
-            self.shape = shape
-            return True
-
-        def execute_async_v3(self, stream):
-            self.runs.append((stream, self.shape))
-            rows = self.shape[0]
-            x = np.frombuffer((ctypes.c_float * (rows * 48)).from_address(self.address["input"]), np.float32)
-            y = np.frombuffer((ctypes.c_float * (rows * 10)).from_address(self.address["logits"]), np.float32)
-            y[:] = x.reshape(rows, 48)[:, :10].ravel()
-            return True
-
-    class Engine:
-        num_io_tensors = 2
-        context = Context()
-
-        def get_tensor_name(self, i):
-            return ("input", "logits")[i]
-
-        def get_tensor_mode(self, name):
-            return io_mode.INPUT if name == "input" else io_mode.OUTPUT
-
-        def get_tensor_profile_shape(self, name, profile):
-            return [(b, 3, 4, 4) for b in batches]
-
-        def get_tensor_shape(self, name):
-            return (-1, 3, 4, 4) if name == "input" else (-1, 10)
-
-        def create_execution_context(self):
-            return self.context
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine()
-
-    return types.SimpleNamespace(__version__="8.5.2.2", Runtime=Runtime, TensorIOMode=io_mode,
-                                 Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None}))
-
-
-def test_runner_tensorrt_copies_only_the_batch_on_its_own_stream(runner, tmp_path, monkeypatch):
-    cudart = FakeCudart()
-    bindings = types.SimpleNamespace(runtime=cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cudart))
-    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(bindings=bindings))
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
-    (tmp_path / "model.plan").write_bytes(b"engine")
+def test_runner_tensorrt_copies_only_the_batch_on_its_own_stream(runner, fake_gpu, tmp_path):
+    fakes = fake_gpu(trt_version="8.5.2.2")
+    (tmp_path / "model.plan").write_bytes(fakes.trt.engine_spec(profile=(2, 4, 8)))
     model = runner.TensorRTModel(tmp_path / "model.plan")
     assert (model.min_batch, model.max_batch) == (2, 8)
     batch = np.random.default_rng(0).standard_normal((3, 3, 4, 4)).astype(np.float32)
     np.testing.assert_array_equal(model.infer(batch), batch.reshape(3, 48)[:, :10])
     np.testing.assert_array_equal(model.infer(batch[:1]), batch[:1].reshape(1, 48)[:, :10])  # padded to 2 rows
-    stream = FakeCudart.STREAM
-    assert model.context.runs == [(stream, (3, 3, 4, 4)), (stream, (2, 3, 4, 4))]
-    assert cudart.calls == [("htod", 3 * 192, stream), ("dtoh", 3 * 40, stream), ("sync", stream),
-                            ("htod", 2 * 192, stream), ("dtoh", 2 * 40, stream), ("sync", stream)]
-    cudart.cudaStreamSynchronize = lambda stream: (700,)
-    cudart.cudaGetErrorName = lambda status: (0, b"cudaErrorIllegalAddress")
+    stream = model.cuda.handle(model.stream)
+    assert [(r["stream"], r["shape"][0]) for r in fakes.trt.RUNS] == [(stream, 3), (stream, 2)]
+    assert fakes.cudart.CALLS == [("HostToDevice", 3 * 192, stream), ("DeviceToHost", 3 * 40, stream),
+                                  ("sync", stream), ("HostToDevice", 2 * 192, stream), ("DeviceToHost", 2 * 40, stream),
+                                  ("sync", stream)]
+    fakes.cudart.cudaStreamSynchronize = lambda stream: (fakes.cudart.cudaError_t.cudaErrorIllegalAddress,)
     with pytest.raises(runner.RunnerError, match="CUDA call failed: cudaErrorIllegalAddress"):
         model.infer(batch)
+
+
+def test_runner_tensorrt_reads_the_engines_dtypes_and_dla_core(runner, fake_gpu, tmp_path):
+    """fp16 I/O (trtexec --inputIOFormats=fp16:chw) and a DLA engine, whose core the runtime must know first."""
+    fakes = fake_gpu(trt_version="8.6.2")
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(fakes.trt.engine_spec(profile=(4, 4, 4), input_dtype="float16", output_dtype="float16",
+                                           dla_core=1))
+    with pytest.raises(runner.RunnerError, match="does not load"):  # no manifest naming the core
+        runner.TensorRTModel(plan)
+    (tmp_path / "model.plan.json").write_text(json.dumps({"engine": {"tensorrt": "8.6.2", "flags": {"dla_core": 1}}}))
+    model = runner.TensorRTModel(plan)
+    x = np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    out = model.infer(x)
+    assert out.dtype == np.float32 and fakes.trt.RUNS[-1]["shape"][0] == 4
+    np.testing.assert_array_equal(out, x.astype(np.float16).reshape(3, 48)[:, :10].astype(np.float32))
+
+
+@pytest.mark.parametrize("recorded, message", [
+    ({"tensorrt": "10.3.0", "gpu": "NVIDIA Fake GPU"}, None),  # trtexec's banner gives three parts: same TensorRT
+    ({"tensorrt": "8.6.1", "gpu": "NVIDIA Fake GPU"}, "built by TensorRT 8.6.1, this device has 10.3.0.26"),
+    ({"tensorrt": "10.3.0.26", "gpu": "Orin"}, "built on a Orin, this device is a NVIDIA Fake GPU"),
+])
+def test_runner_checks_the_plans_manifest_before_loading(runner, fake_gpu, tmp_path, recorded, message):
+    fakes = fake_gpu(trt_version="10.3.0.26")
+    (tmp_path / "model.plan").write_bytes(fakes.trt.engine_spec())
+    (tmp_path / "model.plan.json").write_text(json.dumps({"engine": recorded}))
+    if message is None:
+        assert runner.TensorRTModel(tmp_path / "model.plan").max_batch == 8
+        return
+    with pytest.raises(runner.RunnerError, match=message + ".*build_engine.sh"):
+        runner.TensorRTModel(tmp_path / "model.plan")
+
+
+@pytest.mark.parametrize("pycuda", [False, True])
+def test_runner_with_a_driver_older_than_cuda_python(bundle, fake_gpu, tmp_path, pycuda):
+    """JetPack 6 (CUDA 12.6) with cuda-python 13 from a plain pip install: one line naming the install, exit 2;
+    with pycuda installed, pycuda runs the plan instead (a note on stderr)."""
+    fakes = fake_gpu(trt_version="10.3.0", driver=12060, runtime=13000, pycuda=pycuda)
+    (tmp_path / "model.plan").write_bytes(fakes.trt.engine_spec(chw=(3, 16, 16)))
+    Image.new("RGB", (20, 16)).save(tmp_path / "x.png")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}, **fakes.env()}
+    proc = subprocess.run([sys.executable, bundle / "runner.py", tmp_path / "x.png", "--model",
+                           tmp_path / "model.plan"], env=env, capture_output=True, text=True, timeout=60)
+    if not pycuda:
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert "CUDA 13.0 but this driver supports CUDA 12.6: pip install 'cuda-python>=12.0,<13'" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert "using pycuda" in proc.stderr and "x.png" in proc.stdout
 
 
 @pytest.mark.parametrize("version", ["8.5", "10.16", "11.1"])

@@ -1,0 +1,3 @@
+"""Importing it retains and pushes the primary context, as pycuda's does; :data:`IMPORTED` records that."""
+
+IMPORTED = True
