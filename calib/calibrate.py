@@ -10,6 +10,8 @@ Targets:
         written and timed against the FP32 model at batch 8; the faster becomes ``out``. INT8 is not assumed to
         be faster: the manifest says which form won and by how much.
 
+The ranges come from :mod:`calib.ranges` (ONNX Runtime's calibrators fed one batch at a time, histograms merged,
+as NVIDIA Model Optimizer collects them; ``quantize_static``'s all-at-once histogram turned entropy into min/max).
 The calibration cache (``<out stem>.calib.json``, or ``cache``) holds ONNX Runtime's per-tensor ranges with the
 method, image count, the FP32 ONNX's sha256 and the preprocessing, so another machine (a Jetson) can
 re-quantize without the data; a cache made for another ONNX file or preprocessing is refused.
@@ -18,6 +20,7 @@ re-quantize without the data; a cache made for another ONNX file or preprocessin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -40,7 +43,7 @@ from optimize.onnx_model import OnnxModel
 from optimize.preprocess import Preprocessing
 from optimize.timing import time_throughput
 
-from . import qdq
+from . import qdq, ranges
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +83,6 @@ def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np
     return np.concatenate(preds), np.concatenate(labels)
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader face over our batcher."""
-
-    def __init__(self, batcher: ImageBatcher, input_name: str):
-        self._batches = (batch for batch, _ in batcher)
-        self._name = input_name
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {self._name: batch}
-
-    def rewind(self) -> None:  # pragma: no cover - ORT calls it only for some calibrators
-        raise CalibrationError("calibration data can be read once")
-
-
 def _read_cache(path: Path, onnx_sha: str, preprocessing: Preprocessing, method: str) -> dict[str, Any]:
     rebuild = "delete it and run calibrate with --data to rebuild it, or pass another --cache"
     try:
@@ -118,9 +106,9 @@ def _read_cache(path: Path, onnx_sha: str, preprocessing: Preprocessing, method:
     return cache
 
 
-def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path,
-              reader: _Reader | None) -> qdq.Placement | None:
-    """Write ``dst`` in ``form``; for ``qdq-tensorrt`` also return where its Q/DQ pairs ended up."""
+def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path) -> qdq.Placement | None:
+    """Write ``dst`` in ``form`` with the ranges of ``ort_cache``; for ``qdq-tensorrt`` also return where its Q/DQ
+    pairs ended up."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calib = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
@@ -144,7 +132,7 @@ def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path,
                       weight_type=QuantType.QInt8, per_channel=True, reduce_range=True, extra_options={})
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):  # ORT's calibrators print() histogram sizes; keep stdout for us
-        quantize_static(str(src), str(dst), reader, calibrate_method=calib, calibration_cache_path=str(ort_cache),
+        quantize_static(str(src), str(dst), None, calibrate_method=calib, calibration_cache_path=str(ort_cache),
                         **kwargs)
     if chatter.getvalue().strip():
         logger.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
@@ -200,21 +188,21 @@ def run(cfg: CalibConfig) -> Artifact:
         prepared = tmp / "prepared.onnx"
         quant_pre_process(str(src), str(prepared))
         ort_cache = tmp / "ort-cache.json"
-        reader = None
         if cache:
             ort_cache.write_text(json.dumps(cache["ort"]))
             logger.info("reusing calibration cache %s (%d images, %s)", cache_path, cache["num_images"], cfg.method)
         else:
             batcher = ImageBatcher(splits.train, batch_size=cfg.batch_size, image_size=size, drop_last=True)
-            reader = _Reader(batcher, input_name)
-            logger.info("calibrating on %d training images (%s)", batcher.count, cfg.method)
+            logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method,
+                        ranges.DEFAULTS[cfg.method])
+            ranges.save(ranges.collect(prepared, ({input_name: batch} for batch, _ in batcher), method=cfg.method,
+                                       work=tmp), ort_cache)
 
         forms = ["qdq-tensorrt"] if cfg.target == "tensorrt" else [cfg.form] if cfg.form else list(CPU_FORMS)
         candidates: dict[str, dict[str, Any]] = {}
-        for form in forms:
+        for form in forms:  # every form from the same ranges
             dst = tmp / f"{form}.onnx"
-            placed = _quantize(prepared, dst, form, cfg.method, ort_cache, reader)
-            reader = None  # the ranges are in ort_cache now: later forms reuse them
+            placed = _quantize(prepared, dst, form, cfg.method, ort_cache)
             candidates[form] = {"path": dst}
             if placed is not None:
                 candidates[form]["qdq"] = {"activation_pairs": placed.pairs, "by_consumer": placed.by_consumer}
@@ -244,6 +232,7 @@ def run(cfg: CalibConfig) -> Artifact:
             onnx.save(chosen_model, str(final))
         if not cache:
             write_json(cache_path, {"format": CACHE_FORMAT, "version": 1, "method": cfg.method,
+                                    "collection": dataclasses.asdict(ranges.DEFAULTS[cfg.method]),
                                     "num_images": batcher.count, "onnx": src.name, "onnx_sha256": onnx_sha,
                                     "preprocessing": preprocessing.to_dict(),
                                     "ort": json.loads(ort_cache.read_text())})
