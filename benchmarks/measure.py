@@ -339,8 +339,10 @@ def _variants(path: str, cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """How to run ``path`` on ``cfg.device``: open_runner keyword sets, one per row."""
     backend = backend_of(path)
     if backend == "torch" and cfg.device == "cuda":
-        return [{"precision": "fp32"}, {"precision": "fp16", "channels_last": True},
-                {"precision": "bf16", "channels_last": True}]
+        return [{"precision": "fp32"}, *([{"precision": "tf32"}] if cfg.tf32 else []),
+                {"precision": "fp16", "channels_last": True}, {"precision": "bf16", "channels_last": True}]
+    if backend == "onnxruntime" and cfg.device == "cuda" and cfg.tf32:
+        return [{}, {"tf32": True}]
     return [{}]
 
 
@@ -349,8 +351,9 @@ def _open(path: str, role: str, variant: dict[str, Any], cfg: BenchmarkConfig, c
     """The row of ``path`` run one way, with every figure but speed; the runner to time (None: skipped)."""
     backend = backend_of(path)
     name = Path(path).name
-    if variant.get("precision", "fp32") != "fp32":
-        name += f" [{variant['precision']}{' cl' if variant.get('channels_last') else ''}]"
+    tag = "tf32" if variant.get("tf32") else variant.get("precision", "fp32")
+    if tag != "fp32":
+        name += f" [{tag}{' cl' if variant.get('channels_last') else ''}]"
     row = Row(name=name, path=str(path), role=role, backend=backend, device=cfg.device,
               file_bytes=Path(path).stat().st_size, sha256=sha256_file(path))
     if backend == "onnxruntime":

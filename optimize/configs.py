@@ -41,6 +41,7 @@ CALIB_TARGETS = ("tensorrt", "cpu")
 CPU_FORMS = ("qoperator-u8s8", "qdq-s8s8")
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+INT8_HIGH_PRECISIONS = ("fp16", "fp32")  # what a TensorRT INT8 engine runs its unquantized layers in
 SEARCH_TARGETS = ("cpu", "tensorrt")
 SPACES = ("compression", "training")
 OBJECTIVES = ("throughput", "latency")
@@ -430,6 +431,10 @@ class BuildConfig(Options):
                                   help="TensorRT: build for this DLA core (Jetson; fp16/int8, min = opt = max batch), "
                                        "falling back to the GPU layer by layer")
     tf32: bool = option(False, help="TensorRT fp32: allow TF32 math (off: fp32 means FP32)", group="tensorrt")
+    int8_high_precision: str = option("fp16", choices=INT8_HIGH_PRECISIONS, group="tensorrt",
+                                      help="TensorRT int8: the precision of the layers left unquantized (residual "
+                                           "Adds, pooling, the head's input); fp16 as NVIDIA Model Optimizer's "
+                                           "default, fp32 to keep them exact")
     compare_rounds: int = option(5, group="onnxruntime",
                                  help="rounds timing the optimized model against its input at --opt-batch; the faster "
                                       "is kept (0: keep the optimized one unmeasured)")
@@ -441,9 +446,10 @@ class BuildConfig(Options):
         _check((not (ort and self.precision == "fp16"),
                 "--precision fp16 is not offered for --backend onnxruntime: its CPU kernels have no FP16 speed-up; "
                 "use fp32 or int8, or --backend tensorrt"),
-               (not (ort and (self.sparse_weights or self.dla_core is not None or self.timing_cache or self.tf32)),
-                "--sparse-weights, --dla-core, --timing-cache and --tf32 are TensorRT options; drop them or use "
-                "--backend tensorrt"),
+               (not (ort and (self.sparse_weights or self.dla_core is not None or self.timing_cache or self.tf32
+                              or self.int8_high_precision != "fp16")),
+                "--sparse-weights, --dla-core, --timing-cache, --tf32 and --int8-high-precision are TensorRT options "
+                "(ONNX Runtime's INT8 keeps its float layers FP32); drop them or use --backend tensorrt"),
                (self.compare_rounds >= 0 and self.compare_seconds > 0 and (self.threads is None or self.threads >= 1),
                 "--compare-rounds must be >= 0, --compare-seconds > 0 and --threads >= 1"),
                (not self.tf32 or self.precision == "fp32", f"--tf32 applies to --precision fp32 only, not "
@@ -453,6 +459,9 @@ class BuildConfig(Options):
             static = self.min_batch == self.opt_batch == self.max_batch
             _check((self.dla_core >= 0, "--dla-core must be 0 or more (a Jetson Orin/Xavier has cores 0 and 1)"),
                    (self.precision != "fp32", "--dla-core needs --precision fp16 or int8: DLA has no FP32"),
+                   (self.precision != "int8" or self.int8_high_precision == "fp16",
+                    "--dla-core with --precision int8 needs --int8-high-precision fp16: DLA has no FP32 for the "
+                    "unquantized layers"),
                    (static, f"--dla-core needs a static batch: --min-batch, --opt-batch and --max-batch equal (got "
                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}); DLA takes no dynamic shapes"))
         parse_size(self.workspace)
@@ -569,6 +578,8 @@ class BenchmarkConfig(Options):
                                 help="your speed budget: the final artifact's throughput at the reference batch in "
                                      "multiples of the baseline's")
     e2e_batch: int = option(8, help="batch size of the end-to-end figure (decoded image -> preprocessing -> model)")
+    tf32: bool = option(False, help="--device cuda: also time FP32 checkpoints and ONNX models with TF32 math, as "
+                                    "rows of their own labelled tf32 (the fp32 rows are IEEE FP32 either way)")
     trust_checkpoint: bool = trust_field()
     progress: bool = progress_field()
 
@@ -580,7 +591,8 @@ class BenchmarkConfig(Options):
                (self.max_accuracy_drop >= 0 and self.min_speedup > 0,
                 "--max-accuracy-drop must be >= 0 and --min-speedup > 0"),
                (self.input_size is None or self.input_size >= 8, "--input-size must be at least 8 pixels"),
-               (self.threads is None or self.threads >= 1, "--threads must be at least 1"))
+               (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
+               (not self.tf32 or self.device != "cpu", "--tf32 is a CUDA mode; use it with --device cuda (or auto)"))
 
     @property
     def reference_batch(self) -> int:
@@ -603,8 +615,17 @@ class GpuCheckConfig(Options):
     out: str | None = option(None, help="folder for the engines and reports", group="output",
                              default_text="RUNS/gpu-check")
     data: str = data_field()
-    seconds: float = option(0.4, help="one benchmark timing window (per artifact, batch size and round; 5 rounds)")
+    seconds: float = option(2.0, help="one benchmark timing window (per artifact, batch size and round): a GPU's "
+                                      "clocks settle over seconds, and sub-second windows measured their ramp")
+    rounds: int = option(3, help="benchmark timing rounds (medians over them)")
     val_limit: int | None = val_limit_field(2000, help="val images for the accuracy figures")
+    tf32: bool = option(True, help="also time TF32 rows beside the FP32 ones (labelled tf32)")
+    allow_no_tensorrt: bool = option(False, help="run without TensorRT or a CUDA binding for it, the report saying "
+                                                 "TensorRT was not checked (else that is an error: a GPU check that "
+                                                 "skipped TensorRT must not read as a pass)")
+
+    def check(self) -> None:
+        _check((self.seconds > 0 and self.rounds >= 1, "--seconds must be > 0 and --rounds >= 1"))
 
     @property
     def out_dir(self) -> Path:

@@ -40,7 +40,28 @@ logger = logging.getLogger(__name__)
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+def float32_math(torch, *, tf32: bool) -> None:
+    """Set how PyTorch's CUDA float32 convolutions and matrix products compute: TF32 (10-bit mantissa on tensor
+    cores, cuDNN's default for convolutions) or IEEE FP32. Process-wide, so every fp32/tf32 runner sets it before
+    each execution: rows of both kinds take turns in one benchmark. torch 2.9+ has ``fp32_precision``; the
+    ``allow_tf32`` flags before."""
+    cudnn = torch.backends.cudnn
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        mode = "tf32" if tf32 else "ieee"
+        # rnn too: the legacy allow_tf32 getter (still read by some code) raises when conv and rnn disagree
+        torch.backends.cuda.matmul.fp32_precision = cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = mode
+    else:  # pragma: no cover - torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def ort_cuda_providers(*, tf32: bool) -> list:
+    """ONNX Runtime's providers for a CUDA run: the CUDA provider with TF32 as asked (it defaults to on, which
+    would make an "fp32" row TF32), then the CPU one for what CUDA lacks."""
+    return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]
 
 
 def backend_of(path: str | Path) -> str:
@@ -114,7 +135,8 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """PyTorch eager. FP32 on the CPU; on CUDA also FP16 / BF16 weights and inputs, channels_last."""
+    """PyTorch eager. FP32 on the CPU; on CUDA also TF32 (FP32 weights, TF32 math), FP16 / BF16 weights and
+    inputs, channels_last. ``fp32`` is IEEE FP32 on CUDA too: TF32 is switched off for it (cuDNN's default is on)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
                  channels_last: bool = False, trust: bool = False, image_size: int | None = None):
@@ -126,7 +148,8 @@ class TorchRunner(Runner):
         if precision not in TORCH_PRECISIONS:
             raise RunnerError(f"PyTorch precision must be one of {', '.join(TORCH_PRECISIONS)}")
         if device == "cpu" and precision != "fp32":
-            raise RunnerError(f"PyTorch {precision} is only offered on CUDA (CPU kernels have no speed-up)")
+            raise RunnerError(f"PyTorch {precision} is only offered on CUDA (CPU kernels have no speed-up; TF32 is "
+                              "a CUDA tensor-core mode)")
         if device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         loaded = load_checkpoint(path, trust=trust)
@@ -140,7 +163,8 @@ class TorchRunner(Runner):
                          None, threads if device == "cpu" else None, read_manifest(path) or {})
         self.loaded = loaded
         self._torch = torch
-        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self._dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
+                       "bf16": torch.bfloat16}[precision]
         self._format = torch.channels_last if channels_last else torch.contiguous_format
         self.channels_last = channels_last
         self.model = loaded.model.to(device=device, dtype=self._dtype, memory_format=self._format).eval()
@@ -154,6 +178,8 @@ class TorchRunner(Runner):
         return x.to(device=self.device, dtype=self._dtype, memory_format=self._format)
 
     def run(self, prepared):
+        if self._dtype == self._torch.float32:
+            float32_math(self._torch, tf32=self.precision == "tf32")
         with self._torch.inference_mode():
             return self.model(prepared)
 
@@ -166,18 +192,22 @@ class TorchRunner(Runner):
 
 
 class OnnxRuntimeRunner(Runner):
-    """ONNX Runtime on the CPU (``threads`` intra-op threads), or CUDA with inputs bound in device memory."""
+    """ONNX Runtime on the CPU (``threads`` intra-op threads), or CUDA with inputs bound in device memory; on CUDA
+    an FP32 model runs IEEE FP32 unless ``tf32`` (then its precision reads ``tf32``)."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None, tf32: bool = False):
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise RunnerError(f"ONNX model {path} does not exist")
         opts = ort.SessionOptions()
+        if tf32 and device != "cuda":
+            raise RunnerError("TF32 is a CUDA mode: ONNX Runtime on the CPU runs FP32 (drop --tf32 or use --device "
+                              "cuda)")
         if device == "cuda":
             require_ort_cuda()
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            providers = ort_cuda_providers(tf32=tf32)
         else:
             threads = threads or default_threads()
             opts.intra_op_num_threads = threads
@@ -193,7 +223,8 @@ class OnnxRuntimeRunner(Runner):
         size = model.side or (preprocessing.image_size if preprocessing else None)
         if size is None:
             raise RunnerError(f"{path} has no fixed input size and records no preprocessing")
-        super().__init__(path, "onnxruntime", model.precision, device, size, preprocessing, class_names,
+        precision = "tf32" if tf32 and model.precision == "fp32" else model.precision
+        super().__init__(path, "onnxruntime", precision, device, size, preprocessing, class_names,
                          fixed_batch, threads if device == "cpu" else None, read_manifest(path) or {}, fixed_batch)
         self.input_name = model.input.name
         self.output_name = model.output.name
@@ -253,7 +284,9 @@ class TensorRTEngineRunner(Runner):
         self.trt_runner = TensorRTRunner(path, manifest)
         self.min_batch = self.trt_runner.min_batch  # a static (DLA) engine pads smaller batches: not timed there
         pre = manifest.get("preprocessing")
-        super().__init__(path, "tensorrt", manifest["engine"].get("precision", "fp32"), "cuda",
+        engine = manifest["engine"]
+        precision = "tf32" if engine.get("tf32") else engine.get("precision", "fp32")  # an fp32 build with --tf32
+        super().__init__(path, "tensorrt", precision, "cuda",
                          int(self.trt_runner.chw[-1]),
                          Preprocessing.from_dict(pre, source=f"{path}'s manifest") if pre else None,
                          manifest.get("class_names"), self.trt_runner.max_batch, None, manifest)
@@ -269,17 +302,20 @@ class TensorRTEngineRunner(Runner):
 
 
 def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None = None, threads: int | None = None,
-                channels_last: bool = False, trust: bool = False, image_size: int | None = None) -> Runner:
+                channels_last: bool = False, trust: bool = False, image_size: int | None = None,
+                tf32: bool = False) -> Runner:
     """The runner for ``path`` on ``device``.
 
     Args:
         path: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
         device: ``auto``, ``cpu`` or ``cuda`` (:func:`optimize.device.resolve_device`).
-        precision: PyTorch only: ``fp32`` (default), ``fp16`` or ``bf16`` (CUDA). Other formats carry their own.
+        precision: PyTorch only: ``fp32`` (default), ``tf32``, ``fp16`` or ``bf16`` (the last three on CUDA). Other
+            formats carry their own.
         threads: CPU threads (default: every core this process may use).
         channels_last: PyTorch only: NHWC memory format.
         trust: allow a pickled whole ``nn.Module`` checkpoint.
         image_size: PyTorch only: input side when the checkpoint records no preprocessing.
+        tf32: ONNX Runtime on CUDA only: let an FP32 model use TF32 math (PyTorch: ``precision="tf32"``).
 
     Raises:
         RunnerError: unknown format, missing backend, a precision the format does not take.
@@ -298,5 +334,7 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
         return TorchRunner(path, device=device, precision=precision or "fp32", threads=threads,
                            channels_last=channels_last, trust=trust, image_size=image_size)
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path, device=device, threads=threads)
+        return OnnxRuntimeRunner(path, device=device, threads=threads, tf32=tf32)
+    if tf32:
+        raise RunnerError(f"{path}: a TensorRT engine's TF32 is decided at its build (build-engine --tf32)")
     return TensorRTEngineRunner(path, device=device)
