@@ -32,7 +32,8 @@ from .configs import BuildConfig, CalibConfig, parse_size
 from .errors import ConfigError
 from .onnx_model import OnnxModel
 from .cuda_runtime import device_facts
-from .tensorrt_backend import EngineBuilder, Profile, import_tensorrt, to_fp16_onnx
+from .fp16 import to_fp16_onnx
+from .tensorrt_backend import EngineBuilder, Profile, check_dla, import_tensorrt, trt_version
 from .timing import Spread, compare, cpu_facts, interleaved, time_throughput
 
 logger = logging.getLogger(__name__)
@@ -149,20 +150,23 @@ def _build_tensorrt(cfg: BuildConfig, src: Path, out: Path, work: Path, input_na
     gpu = device_facts()  # before the build: no CUDA binding must mean no engine, not an engine without manifest
     builder = EngineBuilder()
     fp16_conversion = None
-    if builder.strongly_typed and cfg.precision == "fp16":
-        fp16_conversion = to_fp16_onnx(src, work / "model.fp16.onnx")  # strongly typed: precision lives in the ONNX
+    fp16_layers = cfg.precision == "fp16" or (cfg.precision == "int8" and cfg.int8_high_precision == "fp16")
+    if builder.strongly_typed and fp16_layers:  # strongly typed: the precision lives in the ONNX
+        fp16_conversion = to_fp16_onnx(src, work / "model.fp16.onnx")
         src = work / "model.fp16.onnx"
     network, _parser = builder.create_network(src)
     plan, facts = builder.build(network, precision=cfg.precision,
                                 profile=Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch), input_name=input_name,
                                 input_chw=(3, size, size), workspace=parse_size(cfg.workspace),
                                 timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
-                                sparse_weights=cfg.sparse_weights, dla_core=cfg.dla_core, tf32=cfg.tf32)
+                                sparse_weights=cfg.sparse_weights, dla_core=cfg.dla_core, tf32=cfg.tf32,
+                                int8_high_precision=cfg.int8_high_precision)
     with atomic_path(out) as tmp:
         tmp.write_bytes(plan)
     return {"tensorrt": str(builder.trt.__version__), **gpu, **facts, "fp16_conversion": fp16_conversion,
-            "unquantized_layers": "fp32" if cfg.precision == "int8" else None,
-            "flags": {"sparse_weights": cfg.sparse_weights, "dla_core": cfg.dla_core, "tf32": cfg.tf32}}
+            "unquantized_layers": cfg.int8_high_precision if cfg.precision == "int8" else None,
+            "flags": {"sparse_weights": cfg.sparse_weights, "dla_core": cfg.dla_core, "tf32": cfg.tf32,
+                      "int8_high_precision": cfg.int8_high_precision if cfg.precision == "int8" else None}}
 
 
 def run(cfg: BuildConfig) -> Artifact:
@@ -176,7 +180,8 @@ def run(cfg: BuildConfig) -> Artifact:
                           f"--precision {cfg.precision}")
     if cfg.backend == "tensorrt":
         check_tensorrt_input(source)
-        import_tensorrt()  # fail before any long work (calibration) when it is absent or too old
+        trt = import_tensorrt()  # fail before any long work (calibration) when it is absent or too old
+        check_dla(trt_version(trt), cfg.precision, cfg.dla_core, cfg.int8_high_precision)
     check_not_input(cfg.out, {"--onnx": cfg.onnx, "--calib-cache": cfg.calib_cache,
                               "--timing-cache": cfg.timing_cache})
     out = prepare_output(cfg.out)

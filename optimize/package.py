@@ -4,8 +4,10 @@ Layout of ``out``::
 
     model.onnx, model.onnx.json     the ONNX to run with ONNX Runtime or build an engine from, and its manifest
                                     (for an INT8 engine: the Q/DQ ONNX, re-made from the calibration cache if need be)
-    model.fp16.onnx                 with ``precision`` fp16: the FP16 ONNX TensorRT 11 (strongly typed) builds from
+    model.fp16.onnx                 with ``precision`` fp16, or for a Q/DQ model: the FP16 copy strongly typed
+                                    TensorRT (10.12+, 11) builds FP16 layers from (INT8 ones stay INT8)
     model.plan, model.plan.json     when packaging a TensorRT engine: the engine and its build-engine manifest
+                                    (runner.py refuses it on another TensorRT or GPU; build_engine.sh rewrites both)
     <name>.calib.json               the calibration cache, when the model is INT8
     labels.txt, preprocess.json     class names, one a line; edgeopt's preprocessing as JSON
     runner.py, requirements.txt     classifies images with numpy + Pillow + onnxruntime (or tensorrt + cuda-python)
@@ -40,7 +42,8 @@ from .configs import CalibConfig, PackageConfig, parse_size
 from .errors import ConfigError, OutputError, PackageError
 from .onnx_model import OnnxModel
 from .runners import backend_of
-from .tensorrt_backend import Profile, to_fp16_onnx
+from .fp16 import to_fp16_onnx
+from .tensorrt_backend import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,12 @@ REQUIREMENTS = """\
 numpy>=1.24
 Pillow>=9.5
 onnxruntime>=1.17
-# runner.py with a TensorRT model.plan: tensorrt>=8.5 (JetPack 5.1+ ships it on a Jetson) and cuda-python (its
-# major version that of the device's CUDA), or pycuda>=2022.2, in place of onnxruntime
+# runner.py with a TensorRT model.plan, in place of onnxruntime: tensorrt>=8.5 and cuda-python of the driver's CUDA
+# major (nvidia-smi shows it; cuda-python 13 fails every call on an older driver), or pycuda>=2022.2:
+#   Jetson, JetPack 5 (CUDA 11.4, TensorRT 8.5 from JetPack):   cuda-python>=11.4,<12  (or pycuda)
+#   Jetson, JetPack 6 (CUDA 12.2/12.6, TensorRT 8.6/10.3):      cuda-python>=12.0,<13  (or pycuda)
+#   server, driver R525-R575 (CUDA 12):                          tensorrt-cu12 cuda-python>=12.0,<13
+#   server, driver R580 or later (CUDA 13):                      tensorrt-cu13 cuda-python>=13.0,<14
 """
 
 TRITON_CONFIG = """\
@@ -318,7 +325,8 @@ def _write_scripts(source: _Source, work: Path, profile: Profile, precision: str
         "MAX_BATCH": profile.max_batch, "WORKSPACE_MIB": parse_size(workspace or DEFAULT_WORKSPACE) >> 20,
         "INPUT_NAME": source.model.input.name, "IMAGE_SIZE": source.model.image_size, "QDQ": int(qdq),
         "DLA_CORE": "" if dla_core is None else int(dla_core),
-        "SPARSITY_FLAG": "--sparsity=enable" if flags.get("sparse_weights") else "", "TRITON_PLAN": triton_plan}))
+        "SPARSITY_FLAG": "--sparsity=enable" if flags.get("sparse_weights") else "", "TRITON_PLAN": triton_plan,
+        "INT8_HIGH_PRECISION": flags.get("int8_high_precision") or "fp16"}))
     for script in ("runner.py", "build_engine.sh"):
         os.chmod(work / script, 0o755)
 
@@ -349,7 +357,7 @@ def run(cfg: PackageConfig) -> Artifact:
         if issue:
             logger.warning("build_engine.sh cannot build from %s: %s; package the FP32 ONNX from 'export' or a Q/DQ "
                            "one from 'calibrate --target tensorrt' for TensorRT", source.onnx, issue)
-        if precision == "fp16" and not qdq:  # strongly typed TensorRT builds fp16 from it (a Q/DQ model is INT8)
+        if precision == "fp16" or qdq:  # strongly typed TensorRT builds FP16 layers from it (INT8 ones for Q/DQ)
             to_fp16_onnx(work / "model.onnx", work / "model.fp16.onnx")
         if source.engine is not None:
             shutil.copyfile(source.engine, work / "model.plan")

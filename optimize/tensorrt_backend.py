@@ -5,13 +5,17 @@ logged and raised) and :meth:`EngineBuilder.build` makes the serialized engine f
 optimization profile. Precision by version:
 
 - 8.5 to 10.11 ("weakly typed"): ``BuilderFlag.FP16`` for fp16; ``BuilderFlag.INT8`` for an explicitly quantized
-  (Q/DQ) ONNX, without FP16, so the few layers left unquantized run in FP32 exactly as on the strongly typed
-  versions (the INT8 figures of 10.x and 11 stay comparable). 8.x needs ``EXPLICIT_BATCH``; 10.x is
-  explicit-batch only.
+  (Q/DQ) ONNX, with ``FP16`` beside it so the layers left unquantized (residual Adds, pooling, the head) run
+  FP16 as Model Optimizer's default INT8 models do (``int8_high_precision="fp32"``: INT8 alone, those layers
+  FP32). 8.x needs ``EXPLICIT_BATCH``; 10.x is explicit-batch only.
 - 10.12 and later ("strongly typed": the precision flags are deprecated there, and gone in 11): the network takes
-  its types from the ONNX. FP16 comes from converting the ONNX (:func:`to_fp16_onnx`: float32 I/O, numerically
-  sensitive ops and the classifier head kept in float32), INT8 from the Q/DQ ONNX.
+  its types from the ONNX. FP16 comes from converting the ONNX (:func:`optimize.fp16.to_fp16_onnx`: float32 I/O,
+  numerically sensitive ops and the classifier head kept in float32), INT8 from the Q/DQ ONNX, converted the
+  same way for FP16 unquantized layers (opset 19, float16 scales).
 - fp32 engines run true FP32: TF32 is turned off unless asked for (it is on by default on Ampere and later).
+- DLA (Jetson): explicitly quantized INT8 runs on DLA from TensorRT 10.0 on (:func:`check_dla`), and needs FP16
+  for the layers it leaves unquantized; where each layer ended up is read from the built engine
+  (:func:`dla_placement`), not asked before the build.
 
 :class:`TensorRTRunner` checks an engine's manifest against the running TensorRT version and GPU *before*
 deserializing (an engine moves neither between GPUs nor TensorRT versions) and runs batches through device
@@ -26,6 +30,7 @@ version's path uses against that version's real Python bindings (8.5 against NVI
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +45,12 @@ from .errors import EngineError
 logger = logging.getLogger(__name__)
 
 MIN_VERSION = (8, 5)  # JetPack 5.1; every name used here exists in 8.5, several are missing in 8.4
+DLA_QDQ_FROM = (10, 0)  # explicit (Q/DQ) INT8 on DLA; before it DLA took INT8 only from calibrators
 STRONGLY_TYPED_FROM = (10, 12)  # precision flags deprecated from here on, removed in 11
 INSTALL_HINT = ("TensorRT is not installed: on a Jetson it comes with JetPack; on a server 'pip install "
                 "\"edgeopt[tensorrt]\"' (tensorrt + cuda-python; NVIDIA GPU and driver needed); '--backend onnxruntime' "
                 "works without it")
-# op types kept in float32 by the FP16 conversion: reductions, exponentials and normalizations overflow or lose
-# too much in half precision (besides ONNX Runtime's own block list of ops without FP16 kernels)
-FP16_SENSITIVE_OPS = ("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf",
-                      "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
-                      "LayerNormalization", "InstanceNormalization", "GroupNormalization")
+
 
 
 def trt_version(trt) -> tuple[int, int]:
@@ -74,6 +76,39 @@ def import_tensorrt():
     return trt
 
 
+def check_dla(version: tuple[int, int], precision: str, dla_core: int | None, int8_high_precision: str) -> None:
+    """Refuse a DLA build this TensorRT cannot make as asked, before any work (calibration included)."""
+    if dla_core is None or precision != "int8":
+        return
+    if version < DLA_QDQ_FROM:
+        raise EngineError(f"TensorRT {version[0]}.{version[1]} runs explicitly quantized (Q/DQ) INT8 on the GPU only; "
+                          "DLA takes it from TensorRT 10.0 (JetPack 6.1): build --precision fp16 for DLA, or INT8 "
+                          "without --dla-core")
+    if int8_high_precision != "fp16":
+        raise EngineError("DLA has no FP32: an INT8 DLA engine keeps its unquantized layers in FP16 (--int8-high-"
+                          "precision fp16), else they fall back to the GPU")
+
+
+def dla_placement(engine_information: str) -> dict[str, Any]:
+    """Where a built DLA engine runs its layers, from the engine inspector's JSON.
+
+    TensorRT reports each DLA subgraph as one ``{ForeignNode[first...last]}`` layer (trtexec's profile prints the
+    same), with copies to and from DLA memory (``... to nvm`` / ``... from nvm`` / ``copy finish``) around it;
+    every other compute layer runs on the GPU. Reformatting copies count as neither.
+    """
+    layers = json.loads(engine_information).get("Layers", [])
+    dla, gpu = [], []
+    for layer in layers:
+        name = layer if isinstance(layer, str) else str(layer.get("Name", ""))
+        kind = "" if isinstance(layer, str) else str(layer.get("LayerType", ""))
+        if name.startswith("{ForeignNode[") or "DLA" in kind.upper():
+            dla.append(name)
+        elif not (name.endswith((" to nvm", " from nvm", " copy finish")) or name.startswith("Reformatting")):
+            gpu.append(name)
+    return {"dla_subgraphs": len(dla), "gpu_layers": len(gpu), "gpu_layer_names": gpu[:32],
+            "read_from": "engine inspector (after the build)"}
+
+
 @dataclass(frozen=True)
 class Profile:
     """One optimization profile over the batch axis."""
@@ -88,28 +123,6 @@ class Profile:
     @property
     def static(self) -> bool:
         return self.min_batch == self.opt_batch == self.max_batch
-
-
-def to_fp16_onnx(src: Path, dst: Path) -> dict[str, Any]:
-    """Write an FP16 copy of ``src`` for strongly typed TensorRT; returns what was kept in float32.
-
-    Inputs and outputs stay float32 (callers feed and read float32), ops in :data:`FP16_SENSITIVE_OPS` stay
-    float32, and so does the node producing each graph output (the classifier head: logits keep their precision,
-    so top-1 ties resolve as in FP32). Weights beyond FP16's range are clamped by the converter.
-    """
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = onnx.load(str(src))
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
-        raise EngineError(f"{src} is an INT8 (Q/DQ) model: FP16 conversion takes the FP32 ONNX")
-    outputs = {o.name for o in model.graph.output}
-    heads = [n.name for n in model.graph.node if n.name and outputs & set(n.output)]
-    blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_SENSITIVE_OPS))
-    present = sorted({n.op_type for n in model.graph.node} & set(blocked))
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked, node_block_list=heads)
-    onnx.save(model, str(dst))
-    return {"fp32_nodes": heads, "fp32_op_types": present, "io": "float32"}
 
 
 def _progress_monitor(trt):
@@ -179,31 +192,42 @@ class EngineBuilder:
             logger.info("output %s %s %s", t.name, tuple(t.shape), t.dtype)
         return network, parser
 
-    def _set_precision(self, config, precision: str, tf32: bool) -> None:
+    def _set_precision(self, config, precision: str, tf32: bool, int8_high_precision: str) -> None:
         trt = self.trt
         if not self.strongly_typed:
-            if precision == "fp16":
+            if precision == "fp16" or (precision == "int8" and int8_high_precision == "fp16"):
                 config.set_flag(trt.BuilderFlag.FP16)
             if precision == "int8":
-                config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ layers run INT8; the rest FP32, as when strongly typed
+                config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ layers run INT8, the rest FP16 (or FP32)
         if precision == "fp32" and not tf32:
             config.clear_flag(trt.BuilderFlag.TF32)
 
-    def _use_dla(self, config, network, dla_core: int) -> dict[str, Any]:
-        """Put the network on DLA core ``dla_core`` with GPU fallback; returns which layers run where."""
+    def _use_dla(self, config, dla_core: int) -> None:
+        """Put the network on DLA core ``dla_core``, layers DLA can't run falling back to the GPU; layer details
+        kept in the engine so :meth:`placement` can read where each ended up."""
         trt = self.trt
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-        on_gpu = [network.get_layer(i).name for i in range(network.num_layers)
-                  if not config.can_run_on_DLA(network.get_layer(i))]
-        if len(on_gpu) == network.num_layers:
-            raise EngineError(f"no layer of this network can run on DLA core {dla_core}; drop --dla-core")
-        if on_gpu:
-            logger.warning("%d of %d layers fall back to the GPU from DLA core %d: %s", len(on_gpu),
-                           network.num_layers, dla_core, ", ".join(on_gpu[:8]))
-        return {"dla_core": dla_core, "layers": network.num_layers, "dla_layers": network.num_layers - len(on_gpu),
-                "gpu_fallback_layers": on_gpu}
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+    def placement(self, plan: bytes, dla_core: int) -> dict[str, Any]:
+        """Where the built engine runs its layers (:func:`dla_placement`), read back from the plan."""
+        trt = self.trt
+        runtime = trt.Runtime(self.logger)
+        runtime.DLA_core = dla_core
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineError(f"the engine just built for DLA core {dla_core} does not deserialize here")
+        inspector = engine.create_engine_inspector()
+        found = dla_placement(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        if not found["dla_subgraphs"]:
+            raise EngineError(f"no layer of this network runs on DLA core {dla_core} at this precision; drop "
+                              "--dla-core")
+        if found["gpu_layers"]:
+            logger.warning("%d layer(s) fall back from DLA core %d to the GPU: %s", found["gpu_layers"], dla_core,
+                           ", ".join(found["gpu_layer_names"][:8]))
+        return {"dla_core": dla_core, **found}
 
     def _load_timing_cache(self, config, timing_cache: Path):
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
@@ -214,18 +238,21 @@ class EngineBuilder:
 
     def build(self, network, *, precision: str, profile: Profile, input_name: str, input_chw: tuple[int, int, int],
               workspace: int, timing_cache: Path | None = None, sparse_weights: bool = False,
-              dla_core: int | None = None, tf32: bool = False) -> tuple[bytes, dict[str, Any]]:
+              dla_core: int | None = None, tf32: bool = False,
+              int8_high_precision: str = "fp16") -> tuple[bytes, dict[str, Any]]:
         """Build the serialized engine; returns it with the facts of the build (placement, typing, TF32)."""
         trt = self.trt
+        check_dla(self.version, precision, dla_core, int8_high_precision)
         config = self.builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        self._set_precision(config, precision, tf32)
+        self._set_precision(config, precision, tf32, int8_high_precision)
         if sparse_weights:
             config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
         facts: dict[str, Any] = {"strongly_typed": self.strongly_typed,
                                  "tf32": precision == "fp32" and tf32, "device": "gpu"}
         if dla_core is not None:
-            facts.update(device="dla", dla=self._use_dla(config, network, dla_core))
+            self._use_dla(config, dla_core)
+            facts["device"] = "dla"
         opt_profile = self.builder.create_optimization_profile()
         opt_profile.set_shape(input_name, (profile.min_batch, *input_chw), (profile.opt_batch, *input_chw),
                               (profile.max_batch, *input_chw))
@@ -240,7 +267,10 @@ class EngineBuilder:
                               "--workspace or another precision")
         if timing_cache is not None:  # what this build learned, not the cache that was passed in
             timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        return bytes(plan), facts
+        plan = bytes(plan)
+        if dla_core is not None:
+            facts["dla"] = self.placement(plan, dla_core)
+        return plan, facts
 
 
 @dataclass

@@ -5,18 +5,24 @@
 # Usage: ./build_engine.sh [fp32|fp16|int8]            (default: @PRECISION@)
 # Environment: TRTEXEC (path of trtexec), MIN_BATCH / OPT_BATCH / MAX_BATCH (default @MIN_BATCH@ / @OPT_BATCH@ /
 #   @MAX_BATCH@), WORKSPACE_MIB (default @WORKSPACE_MIB@), OUT (default model.plan), DLA_CORE (the Jetson DLA core
-#   to build for; default '@DLA_CORE@', empty meaning the GPU), NVIDIA_SMI (path of nvidia-smi, which names the timing
-#   cache; empty: no cache), EXTRA_FLAGS (passed to trtexec).
+#   to build for; default '@DLA_CORE@', empty meaning the GPU), INT8_HIGH_PRECISION (fp16 or fp32: what an INT8
+#   engine runs its unquantized layers in; default @INT8_HIGH_PRECISION@), NVIDIA_SMI (path of nvidia-smi, which
+#   names the timing cache and the GPU in the manifest; empty: neither), EXTRA_FLAGS (passed to trtexec).
 #
 # Precision by TensorRT version (the same rules as 'cli.py build-engine'):
-# - 8.5 to 10.11: builder flags. fp16: --fp16; int8: --int8 alone with the Q/DQ model.onnx (whose scales come from
-#   edgeopt's calibration), so the few unquantized layers stay FP32 as on the strongly typed versions. TensorRT
-#   refuses a network with Q/DQ nodes without --int8, so fp32 and fp16 builds of a Q/DQ model.onnx pass it too:
-#   its Q/DQ layers run INT8 anyway.
+# - 8.5 to 10.11: builder flags. fp16: --fp16; int8: --int8 with the Q/DQ model.onnx (whose scales come from
+#   edgeopt's calibration), plus --fp16 so the unquantized layers (residual Adds, pooling, the head's input) run
+#   FP16, as NVIDIA Model Optimizer's INT8 models do (INT8_HIGH_PRECISION=fp32: --int8 alone, those layers FP32).
+#   TensorRT refuses a network with Q/DQ nodes without --int8, so fp32 and fp16 builds of a Q/DQ model.onnx pass
+#   it too: its Q/DQ layers run INT8 anyway.
 # - 10.12 and later: strongly typed (the flags are deprecated on 10.12+ and gone in 11; --stronglyTyped is needed
-#   on 10.x and a no-op on 11, so it is passed on 10.x only): the precision is in the ONNX, model.fp16.onnx for fp16
-#   (made by 'package' from an FP32 model), the Q/DQ model.onnx for int8.
-# DLA (Jetson) runs fp16 or int8 only, with a static batch (MIN_BATCH = OPT_BATCH = MAX_BATCH).
+#   on 10.x and a no-op on 11, so it is passed on 10.x only): the precision is in the ONNX. model.fp16.onnx (made
+#   by 'package') is the FP16 copy: of an FP32 model for fp16; of the Q/DQ model for int8 with FP16 unquantized
+#   layers (opset 19, float16 scales); model.onnx otherwise.
+# DLA (Jetson) runs fp16 or int8 only, with a static batch (MIN_BATCH = OPT_BATCH = MAX_BATCH); Q/DQ INT8 on DLA
+# needs TensorRT 10.0 or later (JetPack 6.1) and FP16 for the unquantized layers.
+# After the build, $OUT.json records the TensorRT version, GPU, precision and profile: runner.py refuses a plan
+# whose manifest names another TensorRT or GPU (the one 'package' shipped was built on the host).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -26,6 +32,7 @@ OPT_BATCH=${OPT_BATCH:-@OPT_BATCH@}
 MAX_BATCH=${MAX_BATCH:-@MAX_BATCH@}
 WORKSPACE_MIB=${WORKSPACE_MIB:-@WORKSPACE_MIB@}
 DLA_CORE=${DLA_CORE-@DLA_CORE@}
+INT8_HIGH_PRECISION=${INT8_HIGH_PRECISION:-@INT8_HIGH_PRECISION@}
 OUT=${OUT:-model.plan}
 INPUT='@INPUT_NAME@'
 CHW=3x@IMAGE_SIZE@x@IMAGE_SIZE@
@@ -42,6 +49,10 @@ case "$PRECISION" in
 that model" ;;
   *) die "precision must be fp32, fp16 or int8, not '$PRECISION'" ;;
 esac
+case "$INT8_HIGH_PRECISION" in
+  fp16 | fp32) ;;
+  *) die "INT8_HIGH_PRECISION must be fp16 or fp32, not '$INT8_HIGH_PRECISION'" ;;
+esac
 if [ -n "$DLA_CORE" ]; then
   [[ "$DLA_CORE" =~ ^[0-9]+$ ]] || die "DLA_CORE must be a DLA core number (0 or 1 on Xavier and Orin), not '$DLA_CORE'"
   [ "$PRECISION" != fp32 ] || die "DLA has no FP32: build fp16 or int8 for DLA_CORE=$DLA_CORE, or set DLA_CORE= \
@@ -49,6 +60,10 @@ if [ -n "$DLA_CORE" ]; then
   if [ "$MIN_BATCH" != "$OPT_BATCH" ] || [ "$OPT_BATCH" != "$MAX_BATCH" ]; then
     die "DLA needs a static batch: MIN_BATCH, OPT_BATCH and MAX_BATCH equal (got $MIN_BATCH/$OPT_BATCH/$MAX_BATCH), \
 e.g. MIN_BATCH=$MAX_BATCH OPT_BATCH=$MAX_BATCH; or set DLA_CORE= (empty) to build for the GPU"
+  fi
+  if [ "$QDQ" = 1 ] && [ "$INT8_HIGH_PRECISION" = fp32 ]; then
+    die "DLA has no FP32 for the unquantized layers of an INT8 engine: set INT8_HIGH_PRECISION=fp16, or DLA_CORE= \
+(empty) to build for the GPU"
   fi
 fi
 
@@ -70,17 +85,24 @@ if [ "$major" -lt 8 ] || { [ "$major" = 8 ] && [ "$minor" -lt 5 ]; }; then
 later elsewhere"
 fi
 
+if [ -n "$DLA_CORE" ] && [ "$QDQ" = 1 ] && [ "$major" -lt 10 ]; then
+  die "TensorRT $major.$minor runs Q/DQ (explicitly quantized) INT8 on the GPU only; DLA takes it from TensorRT 10.0 \
+(JetPack 6.1): set DLA_CORE= (empty) to build for the GPU, or package the FP32 ONNX and build fp16 for DLA"
+fi
+
+# the layers a Q/DQ model leaves unquantized run FP16 for an fp16 build, and for an int8 one unless told fp32
+half=0
+if [ "$PRECISION" = fp16 ] || { [ "$QDQ" = 1 ] && [ "$PRECISION" = int8 ] && [ "$INT8_HIGH_PRECISION" = fp16 ]; }; then
+  half=1
+fi
 onnx=model.onnx
 flags=()
 if [ "$major" -ge 11 ] || { [ "$major" = 10 ] && [ "$minor" -ge 12 ]; }; then
   if [ "$major" = 10 ]; then flags+=(--stronglyTyped); fi
-  if [ "$PRECISION" = fp16 ] && [ "$QDQ" != 1 ]; then onnx=model.fp16.onnx; fi
-  if [ "$PRECISION" = fp16 ] && [ "$QDQ" = 1 ]; then
-    echo "note: model.onnx has Q/DQ nodes: strongly typed, its Q/DQ layers run INT8 and the rest FP32 (no FP16 copy)"
-  fi
+  if [ "$half" = 1 ]; then onnx=model.fp16.onnx; fi
 else
   if [ "$QDQ" = 1 ]; then flags+=(--int8); fi
-  if [ "$PRECISION" = fp16 ]; then flags+=(--fp16); fi
+  if [ "$half" = 1 ]; then flags+=(--fp16); fi
 fi
 if [ "$QDQ" = 1 ] && [ "$PRECISION" != int8 ]; then
   echo "note: model.onnx has Q/DQ nodes: those layers run INT8 in this $PRECISION build too"
@@ -92,6 +114,7 @@ flags+=(@SPARSITY_FLAG@)  # --sparsity=enable when the packaged engine was built
 # A timing cache holds one GPU's measurements and must not be reused on another device (NvInfer.h): name it after
 # this GPU and TensorRT; without nvidia-smi (e.g. a Jetson before JetPack 6) build without one.
 NVIDIA_SMI=${NVIDIA_SMI-$(command -v nvidia-smi || true)}
+gpu=
 if [ -n "$NVIDIA_SMI" ] && gpu=$("$NVIDIA_SMI" --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null \
     | sed -n 1p) && [ -n "$gpu" ]; then
   flags+=(--timingCacheFile="timing.$(printf '%s' "$gpu" | tr -cs 'A-Za-z0-9.' '_').trt$code.cache")
@@ -102,6 +125,19 @@ echo "building $OUT from $onnx with TensorRT $major.$minor ($PRECISION, batch $M
 "$TRTEXEC" --onnx="$onnx" --saveEngine="$OUT" \
   --minShapes="$INPUT:${MIN_BATCH}x$CHW" --optShapes="$INPUT:${OPT_BATCH}x$CHW" --maxShapes="$INPUT:${MAX_BATCH}x$CHW" \
   --memPoolSize=workspace:"$WORKSPACE_MIB" ${flags[@]+"${flags[@]}"} ${EXTRA_FLAGS:-}
+
+# the manifest of what was just built (runner.py checks it before loading the plan)
+json_text() { if [ -n "$1" ]; then printf '"%s"' "$(printf '%s' "$1" | tr -d '"\\')"; else printf null; fi; }
+gpu_name=${gpu%,*} compute_cap=${gpu##*, }
+[ -n "$gpu" ] || compute_cap=
+if [ "$QDQ" = 1 ] && [ "$PRECISION" = int8 ]; then high=$(json_text "$INT8_HIGH_PRECISION"); else high=null; fi
+fmt='{"stage": "build_engine.sh", "onnx": "%s", "engine": {"backend": "tensorrt", "tensorrt": "%s", "gpu": %s, '
+fmt+='"compute_capability": %s, "precision": "%s", "profile": {"min_batch": %s, "opt_batch": %s, "max_batch": %s}, '
+fmt+='"flags": {"dla_core": %s, "int8_high_precision": %s}}}\n'
+# shellcheck disable=SC2059  # the format is ours
+printf "$fmt" "$onnx" "$major.$minor.$((code % 100))" "$(json_text "$gpu_name")" "$(json_text "$compute_cap")" \
+  "$PRECISION" "$MIN_BATCH" "$OPT_BATCH" "$MAX_BATCH" "${DLA_CORE:-null}" "$high" > "$OUT.json.tmp"
+mv "$OUT.json.tmp" "$OUT.json"
 
 if [ -n "$TRITON_PLAN" ] && [ "$OUT" != "$TRITON_PLAN" ]; then
   if [ "$MIN_BATCH" = 1 ]; then

@@ -548,27 +548,75 @@ def test_package_a_qdq_onnx_builds_int8(tmp_path):
     config = parse_triton_config(out / "model_repository/tiny-int8/config.pbtxt")
     assert [list(o.dims) for o in config.output] == [[10]] and [list(i.dims) for i in config.input] == [[3, 8, 8]]
     _, args = build_engine(out, "8601", tmp_path=tmp_path, out=tmp_path / "model.plan")
-    assert {"--int8", "--minShapes=input:1x3x8x8"} <= set(args) and "--fp16" not in args
+    assert {"--int8", "--fp16", "--minShapes=input:1x3x8x8"} <= set(args)  # unquantized layers FP16 by default
+    _, args = build_engine(out, "8601", tmp_path=tmp_path, out=tmp_path / "model.plan", INT8_HIGH_PRECISION="fp32")
+    assert "--int8" in args and "--fp16" not in args
+    # the FP16 copy strongly typed TensorRT builds from: INT8 layers as they were, the rest float16, I/O float32
+    fp16 = onnx.load(str(out / "model.fp16.onnx"))
+    onnx.checker.check_model(fp16, full_check=True)
+    assert fp16.opset_import[0].version >= 19 and fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    scales = {i.name: i.data_type for i in fp16.graph.initializer if i.name == "scale"}
+    assert scales == {"scale": TensorProto.FLOAT16}
+    assert {n.op_type for n in fp16.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
 
 
-@pytest.mark.parametrize("version, precision, flags, onnx_file", [
-    ("8502", "fp32", {"--int8"}, "model.onnx"),  # TensorRT refuses Q/DQ nodes without --int8
-    ("100300", "fp16", {"--int8", "--fp16"}, "model.onnx"),
-    ("100300", "int8", {"--int8"}, "model.onnx"),  # no --fp16: unquantized layers FP32, as when strongly typed
-    ("101200", "int8", {"--stronglyTyped"}, "model.onnx"),
-    ("110400", "fp32", set(), "model.onnx"),      # strongly typed: the Q/DQ nodes say INT8
-    ("110400", "fp16", set(), "model.onnx"),      # no FP16 copy of a Q/DQ model: INT8 layers, the rest FP32
-    ("110400", "int8", set(), "model.onnx"),
+@pytest.mark.parametrize("version, precision, high, flags, onnx_file", [
+    ("8502", "fp32", "fp16", {"--int8"}, "model.onnx"),  # TensorRT refuses Q/DQ nodes without --int8
+    ("100300", "fp16", "fp16", {"--int8", "--fp16"}, "model.onnx"),
+    ("100300", "int8", "fp16", {"--int8", "--fp16"}, "model.onnx"),  # unquantized layers FP16 (Model Optimizer's)
+    ("100300", "int8", "fp32", {"--int8"}, "model.onnx"),  # ... or FP32 when asked
+    ("101200", "int8", "fp16", {"--stronglyTyped"}, "model.fp16.onnx"),
+    ("110400", "fp32", "fp16", set(), "model.onnx"),      # strongly typed: the Q/DQ nodes say INT8, the rest FP32
+    ("110400", "fp16", "fp16", set(), "model.fp16.onnx"),  # INT8 layers, the rest FP16
+    ("110400", "int8", "fp16", set(), "model.fp16.onnx"),
+    ("110400", "int8", "fp32", set(), "model.onnx"),
 ])
-def test_build_engine_sh_on_a_qdq_bundle(tmp_path, version, precision, flags, onnx_file):
+def test_build_engine_sh_on_a_qdq_bundle(tmp_path, version, precision, high, flags, onnx_file):
     out = tmp_path / "bundle"
     package.run(package.PackageConfig(model=str(tiny_onnx(tmp_path / "tiny.onnx", qdq=True)), out=str(out),
                                       precision="fp16" if precision == "fp16" else None))
-    assert not (out / "model.fp16.onnx").exists()
-    proc, args = build_engine(out, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan")
+    assert (out / "model.fp16.onnx").is_file()
+    proc, args = build_engine(out, version, precision, tmp_path=tmp_path, out=tmp_path / "model.plan",
+                              INT8_HIGH_PRECISION=high)
     assert proc.returncode == 0, proc.stderr
     assert PRECISION_FLAGS & set(args) == flags and f"--onnx={onnx_file}" in args
     assert ("those layers run INT8" in proc.stdout) == (precision != "int8")
+    recorded = json.loads((tmp_path / "model.plan.json").read_text())["engine"]  # what runner.py checks
+    major = int(version) // (10000 if int(version) >= 100000 else 1000)  # trtexec's banner: 8502, 100300, 110400
+    assert recorded["precision"] == precision and recorded["tensorrt"].startswith(f"{major}.")
+    assert recorded["flags"]["int8_high_precision"] == (high if precision == "int8" else None)
+
+
+def test_build_engine_sh_rewrites_the_plans_manifest(bundle_fp16, tmp_path):
+    """The bundle's model.plan.json described the host's engine; after a build on the device it describes this
+    one, with the GPU nvidia-smi names, which runner.py compares with the GPU it runs on."""
+    (bundle_fp16 / "model.plan.json").write_text('{"engine": {"tensorrt": "10.3.0.26", "gpu": "host GPU"}}')
+    proc, _ = build_engine(bundle_fp16, "100300", "fp16", tmp_path=tmp_path, out=bundle_fp16 / "model.plan",
+                           gpu="Orin (nvgpu), 8.7")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((bundle_fp16 / "model.plan.json").read_text())
+    assert manifest["engine"] == {"backend": "tensorrt", "tensorrt": "10.3.0", "gpu": "Orin (nvgpu)",
+                                  "compute_capability": "8.7", "precision": "fp16",
+                                  "profile": {"min_batch": 1, "opt_batch": 8, "max_batch": 64},
+                                  "flags": {"dla_core": None, "int8_high_precision": None}}
+    assert manifest["onnx"] == "model.onnx"
+    (bundle_fp16 / "model.plan").unlink()
+    (bundle_fp16 / "model.plan.json").unlink()
+
+
+@pytest.mark.parametrize("version, env, message", [
+    ("8601", {}, "DLA takes it from TensorRT 10.0"),  # JetPack 6.0: Q/DQ INT8 on the GPU only
+    ("100300", {"INT8_HIGH_PRECISION": "fp32"}, "DLA has no FP32 for the unquantized layers"),
+])
+def test_build_engine_sh_refuses_qdq_int8_dla_it_cannot_build(tmp_path, version, env, message):
+    out = tmp_path / "bundle"
+    package.run(package.PackageConfig(model=str(tiny_onnx(tmp_path / "tiny.onnx", qdq=True)), out=str(out)))
+    proc, args = build_engine(out, version, "int8", tmp_path=tmp_path, DLA_CORE="0", MIN_BATCH="8", OPT_BATCH="8",
+                              MAX_BATCH="8", **env)
+    assert proc.returncode == 2 and message in proc.stderr and args is None, proc.stderr
+    proc, args = build_engine(out, "100300", "int8", tmp_path=tmp_path, out=tmp_path / "model.plan", DLA_CORE="0",
+                              MIN_BATCH="8", OPT_BATCH="8", MAX_BATCH="8")
+    assert proc.returncode == 0 and {"--int8", "--fp16", "--useDLACore=0"} <= set(args), proc.stderr
 
 
 def test_package_an_int8_engine_remakes_its_qdq_onnx_from_the_cache(tmp_path):

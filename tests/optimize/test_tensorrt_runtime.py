@@ -156,3 +156,29 @@ def test_the_real_cuda_python_here_reports_no_driver():
         pytest.skip("this machine has an NVIDIA driver")
     with pytest.raises(EngineError, match="no NVIDIA driver"):
         CudaRuntime()
+
+
+def test_qdq_int8_on_dla_before_tensorrt_10_is_refused_before_calibration(fake_gpu, exported_onnx, tmp_path):
+    """JetPack 6.0's TensorRT 8.6 runs explicitly quantized INT8 on the GPU only: refused before calibrating."""
+    fakes = fake_gpu(trt_version="8.6.1")
+    out = tmp_path / "m.engine"
+    proc = run_cli("-q", "build-engine", "--onnx", exported_onnx, "--backend", "tensorrt", "--precision", "int8",
+                   "--dla-core", "0", "--min-batch", "8", "--opt-batch", "8", "--max-batch", "8",
+                   "--calib-data", "fashion-mnist", "--out", out, env=fakes.env())
+    line = error_line(proc)
+    assert proc.returncode == 2 and "TensorRT 8.6" in line and "DLA takes it from TensorRT 10.0" in line
+    assert not list(tmp_path.iterdir())  # no engine, no calibration cache: nothing ran
+
+
+def test_dla_placement_is_read_from_the_built_engine():
+    """The engine inspector's layers of a DLA build (as trtexec's profile names them): DLA subgraphs are
+    ForeignNodes between copies to and from DLA memory; the rest ran on the GPU."""
+    from optimize.tensorrt_backend import dla_placement
+
+    info = json.dumps({"Layers": ["input to nvm", "{ForeignNode[/conv1/Conv.../layer4/layer4.1/relu_1/Relu]}",
+                                  "/avgpool/GlobalAveragePool", "Reformatting CopyNode for Input Tensor 0 to fc",
+                                  {"Name": "fc", "LayerType": "Gemm"}, "logits from nvm", "logits copy finish"],
+                       "Bindings": ["input", "logits"]})
+    found = dla_placement(info)
+    assert (found["dla_subgraphs"], found["gpu_layers"]) == (1, 2)
+    assert found["gpu_layer_names"] == ["/avgpool/GlobalAveragePool", "fc"]
