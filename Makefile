@@ -12,18 +12,20 @@ PYTEST_ARGS ?=
 # one worker per core, a test file per worker (module fixtures stay shared): 8 min instead of 12 on 2 cores
 PYTEST_PARALLEL ?= -n auto --dist loadfile
 
-.PHONY: help setup data test test-modelopt gpu-check demo clean
+.PHONY: help setup data test test-modelopt gpu-check device-check device-check-prepare demo clean
 
 help:
 	@echo "make demo   set up, then the whole pipeline on Fashion-MNIST (PRESET=standard|quick|full; writes $(RUNS)/)"
 	@echo "make test   set up, then run the test suite"
 	@echo "make test-modelopt   opt-in: our TensorRT Q/DQ placement against NVIDIA Model Optimizer's (own venv, ~6 GB)"
 	@echo "make gpu-check       on a GPU machine: every GPU backend over $(RUNS) (run make demo first), context check"
+	@echo "make device-check    on a GPU machine that fetches nothing (after make device-check-prepare here)"
 
 setup: $(STAMP)
 
+VENV_FLAGS ?=
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
@@ -73,11 +75,45 @@ PRESET ?= standard
 demo: setup data
 	$(PY) cli.py pipeline --preset $(PRESET) --data fashion-mnist --out $(RUNS)
 
-# On a GPU machine, after `make demo` (or `make demo PRESET=quick`): nvidia-smi facts, TensorRT fp32/fp16/int8
-# engines when TensorRT is installed, the benchmark on --device cuda (torch FP32/FP16/BF16, ONNX Runtime CUDA
-# with onnxruntime-gpu, TensorRT), each absent backend with its reason, and the CUDA context check.
-gpu-check: setup data
-	$(PY) cli.py gpu-check --runs $(RUNS)
+# On a GPU machine, after `make demo` (or `make demo PRESET=quick`): nvidia-smi facts and clocks, TensorRT
+# fp32/fp16/int8 engines, the benchmark on --device cuda (torch FP32/TF32/FP16/BF16, ONNX Runtime CUDA, TensorRT)
+# and the CUDA context check. It first installs what the GPU path needs into the venv: TensorRT + cuda-python for
+# the driver's CUDA major (GPU_EXTRA, read from nvidia-smi: tensorrt-cu12 or tensorrt-cu13; on a Jetson set
+# GPU_EXTRA=jetpack5 or jetpack6 and make the venv with VENV_FLAGS=--system-site-packages for JetPack's TensorRT)
+# and onnxruntime-gpu in place of onnxruntime. Without TensorRT it fails, naming what is missing, unless
+# ALLOW_NO_TENSORRT=1.
+CUDA_MAJOR = $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+GPU_EXTRA ?= $(if $(CUDA_MAJOR),tensorrt-cu$(CUDA_MAJOR))
+GPU_STAMP := $(VENV)/.gpu-installed
+ALLOW_NO_TENSORRT ?=
+
+# onnxruntime-gpu is installed first and then replaces onnxruntime (installed together, the CPU package shadows the
+# CUDA provider), so a failed download leaves the CPU one in place
+$(GPU_STAMP): $(STAMP)
+	@[ -n "$(GPU_EXTRA)" ] || { echo "gpu-check: nvidia-smi reports no CUDA driver here; set GPU_EXTRA=tensorrt-cu12," \
+		"tensorrt-cu13, jetpack5 or jetpack6"; exit 2; }
+	$(PY) -m pip install --quiet -e '.[test,$(GPU_EXTRA)]'
+	$(PY) -m pip install --quiet 'onnxruntime-gpu>=1.27' && $(PY) -m pip uninstall --quiet -y onnxruntime && \
+		$(PY) -m pip install --quiet --force-reinstall --no-deps 'onnxruntime-gpu>=1.27' || \
+		echo "note: onnxruntime-gpu did not install: ONNX Runtime's CUDA rows will be skipped, with the reason"
+	touch $@
+
+gpu-check: setup data $(GPU_STAMP)
+	$(PY) cli.py gpu-check --runs $(RUNS) $(if $(ALLOW_NO_TENSORRT),--allow-no-tensorrt)
+
+# The device check: a GPU machine lent for minutes that can fetch nothing runs benchmarks/device_check.sh with its
+# own Python. Prepare here, online: the wheels that machine's image lacks (torch-pruning; Python 3.12) into .whl/
+# and Fashion-MNIST into .devdata/ (both git-ignored: the device tool carries them).
+DEVICE_PYTHON_VERSION ?= 3.12
+device-check-prepare: setup data
+	mkdir -p .whl .devdata/fashion-mnist
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON_VERSION) -d .whl \
+		"torch-pruning==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch-pruning"))')"
+	cp $${EDGEOPT_FASHION_MNIST:-$(FMNIST_DIR)}/*-ubyte.gz .devdata/fashion-mnist/
+	@du -sh .whl .devdata
+
+device-check:
+	bash benchmarks/device_check.sh
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

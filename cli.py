@@ -263,7 +263,10 @@ def cmd_gpu_check(cfg, args: argparse.Namespace) -> int:
     artifact = gpu_check.run(cfg)
     _print_report(artifact, args.json, gpu_check.render_markdown,
                   f"{artifact.path} and {artifact.path.with_name(gpu_check.GPU_CHECK_MD)}")
-    return 0 if artifact.manifest["context_check"]["ok"] else 1
+    verdict = artifact.manifest["verdict"]
+    for problem in verdict["problems"]:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return 0 if verdict["passed"] else 1
 
 
 def cmd_pipeline(cfg, args: argparse.Namespace) -> int:

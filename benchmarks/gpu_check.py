@@ -9,6 +9,12 @@ checkpoints on purpose, and the teacher's logits are computed before any TensorR
 PyTorch, ONNX Runtime and TensorRT must share the device's primary CUDA context, and a runner that left another
 context current would change or break what runs after it (the context check).
 
+A GPU check that skipped TensorRT is not a pass: without TensorRT and a CUDA binding that runs on this driver it
+stops before any work, naming what to install for the driver's CUDA major, unless ``allow_no_tensorrt`` (then the
+report says TensorRT was not checked). Engines that fail to build and a failed context check make the verdict
+fail too. The GPU's SM clock, power and temperature are read before and after the benchmark, whose windows last
+seconds (a GPU's clocks ramp over the first ones).
+
 Writes ``gpu_check.json`` and ``gpu_check.md`` (short) beside the benchmark's own report folder.
 """
 
@@ -24,6 +30,7 @@ import numpy as np
 
 from optimize.artifacts import Artifact, atomic_path, engine_path, prepare_output, write_json
 from optimize.configs import GpuCheckConfig
+from optimize.cuda_runtime import cuda_text, driver_cuda_version, install_hint
 from optimize.device import DeviceError
 from optimize.errors import ConfigError, EdgeoptError
 
@@ -36,17 +43,34 @@ GPU_CHECK_MD = "gpu_check.md"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def nvidia_smi() -> dict[str, str]:
-    """GPU name, driver, memory and compute capability from nvidia-smi (raises when there is no NVIDIA GPU)."""
+STATE_FIELDS = ("clocks.sm", "clocks.max.sm", "clocks.mem", "power.draw", "power.limit", "temperature.gpu", "pstate")
+
+
+def _query(fields: tuple[str, ...]) -> dict[str, str]:
+    """One ``nvidia-smi --query-gpu`` row (device 0) as a dict (raises when there is no NVIDIA GPU)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         raise ConfigError("gpu-check needs an NVIDIA GPU: nvidia-smi is not on PATH here (no driver installed)")
-    fields = ("name", "driver_version", "memory.total", "compute_cap")
     proc = subprocess.run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader"], capture_output=True,
                           text=True, timeout=30)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise ConfigError(f"gpu-check: nvidia-smi found no usable GPU ({(proc.stderr or proc.stdout).strip()})")
     return dict(zip(fields, (v.strip() for v in proc.stdout.splitlines()[0].split(","))))
+
+
+def nvidia_smi() -> dict[str, str]:
+    """GPU name, driver, memory and compute capability from nvidia-smi (raises when there is no NVIDIA GPU)."""
+    return _query(("name", "driver_version", "memory.total", "compute_cap"))
+
+
+def gpu_state() -> dict[str, str]:
+    """SM clock (now and its maximum), memory clock, power draw and limit, temperature and performance state: read
+    before and after the benchmark, so a throttled or idle-clocked GPU shows in the report ("[N/A]" where the GPU
+    does not report one, e.g. power on some boards)."""
+    try:
+        return _query(STATE_FIELDS)
+    except (ConfigError, OSError, subprocess.SubprocessError) as e:
+        return {"error": str(e)}
 
 
 def backends() -> dict[str, dict[str, Any]]:
@@ -110,8 +134,24 @@ def _build_engines(cfg: GpuCheckConfig, onnx_path: Path, out: Path) -> tuple[lis
     return engines, failures
 
 
+def tensorrt_missing(found: dict[str, dict[str, Any]]) -> str | None:
+    """Why TensorRT can't be checked here (what is missing and what to install), or None when it can."""
+    missing = {name: found[name]["reason"] for name in ("tensorrt", "cuda_binding") if not found[name]["available"]}
+    if not missing:
+        return None
+    driver = driver_cuda_version()
+    fix = (f"this driver supports CUDA {cuda_text(driver)}: {install_hint(driver // 1000)}" if driver
+           else "no NVIDIA driver answers here")
+    return "; ".join(f"{name}: {why}" for name, why in missing.items()) + f" ({fix})"
+
+
 def run(cfg: GpuCheckConfig) -> Artifact:
-    """Run every GPU check over ``cfg.runs``; returns gpu_check.json with its figures."""
+    """Run every GPU check over ``cfg.runs``; returns gpu_check.json with its figures and ``verdict``.
+
+    Raises:
+        ConfigError: no GPU, no pipeline run, or TensorRT missing without ``cfg.allow_no_tensorrt``.
+        DeviceError: PyTorch sees no CUDA device.
+    """
     runs, out = Path(cfg.runs), cfg.out_dir
     gpu = nvidia_smi()
     teacher, onnx_path = runs / "teacher.pth", runs / "model.onnx"
@@ -119,24 +159,30 @@ def run(cfg: GpuCheckConfig) -> Artifact:
         if not needed.is_file():
             raise ConfigError(f"{needed} is missing: run the pipeline first ('make demo', or 'make demo PRESET=quick' "
                               f"for a short one) or point --runs at its folder")
-    prepare_output(out / GPU_CHECK_JSON)
     found = backends()
+    no_tensorrt = tensorrt_missing(found)
+    if no_tensorrt and not cfg.allow_no_tensorrt:
+        raise ConfigError(f"gpu-check would skip TensorRT: {no_tensorrt}; install it, or pass --allow-no-tensorrt "
+                          "(make gpu-check ALLOW_NO_TENSORRT=1) to check the other backends only")
     if not found["torch"]["available"]:
         raise DeviceError(f"gpu-check: {found['torch']['reason']}")
+    prepare_output(out / GPU_CHECK_JSON)
     batch = np.random.default_rng(0).standard_normal((8, 3, *_input_hw(onnx_path))).astype(np.float32)
     before = _teacher_logits(teacher, batch)
 
     engines, failures = [], {}
-    if found["tensorrt"]["available"] and found["cuda_binding"]["available"]:
+    if not no_tensorrt:
         engines, failures = _build_engines(cfg, onnx_path, out)
     checkpoints = [p for p in (runs / "student.pth", runs / "pruned.pth") if p.is_file()]
     # engines before checkpoints: on purpose. The ONNX model only where ONNX Runtime has CUDA (the benchmark
     # refuses a CUDA run it cannot give; the backends table says why it is absent)
     onnx_models = [str(onnx_path)] if found["onnxruntime"]["available"] else []
     models = [*map(str, engines), *onnx_models, *map(str, checkpoints)]
+    state_before = gpu_state()
     bench = report.run(report.BenchmarkConfig(models=tuple(models), baseline=str(teacher), out=str(out / "benchmark"),
-                                              data=cfg.data, device="cuda", seconds=cfg.seconds,
-                                              val_limit=cfg.val_limit, progress=False))
+                                              data=cfg.data, device="cuda", seconds=cfg.seconds, rounds=cfg.rounds,
+                                              val_limit=cfg.val_limit, tf32=cfg.tf32, progress=False))
+    state_after = gpu_state()
     after = _teacher_logits(teacher, batch)
     context = {"teacher_logits_max_abs_diff": float(np.abs(after - before).max()),
                "primary_context_current": primary_context_is_current()}
@@ -144,7 +190,15 @@ def run(cfg: GpuCheckConfig) -> Artifact:
     rows = [{k: r.get(k) for k in ("name", "backend", "precision", "runner", "top1", "skipped")}
             | {"img_per_s_b8": r.get("throughput", {}).get("8"),
                "latency_ms_b1_p50": (r.get("latency_ms_b1") or {}).get("p50")} for r in bench.manifest["rows"]]
-    figures = {"gpu": gpu, "backends": found, "engine_failures": failures, "context_check": context, "rows": rows,
+    problems = [f"TensorRT {p} engine not built: {why}" for p, why in failures.items()]
+    if not context["ok"]:
+        problems.append("context check failed: the teacher's logits changed after the TensorRT and ONNX Runtime "
+                        "rows, or another context was left current")
+    figures = {"gpu": gpu, "gpu_state": {"before": state_before, "after": state_after}, "backends": found,
+               "tensorrt_checked": no_tensorrt is None, "tensorrt_missing": no_tensorrt,
+               "engine_failures": failures, "context_check": context, "rows": rows,
+               "timing": {"seconds": cfg.seconds, "rounds": cfg.rounds},
+               "verdict": {"passed": not problems, "problems": problems},
                "benchmark": str(out / "benchmark" / report.REPORT_MD)}
     with atomic_path(out / GPU_CHECK_MD) as tmp:
         tmp.write_text(render_markdown(figures))
@@ -161,13 +215,22 @@ def _input_hw(onnx_path: Path) -> tuple[int, int]:
 def render_markdown(f: dict[str, Any]) -> str:
     """The short report: GPU, backends, the benchmark's rows, the context check."""
     g = f["gpu"]
+    verdict = f["verdict"]
     lines = ["# GPU check", "",
-             f"GPU: {g['name']}, driver {g['driver_version']}, {g['memory.total']}, compute capability "
-             f"{g['compute_cap']}", "", "| backend | here | version or reason |", "|---|---|---|"]
+             f"Verdict: {'passed' if verdict['passed'] else 'FAILED'}"
+             + ("" if f["tensorrt_checked"] else " (TensorRT NOT checked: allowed by --allow-no-tensorrt)"), ""]
+    lines += [f"- {p}" for p in verdict["problems"]]
+    if not f["tensorrt_checked"]:
+        lines.append(f"- TensorRT not checked: {f['tensorrt_missing']}")
+    lines += ["", f"GPU: {g['name']}, driver {g['driver_version']}, {g['memory.total']}, compute capability "
+              f"{g['compute_cap']}", ""]
+    for when, state in f["gpu_state"].items():
+        lines.append(f"GPU {when} the benchmark: " + ", ".join(f"{k} {v}" for k, v in state.items()))
+    t = f["timing"]
+    lines += ["", f"Timing: {t['rounds']} rounds of {t['seconds']:g} s windows per artifact and batch size", "",
+              "| backend | here | version or reason |", "|---|---|---|"]
     for name, b in f["backends"].items():
         lines.append(f"| {name} | {'yes' if b['available'] else 'no'} | {b.get('version') or b.get('reason')} |")
-    for precision, why in f["engine_failures"].items():
-        lines.append(f"\nTensorRT {precision} engine not built: {why}")
     lines += ["", "| artifact | runner | top-1 | img/s b8 | p50 ms b1 |", "|---|---|---|---|---|"]
     for r in f["rows"]:
         if r["skipped"]:

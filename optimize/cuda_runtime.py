@@ -34,7 +34,7 @@ from .errors import EngineError
 logger = logging.getLogger(__name__)
 
 # pip extras per CUDA major (pyproject.toml): TensorRT and cuda-python built for that CUDA; 11 is JetPack 5's
-EXTRAS = {11: "jetpack5", 12: "tensorrt-cu12", 13: "tensorrt-cu13"}
+EXTRAS = {11: "jetpack5", 12: "tensorrt-cu12", 13: "tensorrt-cu13"}  # pyproject.toml's extras
 # the oldest driver branch for each CUDA major (NVIDIA's CUDA compatibility table)
 DRIVER_FOR = {11: "R450", 12: "R525", 13: "R580"}
 CUDA_HINT = ("neither cuda-python nor pycuda is installed: pip install 'edgeopt[tensorrt-cu12]' or "
@@ -76,6 +76,17 @@ def tensorrt_wheel_cuda() -> int | None:
             except metadata.PackageNotFoundError:
                 continue
     return None
+
+
+def driver_cuda_version() -> int:
+    """The CUDA version the installed NVIDIA driver supports (12040 for 12.4), read from ``libcuda`` itself, so it
+    answers without any binding installed; 0 without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    version = ctypes.c_int(0)
+    return version.value if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else 0
 
 
 def native_handle(obj) -> int:
