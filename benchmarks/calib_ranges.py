@@ -35,7 +35,8 @@ logger = logging.getLogger("benchmarks.calib_ranges")
 
 # label -> (method, options)
 WAYS = {
-    "entropy, all batches in one 128-bin histogram (quantize_static)": ("entropy", ranges.RangeOptions(per_batch=False)),
+    "entropy, all batches in one 128-bin histogram (quantize_static)":
+        ("entropy", ranges.RangeOptions(per_batch=False)),
     "entropy, 128 bins per batch, merged (Model Optimizer's)": ("entropy", ranges.RangeOptions()),
     "entropy, 2048 bins per batch, merged": ("entropy", ranges.RangeOptions(num_bins=2048)),
     "entropy, 2048 bins, all batches at once": ("entropy", ranges.RangeOptions(per_batch=False, num_bins=2048)),

@@ -129,10 +129,10 @@ class _CudaArray:
 def gpu_check_step(runs: Path, out: Path, data: str) -> Callable[[bool], dict[str, Any]]:
     def run(dry: bool) -> dict[str, Any]:
         args = ["gpu-check", "--runs", runs, "--out", out / "gpu-check", "--data", data, "--allow-no-tensorrt",
-                "--seconds", "1.0", "--rounds", "2", "--val-limit", "2000"]
+                "--seconds", "2.0", "--rounds", "2", "--val-limit", "1000"]
         if dry:
             cfg = GpuCheckConfig(runs=str(runs), out=str(out / "gpu-check"), data=data, allow_no_tensorrt=True,
-                                 seconds=1.0, rounds=2, val_limit=2000)
+                                 seconds=2.0, rounds=2, val_limit=1000)
             cfg.check()
             return {"command": " ".join(map(str, ["cli.py", *args])), "tf32_rows": cfg.tf32}
         proc = _cli(*args, "--json", timeout=900)

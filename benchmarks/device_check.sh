@@ -49,4 +49,4 @@ if [ -n "$missing" ]; then
     exit 2
   fi
 fi
-exec "$PYTHON" -m benchmarks.device_check "${dry[@]}" "$@"
+exec "$PYTHON" -m benchmarks.device_check ${dry[@]+"${dry[@]}"} "$@"

@@ -104,11 +104,17 @@ def primary_context_is_current() -> bool | None:
         from cuda.bindings import driver
     except ImportError:
         return None
-    _, current = driver.cuCtxGetCurrent()
-    _, device = driver.cuDeviceGet(0)
-    _, primary = driver.cuDevicePrimaryCtxRetain(device)
+    from optimize.cuda_runtime import native_handle
+
+    status, current = driver.cuCtxGetCurrent()
+    status_dev, device = driver.cuDeviceGet(0)
+    if int(status) or int(status_dev) or current is None:
+        return None  # this cuda-python can't ask this driver (the runners used pycuda): no answer, not "no"
+    status, primary = driver.cuDevicePrimaryCtxRetain(device)
+    if int(status):
+        return None
     driver.cuDevicePrimaryCtxRelease(device)
-    return int(current) == int(primary)
+    return native_handle(current) == native_handle(primary)
 
 
 def _teacher_logits(path: Path, batch: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from optimize.data import DataSplits, default_preprocessing, load_data
 from optimize.device import ort_cuda_missing, ort_has_cuda, require_ort_cuda
 from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.loop import classification_metrics
+from optimize.onnx_model import OnnxModel
 from optimize.preprocess import Preprocessing
 from optimize.runners import Runner, backend_of, open_runner
 from optimize.timing import (Spread, compare, cpu_facts, images_per_second, interleaved, isa_summary, time_runs,
@@ -341,8 +342,8 @@ def _variants(path: str, cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     if backend == "torch" and cfg.device == "cuda":
         return [{"precision": "fp32"}, *([{"precision": "tf32"}] if cfg.tf32 else []),
                 {"precision": "fp16", "channels_last": True}, {"precision": "bf16", "channels_last": True}]
-    if backend == "onnxruntime" and cfg.device == "cuda" and cfg.tf32:
-        return [{}, {"tf32": True}]
+    if backend == "onnxruntime" and cfg.device == "cuda" and cfg.tf32 and OnnxModel.read(path).precision == "fp32":
+        return [{}, {"tf32": True}]  # TF32 is float32 math: INT8 and FP16 models have no such row
     return [{}]
 
 

@@ -193,6 +193,9 @@ def run(cfg: CalibConfig) -> Artifact:
             logger.info("reusing calibration cache %s (%d images, %s)", cache_path, cache["num_images"], cfg.method)
         else:
             batcher = ImageBatcher(splits.train, batch_size=cfg.batch_size, image_size=size, drop_last=True)
+            if not batcher.count:
+                raise CalibrationError(f"--num-images {cfg.num_images} gives no full batch of --batch-size "
+                                       f"{cfg.batch_size}; calibrate on more images or lower --batch-size")
             logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method,
                         ranges.DEFAULTS[cfg.method])
             ranges.save(ranges.collect(prepared, ({input_name: batch} for batch, _ in batcher), method=cfg.method,

@@ -459,9 +459,6 @@ class BuildConfig(Options):
             static = self.min_batch == self.opt_batch == self.max_batch
             _check((self.dla_core >= 0, "--dla-core must be 0 or more (a Jetson Orin/Xavier has cores 0 and 1)"),
                    (self.precision != "fp32", "--dla-core needs --precision fp16 or int8: DLA has no FP32"),
-                   (self.precision != "int8" or self.int8_high_precision == "fp16",
-                    "--dla-core with --precision int8 needs --int8-high-precision fp16: DLA has no FP32 for the "
-                    "unquantized layers"),
                    (static, f"--dla-core needs a static batch: --min-batch, --opt-batch and --max-batch equal (got "
                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}); DLA takes no dynamic shapes"))
         parse_size(self.workspace)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from .errors import EngineError
 logger = logging.getLogger(__name__)
 
 # pip extras per CUDA major (pyproject.toml): TensorRT and cuda-python built for that CUDA; 11 is JetPack 5's
-EXTRAS = {11: "jetpack5", 12: "tensorrt-cu12", 13: "tensorrt-cu13"}  # pyproject.toml's extras
+EXTRAS = {12: "tensorrt-cu12", 13: "tensorrt-cu13"}  # pyproject.toml's server extras (Jetsons: install_hint)
 # the oldest driver branch for each CUDA major (NVIDIA's CUDA compatibility table)
 DRIVER_FOR = {11: "R450", 12: "R525", 13: "R580"}
 CUDA_HINT = ("neither cuda-python nor pycuda is installed: pip install 'edgeopt[tensorrt-cu12]' or "
@@ -46,8 +47,18 @@ def cuda_text(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
 
 
+def on_jetson() -> bool:
+    return Path("/etc/nv_tegra_release").exists()
+
+
 def install_hint(driver_major: int) -> str:
-    """The pip command that matches a driver of this CUDA major."""
+    """The pip command that matches a driver of this CUDA major (on a Jetson: the binding beside JetPack's
+    TensorRT)."""
+    if on_jetson():
+        jetpack = {11: "jetpack5", 12: "jetpack6"}.get(driver_major)
+        if jetpack:
+            return (f"pip install 'edgeopt[{jetpack}]' (cuda-python for CUDA {driver_major}; TensorRT comes with "
+                    "JetPack: make the venv with --system-site-packages)")
     extra = EXTRAS.get(driver_major)
     if extra is None:
         return f"install TensorRT and cuda-python built for CUDA {driver_major}"
@@ -113,13 +124,19 @@ def _import_cuda_python():
         return None
 
 
-def _import_pycuda():
-    """``pycuda.driver`` with the primary context retained and current, or None."""
+def _import_pycuda(problem: str | None):
+    """``pycuda.driver`` with the primary context retained and current, or None when pycuda is not installed.
+
+    Raises:
+        EngineError: pycuda is installed but cannot start (its ``cuInit`` or the primary context failed).
+    """
     try:
         import pycuda.autoprimaryctx  # noqa: F401 - retains and pushes the primary context
         import pycuda.driver as driver
     except ImportError:
         return None
+    except Exception as e:  # noqa: BLE001 - pycuda raises its own error types when the driver fails
+        raise EngineError(f"{problem + '; ' if problem else ''}pycuda could not start: {e}") from e
     return driver
 
 
@@ -145,7 +162,7 @@ class CudaRuntime:
             runtime = self._check(rt.cudaRuntimeGetVersion())
             problem = driver_mismatch(f"cuda-python {_bindings_version(runtime)}", runtime, self.driver)
         if rt is None or problem:
-            driver = _import_pycuda()
+            driver = _import_pycuda(problem)
             if driver is None:
                 raise EngineError(problem or CUDA_HINT)
             if problem:

@@ -92,7 +92,7 @@ class Runner:
     Attributes:
         path: the artifact.
         backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
-        precision: ``fp32``, ``fp16``, ``bf16`` or ``int8``.
+        precision: ``fp32`` (IEEE), ``tf32`` (FP32 weights, TF32 math; CUDA), ``fp16``, ``bf16`` or ``int8``.
         device: ``cpu`` or ``cuda``.
         image_size: input side S of ``[n, 3, S, S]``.
         preprocessing / class_names: as recorded by the artifact (None when it records none).
@@ -290,6 +290,12 @@ class TensorRTEngineRunner(Runner):
                          int(self.trt_runner.chw[-1]),
                          Preprocessing.from_dict(pre, source=f"{path}'s manifest") if pre else None,
                          manifest.get("class_names"), self.trt_runner.max_batch, None, manifest)
+
+    @property
+    def label(self) -> str:
+        """``tensorrt int8 cuda (unquantized layers fp16)``: an INT8 engine's other layers are FP16 or FP32."""
+        rest = self.manifest.get("engine", {}).get("unquantized_layers")
+        return super().label + (f" (unquantized layers {rest})" if rest else "")
 
     def prepare(self, batch: np.ndarray):
         return self.trt_runner.prepare(batch)

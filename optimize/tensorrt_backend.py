@@ -47,10 +47,9 @@ logger = logging.getLogger(__name__)
 MIN_VERSION = (8, 5)  # JetPack 5.1; every name used here exists in 8.5, several are missing in 8.4
 DLA_QDQ_FROM = (10, 0)  # explicit (Q/DQ) INT8 on DLA; before it DLA took INT8 only from calibrators
 STRONGLY_TYPED_FROM = (10, 12)  # precision flags deprecated from here on, removed in 11
-INSTALL_HINT = ("TensorRT is not installed: on a Jetson it comes with JetPack; on a server 'pip install "
-                "\"edgeopt[tensorrt]\"' (tensorrt + cuda-python; NVIDIA GPU and driver needed); '--backend onnxruntime' "
-                "works without it")
-
+INSTALL_HINT = ("TensorRT is not installed: on a Jetson it comes with JetPack; on a server pip install "
+                "'edgeopt[tensorrt-cu13]' (driver R580 or later) or 'edgeopt[tensorrt-cu12]' (R525 to R575), as "
+                "nvidia-smi's CUDA Version says; '--backend onnxruntime' works without it")
 
 
 def trt_version(trt) -> tuple[int, int]:
@@ -63,7 +62,7 @@ def check_version(version: tuple[int, int], found: str) -> None:
     """Refuse TensorRT older than :data:`MIN_VERSION` with the fix."""
     if version < MIN_VERSION:
         raise EngineError(f"TensorRT {found} is too old: edgeopt needs TensorRT 8.5 or later (JetPack 5.1 or "
-                          "later on a Jetson; 'pip install \"tensorrt>=8.5\"' on a server)")
+                          "later on a Jetson; the README's TensorRT table on a server)")
 
 
 def import_tensorrt():
@@ -85,8 +84,8 @@ def check_dla(version: tuple[int, int], precision: str, dla_core: int | None, in
                           "DLA takes it from TensorRT 10.0 (JetPack 6.1): build --precision fp16 for DLA, or INT8 "
                           "without --dla-core")
     if int8_high_precision != "fp16":
-        raise EngineError("DLA has no FP32: an INT8 DLA engine keeps its unquantized layers in FP16 (--int8-high-"
-                          "precision fp16), else they fall back to the GPU")
+        raise EngineError("--dla-core with --precision int8 needs --int8-high-precision fp16: DLA has no FP32 for "
+                          "the unquantized layers (they would fall back to the GPU)")
 
 
 def dla_placement(engine_information: str) -> dict[str, Any]:
@@ -199,8 +198,8 @@ class EngineBuilder:
                 config.set_flag(trt.BuilderFlag.FP16)
             if precision == "int8":
                 config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ layers run INT8, the rest FP16 (or FP32)
-        if precision == "fp32" and not tf32:
-            config.clear_flag(trt.BuilderFlag.TF32)
+        if (precision == "fp32" and not tf32) or (precision == "int8" and int8_high_precision == "fp32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # FP32 layers are FP32, not TF32 (on by default from Ampere)
 
     def _use_dla(self, config, dla_core: int) -> None:
         """Put the network on DLA core ``dla_core``, layers DLA can't run falling back to the GPU; layer details

@@ -53,15 +53,19 @@ case "$INT8_HIGH_PRECISION" in
   fp16 | fp32) ;;
   *) die "INT8_HIGH_PRECISION must be fp16 or fp32, not '$INT8_HIGH_PRECISION'" ;;
 esac
+for var in MIN_BATCH OPT_BATCH MAX_BATCH WORKSPACE_MIB; do
+  [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive whole number, not '${!var}'"
+done
 if [ -n "$DLA_CORE" ]; then
-  [[ "$DLA_CORE" =~ ^[0-9]+$ ]] || die "DLA_CORE must be a DLA core number (0 or 1 on Xavier and Orin), not '$DLA_CORE'"
+  [[ "$DLA_CORE" =~ ^(0|[1-9][0-9]*)$ ]] || die "DLA_CORE must be a DLA core number (0 or 1 on Xavier and Orin), \
+not '$DLA_CORE'"
   [ "$PRECISION" != fp32 ] || die "DLA has no FP32: build fp16 or int8 for DLA_CORE=$DLA_CORE, or set DLA_CORE= \
 (empty) to build fp32 for the GPU"
   if [ "$MIN_BATCH" != "$OPT_BATCH" ] || [ "$OPT_BATCH" != "$MAX_BATCH" ]; then
     die "DLA needs a static batch: MIN_BATCH, OPT_BATCH and MAX_BATCH equal (got $MIN_BATCH/$OPT_BATCH/$MAX_BATCH), \
 e.g. MIN_BATCH=$MAX_BATCH OPT_BATCH=$MAX_BATCH; or set DLA_CORE= (empty) to build for the GPU"
   fi
-  if [ "$QDQ" = 1 ] && [ "$INT8_HIGH_PRECISION" = fp32 ]; then
+  if [ "$QDQ" = 1 ] && [ "$PRECISION" = int8 ] && [ "$INT8_HIGH_PRECISION" = fp32 ]; then
     die "DLA has no FP32 for the unquantized layers of an INT8 engine: set INT8_HIGH_PRECISION=fp16, or DLA_CORE= \
 (empty) to build for the GPU"
   fi
@@ -115,8 +119,10 @@ flags+=(@SPARSITY_FLAG@)  # --sparsity=enable when the packaged engine was built
 # this GPU and TensorRT; without nvidia-smi (e.g. a Jetson before JetPack 6) build without one.
 NVIDIA_SMI=${NVIDIA_SMI-$(command -v nvidia-smi || true)}
 gpu=
-if [ -n "$NVIDIA_SMI" ] && gpu=$("$NVIDIA_SMI" --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null \
-    | sed -n 1p) && [ -n "$gpu" ]; then
+smi_device=()  # the GPU trtexec builds for: the first CUDA_VISIBLE_DEVICES entry, when it names one by index
+if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^([0-9]+) ]]; then smi_device=(-i "${BASH_REMATCH[1]}"); fi
+if [ -n "$NVIDIA_SMI" ] && gpu=$("$NVIDIA_SMI" ${smi_device[@]+"${smi_device[@]}"} \
+    --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null | sed -n 1p) && [ -n "$gpu" ]; then
   flags+=(--timingCacheFile="timing.$(printf '%s' "$gpu" | tr -cs 'A-Za-z0-9.' '_').trt$code.cache")
 fi
 

@@ -114,8 +114,22 @@ class OnnxModel:
         return self.session.run(None, {self.input: batch})[0][:n]
 
 
-# pip extras of edgeopt per CUDA major; the pair to install beside this bundle (requirements-tensorrt.txt says more)
+# the cuda-python to install beside this bundle per CUDA major of the driver (requirements.txt says more)
 CUDA_PIP = {11: "'cuda-python>=11.4,<12' (JetPack 5)", 12: "'cuda-python>=12.0,<13'", 13: "'cuda-python>=13.0,<14'"}
+
+
+def tensorrt_wheel_cuda() -> int | None:
+    """The CUDA major TensorRT's pip wheels were built for (tensorrt-cu13-libs -> 13); None for JetPack's TensorRT."""
+    from importlib import metadata
+
+    for major in (13, 12, 11):
+        for name in (f"tensorrt-cu{major}-libs", f"tensorrt-cu{major}"):
+            try:
+                metadata.version(name)
+                return major
+            except metadata.PackageNotFoundError:
+                continue
+    return None
 
 
 def cuda_text(code: int) -> str:
@@ -140,11 +154,13 @@ class Cuda:
                 from cuda import cudart as rt  # cuda-python before 12.6
             self.rt = rt
             driver, built = self.check(rt.cudaDriverGetVersion()), self.check(rt.cudaRuntimeGetVersion())
+            self.driver = driver
             if driver <= 0:
                 problem = "no NVIDIA driver found on this machine"
             elif driver // 1000 < built // 1000:
                 problem = (f"cuda-python is built for CUDA {cuda_text(built)} but this driver supports CUDA "
-                           f"{cuda_text(driver)}: pip install {CUDA_PIP.get(driver // 1000, 'cuda-python of that major')}"
+                           f"{cuda_text(driver)}: pip install "
+                           f"{CUDA_PIP.get(driver // 1000, 'cuda-python of that major')}"
                            f" (or pycuda)")
         except ImportError:
             problem = ("a TensorRT engine needs cuda-python ('pip install cuda-python', its major version that of "
@@ -155,9 +171,17 @@ class Cuda:
                 import pycuda.driver
             except ImportError:
                 raise RunnerError(problem) from None
+            except Exception as e:  # noqa: BLE001 - pycuda's own errors when cuInit or the context fails
+                raise RunnerError(f"{problem}; pycuda could not start either: {e}") from None
             if self.rt is not None:
                 print(f"note: {problem}; using pycuda", file=sys.stderr)
             self.rt, self.pycuda = None, pycuda.driver
+            self.driver = int(pycuda.driver.get_driver_version())
+        wheel = tensorrt_wheel_cuda()
+        if wheel is not None and self.driver // 1000 < wheel:
+            raise RunnerError(f"TensorRT's pip wheel is built for CUDA {wheel}, but this driver supports CUDA "
+                              f"{cuda_text(self.driver)}: pip install tensorrt-cu{self.driver // 1000} (or update the "
+                              "driver)")
 
     def check(self, result):
         """cuda-python returns ``(status, *values)``: raise on an error status, else return the value(s)."""
@@ -183,12 +207,14 @@ class Cuda:
             return int(stream)
         return int(get_cuda_native_handle(stream))
 
-    def device_name(self) -> str:
+    def facts(self) -> dict:
+        """This GPU's name and compute capability, as CUDA names them."""
         if self.pycuda:
-            return self.pycuda.Context.get_device().name()
+            dev = self.pycuda.Context.get_device()
+            return {"gpu": dev.name(), "compute_capability": "%d.%d" % dev.compute_capability()}
         props = self.check(self.rt.cudaGetDeviceProperties(self.check(self.rt.cudaGetDevice())))
         name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        return name.rstrip("\x00")
+        return {"gpu": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
     def pinned(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """Page-locked host memory, which asynchronous copies need."""
@@ -263,13 +289,22 @@ class TensorRTModel:
         check_tensorrt(str(trt.__version__))
         self.cuda = cuda = Cuda()
         engine_facts = plan_manifest(path).get("engine", {})
-        here = {"tensorrt": str(trt.__version__), "gpu": cuda.device_name()}
+        here = {"tensorrt": str(trt.__version__), **cuda.facts()}
         if engine_facts.get("tensorrt") and not same_tensorrt(engine_facts["tensorrt"], here["tensorrt"]):
             raise RunnerError(f"{path.name} was built by TensorRT {engine_facts['tensorrt']}, this device has "
                               f"{here['tensorrt']}: rebuild it here with ./build_engine.sh")
-        if engine_facts.get("gpu") and engine_facts["gpu"] != here["gpu"]:
-            raise RunnerError(f"{path.name} was built on a {engine_facts['gpu']}, this device is a {here['gpu']}: "
-                              "rebuild it here with ./build_engine.sh")
+        # the compute capability decides (nvidia-smi, which build_engine.sh asks, names a Jetson Orin "Orin
+        # (nvgpu)" where CUDA says "Orin"); another name with the same capability is only worth a note
+        built_on = engine_facts.get("compute_capability")
+        if built_on and built_on != here["compute_capability"]:
+            raise RunnerError(f"{path.name} was built on a {engine_facts.get('gpu') or 'GPU'} (compute capability "
+                              f"{built_on}), this device is a {here['gpu']} ({here['compute_capability']}): rebuild "
+                              "it here with ./build_engine.sh")
+        if engine_facts.get("gpu") and not (engine_facts["gpu"].startswith(here["gpu"])
+                                            or here["gpu"].startswith(engine_facts["gpu"])):
+            print(f"note: {path.name} was built on a {engine_facts['gpu']}, this is a {here['gpu']} of the same "
+                  "compute capability; rebuild it here with ./build_engine.sh if it fails or runs slowly",
+                  file=sys.stderr)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         dla_core = (engine_facts.get("flags") or {}).get("dla_core")
         if dla_core is not None:  # a DLA engine loads on the core the runtime names, set before deserializing

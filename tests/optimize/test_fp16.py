@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import run_cli
+from calib import calibrate
 from optimize.data import load_data
 from optimize.fp16 import to_fp16_onnx
 from optimize.onnx_model import OnnxModel
@@ -18,10 +18,8 @@ def _run(path, x):
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16") / "model.onnx"
-    run_cli("-q", "export", "--model", trained, "--out", out, check=True)
-    return out
+def fp32_onnx(exported_onnx):
+    return exported_onnx  # the suite's tiny ResNet-18, exported once per worker
 
 
 def _head_is_float32(model: onnx.ModelProto) -> onnx.NodeProto:
@@ -59,8 +57,8 @@ def test_fp16_copy_of_a_qdq_model_keeps_int8_and_halves_the_rest(fp32_onnx, tmp_
     """An INT8 engine with FP16 unquantized layers (Model Optimizer's default): opset 19, float16 scales, INT8
     weights unchanged, the head float32; its logits stay close to the Q/DQ model's with float32 around."""
     qdq = tmp_path / "m.int8.onnx"
-    run_cli("-q", "calibrate", "--onnx", fp32_onnx, "--out", qdq, "--target", "tensorrt", "--num-images", "64",
-            "--val-limit", "64", check=True)
+    calibrate.run(calibrate.CalibConfig(onnx=str(fp32_onnx), out=str(qdq), target="tensorrt", num_images=64,
+                                        val_limit=64))
     info = to_fp16_onnx(qdq, tmp_path / "m.int8.fp16.onnx")
     model = onnx.load(str(tmp_path / "m.int8.fp16.onnx"))
     _head_is_float32(model)

@@ -255,9 +255,11 @@ def test_runner_tensorrt_reads_the_engines_dtypes_and_dla_core(runner, fake_gpu,
 
 
 @pytest.mark.parametrize("recorded, message", [
-    ({"tensorrt": "10.3.0", "gpu": "NVIDIA Fake GPU"}, None),  # trtexec's banner gives three parts: same TensorRT
+    ({"tensorrt": "10.3.0", "gpu": "NVIDIA Fake GPU", "compute_capability": "9.0"}, None),  # trtexec: 3 parts
+    ({"tensorrt": "10.3.0", "gpu": "NVIDIA Fake GPU (nvgpu)", "compute_capability": "9.0"}, None),  # nvidia-smi's
     ({"tensorrt": "8.6.1", "gpu": "NVIDIA Fake GPU"}, "built by TensorRT 8.6.1, this device has 10.3.0.26"),
-    ({"tensorrt": "10.3.0.26", "gpu": "Orin"}, "built on a Orin, this device is a NVIDIA Fake GPU"),
+    ({"tensorrt": "10.3.0.26", "gpu": "Orin", "compute_capability": "8.7"},
+     r"built on a Orin \(compute capability 8.7\), this device is a NVIDIA Fake GPU \(9.0\)"),
 ])
 def test_runner_checks_the_plans_manifest_before_loading(runner, fake_gpu, tmp_path, recorded, message):
     fakes = fake_gpu(trt_version="10.3.0.26")
@@ -270,19 +272,25 @@ def test_runner_checks_the_plans_manifest_before_loading(runner, fake_gpu, tmp_p
         runner.TensorRTModel(tmp_path / "model.plan")
 
 
-@pytest.mark.parametrize("pycuda", [False, True])
-def test_runner_with_a_driver_older_than_cuda_python(bundle, fake_gpu, tmp_path, pycuda):
-    """JetPack 6 (CUDA 12.6) with cuda-python 13 from a plain pip install: one line naming the install, exit 2;
-    with pycuda installed, pycuda runs the plan instead (a note on stderr)."""
-    fakes = fake_gpu(trt_version="10.3.0", driver=12060, runtime=13000, pycuda=pycuda)
+@pytest.mark.parametrize("driver, runtime, pycuda, wheel, expect", [
+    # JetPack 6 (CUDA 12.6) with cuda-python 13 from a plain pip install: one line naming the install, exit 2
+    (12060, 13000, False, False, "CUDA 13.0 but this driver supports CUDA 12.6: pip install 'cuda-python>=12.0,<13'"),
+    (12060, 13000, True, False, None),  # pycuda installed: it runs the plan instead (a note on stderr)
+    # an R550 server with cuda-python 12 but TensorRT's CUDA 13 wheel
+    (12040, 12040, False, True, "TensorRT's pip wheel is built for CUDA 13, but this driver supports CUDA 12.4: "
+                                "pip install tensorrt-cu12"),
+])
+def test_runner_with_a_driver_older_than_its_cuda_packages(bundle, fake_gpu, tmp_path, driver, runtime, pycuda,
+                                                            wheel, expect):
+    fakes = fake_gpu(trt_version="10.3.0", driver=driver, runtime=runtime, pycuda=pycuda, trt_wheel_cu13=wheel)
     (tmp_path / "model.plan").write_bytes(fakes.trt.engine_spec(chw=(3, 16, 16)))
     Image.new("RGB", (20, 16)).save(tmp_path / "x.png")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}, **fakes.env()}
     proc = subprocess.run([sys.executable, bundle / "runner.py", tmp_path / "x.png", "--model",
                            tmp_path / "model.plan"], env=env, capture_output=True, text=True, timeout=60)
-    if not pycuda:
+    if expect:
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-        assert "CUDA 13.0 but this driver supports CUDA 12.6: pip install 'cuda-python>=12.0,<13'" in proc.stderr
+        assert expect in proc.stderr
         return
     assert proc.returncode == 0, proc.stderr
     assert "using pycuda" in proc.stderr and "x.png" in proc.stdout

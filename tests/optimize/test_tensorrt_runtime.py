@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli
+from conftest import error_line, run_main
 from optimize.cuda_runtime import CudaRuntime
 from optimize.errors import EngineError
 from optimize.runners import open_runner
@@ -64,6 +64,15 @@ def test_interleaved_windows_of_several_batch_sizes_each_run_their_own_batch(fak
     # and what it ran is that batch: the fake engine's logits are the first 10 values of each input row
     np.testing.assert_array_equal(runner.infer(batch(8, seed=8)), batch(8, seed=8).reshape(8, -1)[:, :10])
     np.testing.assert_array_equal(runner.infer(e2e), e2e.reshape(4, -1)[:, :10])
+
+
+def test_an_int8_engines_row_says_what_its_unquantized_layers_ran_in(fake_gpu, tmp_path):
+    fakes = fake_gpu()
+    engine = fake_engine(tmp_path, fakes.trt)
+    manifest = json.loads(engine.with_name("model.engine.json").read_text())
+    manifest["engine"].update(precision="int8", unquantized_layers="fp16")
+    engine.with_name("model.engine.json").write_text(json.dumps(manifest))
+    assert open_runner(engine, device="cuda").label == "tensorrt int8 cuda (unquantized layers fp16)"
 
 
 def test_copies_only_the_rows_of_the_batch_on_the_runners_own_stream(fake_gpu, tmp_path):
@@ -137,10 +146,10 @@ def test_a_tensorrt_wheel_for_a_newer_cuda_than_the_driver_is_refused(fake_gpu):
 
 def test_build_engine_says_which_extra_matches_the_driver(fake_gpu, exported_onnx, tmp_path):
     """The CLI on a machine whose driver is older than cuda-python's CUDA: one line, exit 2, no engine."""
-    fakes = fake_gpu(driver=12020, runtime=13000)
+    fake_gpu(driver=12020, runtime=13000)
     out = tmp_path / "m.engine"
-    proc = run_cli("-q", "build-engine", "--onnx", exported_onnx, "--backend", "tensorrt", "--precision", "fp32",
-                   "--out", out, env=fakes.env())
+    proc = run_main("-q", "build-engine", "--onnx", exported_onnx, "--backend", "tensorrt", "--precision", "fp32",
+                    "--out", out)
     line = error_line(proc)
     assert proc.returncode == 2 and "edgeopt[tensorrt-cu12]" in line and "CUDA 12.2" in line
     assert not out.exists()
@@ -160,11 +169,11 @@ def test_the_real_cuda_python_here_reports_no_driver():
 
 def test_qdq_int8_on_dla_before_tensorrt_10_is_refused_before_calibration(fake_gpu, exported_onnx, tmp_path):
     """JetPack 6.0's TensorRT 8.6 runs explicitly quantized INT8 on the GPU only: refused before calibrating."""
-    fakes = fake_gpu(trt_version="8.6.1")
+    fake_gpu(trt_version="8.6.1")
     out = tmp_path / "m.engine"
-    proc = run_cli("-q", "build-engine", "--onnx", exported_onnx, "--backend", "tensorrt", "--precision", "int8",
-                   "--dla-core", "0", "--min-batch", "8", "--opt-batch", "8", "--max-batch", "8",
-                   "--calib-data", "fashion-mnist", "--out", out, env=fakes.env())
+    proc = run_main("-q", "build-engine", "--onnx", exported_onnx, "--backend", "tensorrt", "--precision", "int8",
+                    "--dla-core", "0", "--min-batch", "8", "--opt-batch", "8", "--max-batch", "8",
+                    "--calib-data", "fashion-mnist", "--out", out)
     line = error_line(proc)
     assert proc.returncode == 2 and "TensorRT 8.6" in line and "DLA takes it from TensorRT 10.0" in line
     assert not list(tmp_path.iterdir())  # no engine, no calibration cache: nothing ran
