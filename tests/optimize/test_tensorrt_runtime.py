@@ -191,3 +191,18 @@ def test_dla_placement_is_read_from_the_built_engine():
     found = dla_placement(info)
     assert (found["dla_subgraphs"], found["gpu_layers"]) == (1, 2)
     assert found["gpu_layer_names"] == ["/avgpool/GlobalAveragePool", "fc"]
+
+
+def test_the_bundle_runner_reads_tensorrts_wheel_as_the_cuda_runtime_does(fake_gpu):
+    """runner.py must stay torch- and edgeopt-free, so it keeps its own copy of the wheel lookup: the two agree."""
+    import importlib.util
+
+    from optimize import cuda_runtime
+    from optimize.package import TEMPLATES
+
+    spec = importlib.util.spec_from_file_location("bundle_runner_copy", TEMPLATES / "runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    assert runner.tensorrt_wheel_cuda() == cuda_runtime.tensorrt_wheel_cuda()  # no wheel here: both None
+    fake_gpu(trt_wheel_cu13=True)
+    assert runner.tensorrt_wheel_cuda() == cuda_runtime.tensorrt_wheel_cuda() == 13
