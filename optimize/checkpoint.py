@@ -7,8 +7,9 @@ An edgeopt checkpoint is a plain dict of tensors and primitives (so it loads wit
      "metrics": {...}, "train_state": {...}   # only in the resumable "<out>.last.pth"}
 
 :func:`load_checkpoint` also accepts a plain torchvision ResNet state_dict (optionally nested under "model" or
-"state_dict", optionally with DataParallel's "module." prefix), a TorchScript file (forward only), and - only
-with ``trust=True`` - a pickled whole ``nn.Module``.
+"state_dict", optionally with DataParallel's "module." prefix or one wrapper attribute's prefix such as a PyTorch
+Lightning module's "model."), a TorchScript file (forward only), and - only with ``trust=True`` - a pickled whole
+``nn.Module``.
 """
 
 from __future__ import annotations
@@ -136,16 +137,38 @@ def fold_prune_masks(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The tensor dict inside ``obj`` (plain, or nested under "model" / "state_dict"), prefix stripped."""
+def _as_state_dict(obj: Any, source: str = "") -> dict[str, torch.Tensor] | None:
+    """The tensor dict inside ``obj`` (plain, or nested under "model" / "state_dict", as PyTorch Lightning saves
+    it), prefixes stripped: DataParallel's ``module.`` and one common wrapper prefix (:func:`strip_wrapper`)."""
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
-                return _as_state_dict(obj[key])
+                return _as_state_dict(obj[key], source)
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             sd = {k.removeprefix("module."): v for k, v in obj.items()}
-            return fold_prune_masks(sd)
+            return fold_prune_masks(strip_wrapper(sd, source))
     return None
+
+
+def strip_wrapper(sd: dict[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
+    """``sd`` without the attribute name a training wrapper put in front of every key: a PyTorch Lightning module
+    holding the ResNet as ``self.model`` saves ``model.conv1.weight``; ``net.``, ``backbone.``, ``encoder.`` likewise.
+
+    Stripped only when every key shares that one first component and the rest is a torchvision ResNet's keys (the
+    prefix is logged); anything else is returned as it is, for the loader to name what it found.
+    """
+    while sd and guess_arch(sd) is None:
+        prefixes = {k.split(".", 1)[0] for k in sd}
+        if len(prefixes) != 1 or not all("." in k for k in sd):
+            return sd
+        prefix = prefixes.pop() + "."
+        stripped = {k[len(prefix):]: v for k, v in sd.items()}
+        if guess_arch(stripped) is None and len({k.split(".", 1)[0] for k in stripped}) != 1:
+            return sd
+        logger.info("%s: weights under the prefix '%s' (a training wrapper's attribute): loaded without it",
+                    source or "checkpoint", prefix)
+        sd = stripped
+    return sd
 
 
 def _recorded_preprocessing(recorded: Any, source: str) -> Preprocessing | None:
@@ -229,7 +252,7 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
                            dict(obj.get("metrics") or {}), extra)
 
     if isinstance(obj, nn.Module):  # only reachable with trust=True
-        sd = _as_state_dict(obj.state_dict())
+        sd = _as_state_dict(obj.state_dict(), str(path))
         if sd is not None and guess_arch(sd) is not None:
             model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
             return LoadedModel(model.eval(), "pickled-module", path, digest, found_arch, stem,
@@ -238,7 +261,7 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
                        type(obj).__name__)
         return LoadedModel(obj.eval(), "pickled-module", path, digest)
 
-    sd = _as_state_dict(obj)
+    sd = _as_state_dict(obj, str(path))
     if sd is None:
         raise CheckpointError(f"{path} is a PyTorch file but holds no model weights (found {type(obj).__name__}); "
                               "give an edgeopt checkpoint, a ResNet state_dict or a TorchScript file")
