@@ -104,6 +104,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{_fmt(p['top1_pruned'], '.2%')}; before any fine-tuning, BatchNorm statistics re-estimated "
                   f"{_fmt(p.get('top1_before_finetune'), '.2%')}; after fine-tuning {_fmt(p['top1_after'], '.2%')} "
                   "(the checkpoint's manifest, on its own val split)"]
+    lines += _device_section(report, sizes, ref)
     final = (report.get("final") or {}).get("artifact")
     final_row = next((r for r in report["rows"] if r["name"] == final and r.get("classification")), None)
     if final_row:
@@ -144,7 +145,46 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"- date: {env['date']}; {env['platform']}"]
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(report["plots"])]
+    if not speed_only and report.get("final"):
+        lines += ["", "## On the device", "",
+                  f"Prove there what this report measured here: `python cli.py package --model "
+                  f"{report['final']['artifact']} --out dist/bundle` (with its acceptance set), copy the bundle, run "
+                  "`python runner.py --check` on the device (`./build_engine.sh` runs it after each engine it builds), "
+                  "then `python cli.py benchmark --out <this folder> --device-results check.json` adds its rows to "
+                  "this report."]
     return "\n".join(lines) + "\n"
+
+
+def _device_section(report: dict[str, Any], sizes: list[str], ref: str) -> list[str]:
+    """The rows measured on other machines (``runner.py --check``): the same speed columns, the machine named."""
+    rows = report.get("device_rows") or []
+    if not rows:
+        return []
+    lines = ["", "## Measured on other machines (runner.py --check)", "",
+             f"Top-1 on each bundle's acceptance set (its images, not this report's val split) beside the host's on "
+             f"the same set; speed on that machine, copies to and from the device included; speedups divide its "
+             f"images/s by this report's baseline ({report['baseline']}) on this machine: **cross-machine**.", "",
+             "| model @ machine | backend | precision | images | top-1 (set) | host top-1 (set) | agree with host | "
+             "b1 p50/p99 ms | " + " | ".join(f"img/s b{b}" for b in sizes)
+             + f" | cross-machine speedup b{ref} | check |",
+             "|" + "|".join([" --- "] * 3 + [" ---: "] * (7 + len(sizes)) + [" --- "]) + "|"]
+    for r in rows:
+        lat = r.get("latency_ms_b1")
+        verdict = r.get("verdict") or {}
+        cells = [r["name"], r["backend"] or "—", r["precision"] or "—", str(r["images"]), _fmt(r["top1"], ".2%"),
+                 _fmt(r["host_top1"], ".2%"), _fmt(r["agreement_with_host"], ".2%"),
+                 f"{lat['p50']:.2f}/{lat['p99']:.2f}" if lat else "—"]
+        cells += [_with_spread(r["throughput"].get(b), _as_spread(r["throughput_spread"].get(b))) for b in sizes]
+        speedup = r["speedup_cross_machine"].get(ref)
+        cells += [_fmt(speedup, ".2f") + ("x" if speedup else ""),
+                  "passed" if verdict.get("passed") else "FAILED: " + "; ".join(verdict.get("problems", []))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _as_spread(t: dict[str, float] | None) -> dict[str, Any] | None:
+    """A device check's ``{median, low, high}`` in the form :func:`_with_spread` reads."""
+    return None if not t else {"low": t["low"], "high": t["high"], "rounds": [t["low"], t["high"]]}
 
 
 

@@ -30,6 +30,7 @@ The stage is three jobs, one module each: :mod:`benchmarks.measure` (open, score
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,10 +38,10 @@ from pathlib import Path
 from optimize.artifacts import Artifact, atomic_path, prepare_output, resolve_data, write_json
 from optimize.configs import BenchmarkConfig
 from optimize.device import resolve_for
-from optimize.errors import DataError
+from optimize.errors import ConfigError, DataError
 from optimize.runners import RunnerError, backend_of, default_threads
 
-from . import gates, measure, render
+from . import device_rows, gates, measure, render
 from .gates import pareto_front
 from .measure import Row, cpu_name, onnx_graph_stats
 from .render import PLOT_LATENCY, PLOT_PARETO, render_markdown
@@ -53,6 +54,22 @@ logger = logging.getLogger(__name__)
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
+def redraw_with_devices(out: Path, checks: tuple[str, ...]) -> Artifact:
+    """The report already in ``out`` with the rows of these device checks added (:mod:`benchmarks.device_rows`),
+    written again; nothing is measured here."""
+    try:
+        report = json.loads((out / REPORT_JSON).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--device-results without --models adds rows to the report in --out, and "
+                          f"{out / REPORT_JSON} is not readable ({e}); point --out at a benchmark's folder "
+                          "(runs/demo/report)") from e
+    device_rows.add(report, checks)
+    write_json(out / REPORT_JSON, report)
+    with atomic_path(out / REPORT_MD) as tmp_md:
+        tmp_md.write_text(render_markdown(report))
+    return Artifact(out / REPORT_JSON, report)
+
+
 def run(cfg: BenchmarkConfig) -> Artifact:
     """Benchmark every artifact of ``cfg`` and write the report; returns report.json with the report as manifest.
 
@@ -61,6 +78,8 @@ def run(cfg: BenchmarkConfig) -> Artifact:
         RunnerError: the baseline could not run.
     """
     out = Path(cfg.out)
+    if cfg.device_results and not (cfg.models or cfg.baseline):
+        return redraw_with_devices(out, cfg.device_results)
     prepare_output(out / REPORT_JSON)
     # one device for every row: auto is CUDA only where all the listed artifacts can run on it
     cfg = replace(cfg, device=resolve_for(cfg.device, [backend_of(p) for p in (cfg.baseline, *cfg.models) if p]))
@@ -82,6 +101,8 @@ def run(cfg: BenchmarkConfig) -> Artifact:
               "environment": measure.environment(threads, cfg.device), "reference_batch": cfg.reference_batch,
               "baseline": base.name, "rows": [asdict(r) for r in rows], **decided,
               "pruning": measure.pruning_records(jobs)}
+    if cfg.device_results:
+        device_rows.add(report, cfg.device_results)
     report["plots"] = [p.name for p in render.plots(report, out)]
     write_json(out / REPORT_JSON, report)
     with atomic_path(out / REPORT_MD) as tmp_md:

@@ -504,12 +504,25 @@ class PackageConfig(Options):
                                    default_text="the engine's profile, else 8")
     max_batch: int | None = option(None, help="Triton max_batch_size and the profile's largest batch",
                                    group="batch profile", default_text="the engine's profile, else 64")
+    data: str | None = data_field(recorded=True)
+    check_images: int | None = option(None, metavar="N", group="acceptance set",
+                                      help="val images in the bundle's acceptance set, for 'runner.py --check' on the "
+                                           "device (0: none)", default_text="256 up to 64 px, 64 above")
+    max_accuracy_drop: float = option(1.0, group="acceptance set",
+                                      help="the device check's budget: top-1 points its model may lose against the "
+                                           "host's on the acceptance set")
+    check_batch_sizes: tuple[int, ...] = option((1, 8, 32), group="acceptance set",
+                                                help="batch sizes the device check times (within the profile)")
     force: bool = option(False, help="replace a non-empty --out", group="output")
 
     def check(self) -> None:
         _check((self.name is None or bool(_TRITON_NAME.match(self.name)),
                 f"--name {self.name!r}: use letters, digits, '_' and '-' only (a folder name in the Triton "
-                "repository)"))
+                "repository)"),
+               (self.check_images is None or self.check_images >= 0, "--check-images must be 0 or more"),
+               (0 <= self.max_accuracy_drop < 100, "--max-accuracy-drop must be in [0, 100) top-1 points"),
+               (bool(self.check_batch_sizes) and min(self.check_batch_sizes) >= 1,
+                "--check-batch-sizes must be positive integers"))
 
 
 @dataclass(frozen=True)
@@ -577,11 +590,17 @@ class BenchmarkConfig(Options):
     e2e_batch: int = option(8, help="batch size of the end-to-end figure (decoded image -> preprocessing -> model)")
     tf32: bool = option(False, help="--device cuda: also time FP32 checkpoints and ONNX models with TF32 math, as "
                                     "rows of their own labelled tf32 (the fp32 rows are IEEE FP32 either way)")
+    device_results: tuple[str, ...] = option((), metavar="CHECK_JSON",
+                                             help="check.json files of 'runner.py --check' on devices: rows of their "
+                                                  "own in the report, marked with the machine; without --models "
+                                                  "and --baseline, the report in --out is redrawn with them")
     trust_checkpoint: bool = trust_field()
     progress: bool = progress_field()
 
     def check(self) -> None:
-        _check((bool(self.models or self.baseline), "give at least one model to benchmark (--models) or a --baseline"),
+        _check((bool(self.models or self.baseline or self.device_results),
+                "give at least one model to benchmark (--models) or a --baseline (or --device-results to add to a "
+                "report)"),
                (bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "--batch-sizes must be positive integers"),
                (self.seconds > 0 and self.warmup >= 0 and self.e2e_batch >= 1 and self.rounds >= 1,
                 "--seconds must be > 0, --rounds >= 1, --warmup >= 0 and --e2e-batch >= 1"),

@@ -35,8 +35,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .acceptance import default_count, write_acceptance_set
 from .artifacts import Artifact, calibration_cache_path, library_versions, manifest_path, read_manifest, \
-    remove_stale_temp, sha256_file, write_error, write_json
+    remove_stale_temp, resolve_data, sha256_file, write_error, write_json
 from .build_engine import int8_step
 from .configs import CalibConfig, PackageConfig, parse_size
 from .errors import ConfigError, OutputError, PackageError
@@ -331,6 +332,19 @@ def _write_scripts(source: _Source, work: Path, profile: Profile, precision: str
         os.chmod(work / script, 0o755)
 
 
+def _write_acceptance(cfg: PackageConfig, source: _Source, work: Path, profile: Profile) -> dict[str, Any] | None:
+    """``check/``: the acceptance set ``runner.py --check`` runs on the device (:mod:`optimize.acceptance`)."""
+    count = default_count(source.model.image_size) if cfg.check_images is None else cfg.check_images
+    if count == 0:
+        logger.warning("--check-images 0: the bundle has no acceptance set; runner.py --check cannot run on the "
+                       "device")
+        return None
+    sizes = tuple(b for b in cfg.check_batch_sizes if profile.min_batch <= b <= profile.max_batch)
+    return write_acceptance_set(work, work / "model.onnx", data=resolve_data(cfg.data, source.onnx), count=count,
+                                max_accuracy_drop=cfg.max_accuracy_drop,
+                                batch_sizes=sizes or (profile.opt_batch,))
+
+
 def run(cfg: PackageConfig) -> Artifact:
     """Write the bundle for ``cfg.model``; returns the bundle folder with ``bundle.json`` as its manifest."""
     source = _source(cfg)
@@ -368,6 +382,7 @@ def run(cfg: PackageConfig) -> Artifact:
         platform = _write_triton(source, work, name, profile, labels)
         _write_scripts(source, work, profile, precision, qdq,
                        f"model_repository/{name}/1/model.plan" if platform == "tensorrt_plan" else "")
+        acceptance = _write_acceptance(cfg, source, work, profile)
         payload = {
             "format": BUNDLE_FORMAT, "version": 1,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -384,6 +399,7 @@ def run(cfg: PackageConfig) -> Artifact:
             "triton": {"repository": "model_repository", "model": name, "platform": platform,
                        "max_batch_size": profile.max_batch},
             "calibration_cache": cache.name if cache else None,
+            "acceptance_set": acceptance,
             "versions": library_versions(),
             "files": {str(p.relative_to(work)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                       for p in sorted(work.rglob("*")) if p.is_file()},

@@ -7,7 +7,8 @@
 #   @MAX_BATCH@), WORKSPACE_MIB (default @WORKSPACE_MIB@), OUT (default model.plan), DLA_CORE (the Jetson DLA core
 #   to build for; default '@DLA_CORE@', empty meaning the GPU), INT8_HIGH_PRECISION (fp16 or fp32: what an INT8
 #   engine runs its unquantized layers in; default @INT8_HIGH_PRECISION@), NVIDIA_SMI (path of nvidia-smi, which
-#   names the timing cache and the GPU in the manifest; empty: neither), EXTRA_FLAGS (passed to trtexec).
+#   names the timing cache and the GPU in the manifest; empty: neither), EXTRA_FLAGS (passed to trtexec), CHECK
+#   (0: skip the acceptance check), CHECK_PYTHON (the Python running runner.py --check; default python3).
 #
 # Precision by TensorRT version (the same rules as 'cli.py build-engine'):
 # - 8.5 to 10.11: builder flags. fp16: --fp16; int8: --int8 with the Q/DQ model.onnx (whose scales come from
@@ -22,7 +23,9 @@
 # DLA (Jetson) runs fp16 or int8 only, with a static batch (MIN_BATCH = OPT_BATCH = MAX_BATCH); Q/DQ INT8 on DLA
 # needs TensorRT 10.0 or later (JetPack 6.1) and FP16 for the unquantized layers.
 # After the build, $OUT.json records the TensorRT version, GPU, precision and profile: runner.py refuses a plan
-# whose manifest names another TensorRT or GPU (the one 'package' shipped was built on the host).
+# whose manifest names another TensorRT or GPU (the one 'package' shipped was built on the host). Then
+# 'runner.py --check' holds the new plan to the host's accuracy on the bundle's acceptance set; a plan that fails
+# is kept as $OUT.rejected (reason in $OUT.rejected.reason) and neither runner.py nor Triton gets it (exit 1).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -132,18 +135,54 @@ echo "building $OUT from $onnx with TensorRT $major.$minor ($PRECISION, batch $M
   --minShapes="$INPUT:${MIN_BATCH}x$CHW" --optShapes="$INPUT:${OPT_BATCH}x$CHW" --maxShapes="$INPUT:${MAX_BATCH}x$CHW" \
   --memPoolSize=workspace:"$WORKSPACE_MIB" ${flags[@]+"${flags[@]}"} ${EXTRA_FLAGS:-}
 
-# the manifest of what was just built (runner.py checks it before loading the plan)
+# the manifest of what was just built (runner.py checks it before loading the plan), with the acceptance check's
+# outcome: write_manifest FILE CHECK, CHECK a JSON value
 json_text() { if [ -n "$1" ]; then printf '"%s"' "$(printf '%s' "$1" | tr -d '"\\')"; else printf null; fi; }
 gpu_name=${gpu%,*} compute_cap=${gpu##*, }
 [ -n "$gpu" ] || compute_cap=
 if [ "$QDQ" = 1 ] && [ "$PRECISION" = int8 ]; then high=$(json_text "$INT8_HIGH_PRECISION"); else high=null; fi
-fmt='{"stage": "build_engine.sh", "onnx": "%s", "engine": {"backend": "tensorrt", "tensorrt": "%s", "gpu": %s, '
-fmt+='"compute_capability": %s, "precision": "%s", "profile": {"min_batch": %s, "opt_batch": %s, "max_batch": %s}, '
-fmt+='"flags": {"dla_core": %s, "int8_high_precision": %s}}}\n'
-# shellcheck disable=SC2059  # the format is ours
-printf "$fmt" "$onnx" "$major.$minor.$((code % 100))" "$(json_text "$gpu_name")" "$(json_text "$compute_cap")" \
-  "$PRECISION" "$MIN_BATCH" "$OPT_BATCH" "$MAX_BATCH" "${DLA_CORE:-null}" "$high" > "$OUT.json.tmp"
-mv "$OUT.json.tmp" "$OUT.json"
+write_manifest() {
+  local fmt='{"stage": "build_engine.sh", "onnx": "%s", "engine": {"backend": "tensorrt", "tensorrt": "%s", '
+  fmt+='"gpu": %s, "compute_capability": %s, "precision": "%s", "profile": {"min_batch": %s, "opt_batch": %s, '
+  fmt+='"max_batch": %s}, "flags": {"dla_core": %s, "int8_high_precision": %s}}, "check": %s}\n'
+  # shellcheck disable=SC2059  # the format is ours
+  printf "$fmt" "$onnx" "$major.$minor.$((code % 100))" "$(json_text "$gpu_name")" "$(json_text "$compute_cap")" \
+    "$PRECISION" "$MIN_BATCH" "$OPT_BATCH" "$MAX_BATCH" "${DLA_CORE:-null}" "$high" "$2" > "$1.tmp"
+  mv "$1.tmp" "$1"
+}
+write_manifest "$OUT.json" '"pending"'
+
+# the acceptance check (runner.py --check against the host's reference in check/): a plan that fails it is not
+# installed: it stays beside as $OUT.rejected, with the check's report as $OUT.rejected.reason, and Triton's plan
+# is left as it was. CHECK=0 skips it; CHECK_PYTHON is the Python that runs runner.py.
+CHECK=${CHECK:-1}
+CHECK_PYTHON=${CHECK_PYTHON:-python3}
+checked='"not run"'
+if [ "$CHECK" = 1 ] && [ -f check/reference.json ]; then
+  echo "checking $OUT against the host's reference (runner.py --check)"
+  rc=0
+  rm -f check.json
+  "$CHECK_PYTHON" runner.py --check --model "$OUT" --out . || rc=$?
+  # exit 1 with a verdict written is a failed check; a Python that could not run runner.py also exits 1
+  if [ "$rc" = 1 ] && grep -q '"passed": false' check.json 2>/dev/null; then
+    mv "$OUT" "$OUT.rejected"
+    write_manifest "$OUT.rejected.json" '"failed"'
+    rm -f "$OUT.json"
+    cp check.md "$OUT.rejected.reason" 2>/dev/null ||
+      echo "runner.py --check failed (it wrote no check.md)" > "$OUT.rejected.reason"
+    echo "error: $OUT failed the acceptance check and was not installed: kept as $OUT.rejected, the reason in" \
+         "$OUT.rejected.reason" >&2
+    exit 1
+  elif [ "$rc" = 0 ]; then
+    checked='"passed"'
+  else
+    echo "warning: the acceptance check could not run (runner.py --check exit $rc, no verdict; it needs numpy," \
+         "Pillow, TensorRT and a CUDA binding): $OUT is installed unchecked" >&2
+  fi
+elif [ "$CHECK" = 1 ]; then
+  echo "note: this bundle has no acceptance set (check/): $OUT is installed unchecked"
+fi
+write_manifest "$OUT.json" "$checked"
 
 if [ -n "$TRITON_PLAN" ] && [ "$OUT" != "$TRITON_PLAN" ]; then
   if [ "$MIN_BATCH" = 1 ]; then

@@ -8,9 +8,17 @@ transform with Pillow and numpy (any image mode -> RGB, resize the shorter side,
 normalize).
 
     python runner.py IMAGE_OR_DIR... [--model model.onnx|model.plan] [--top-k 5] [--json] [--batch-size 32]
+    python runner.py --check [--model model.plan] [--seconds 1] [--rounds 3]
 
 Prints the top-k classes per image (``--json``: a list of {"image", "top_k": [{"index", "class",
 "probability"}], "error"}); an unreadable image gets an error entry and exit code 1. Other errors exit 2.
+
+``--check`` proves on this device what the host measured: it runs the model it would serve over the bundle's
+acceptance set (``check/``, written by ``cli.py package``) and compares with the host's reference: top-1 on the
+set against the host's, agreement with the host's answers, the logits' differences, this machine's preprocessing
+against the host's tensors, then latency at batch 1 and images/s at the set's batch sizes (interleaved rounds,
+medians and spreads), with the device's facts. Verdict against the budget the bundle carries; exit 1 when it
+fails. Writes ``check.json`` and ``check.md`` (beside this file, or in ``--out``).
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +106,8 @@ class OnnxModel:
     batches of exactly that size (the last one padded, the padding's rows dropped)."""
 
     max_batch = None
+    min_batch = 1
+    backend = "onnxruntime"
 
     def __init__(self, path: Path):
         import onnxruntime as ort
@@ -102,6 +115,7 @@ class OnnxModel:
         wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [p for p in wanted if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(str(path), providers=providers)
+        self.facts = {"runtime": f"onnxruntime {ort.__version__}", "providers": self.session.get_providers()}
         inp = self.session.get_inputs()[0]
         self.input = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
@@ -283,6 +297,8 @@ class TensorRTModel:
     manifest (``model.plan.json``) is checked first: a plan built by another TensorRT or on another GPU does not
     load, or loads and computes garbage. The process exit frees the buffers."""
 
+    backend = "tensorrt"
+
     def __init__(self, path: Path):
         import tensorrt as trt
 
@@ -290,6 +306,9 @@ class TensorRTModel:
         self.cuda = cuda = Cuda()
         engine_facts = plan_manifest(path).get("engine", {})
         here = {"tensorrt": str(trt.__version__), **cuda.facts()}
+        self.facts = {"runtime": f"tensorrt {trt.__version__}", "cuda_binding": "pycuda" if cuda.pycuda else
+                      "cuda-python", **here, "precision": engine_facts.get("precision"),
+                      "unquantized_layers": (engine_facts.get("flags") or {}).get("int8_high_precision")}
         if engine_facts.get("tensorrt") and not same_tensorrt(engine_facts["tensorrt"], here["tensorrt"]):
             raise RunnerError(f"{path.name} was built by TensorRT {engine_facts['tensorrt']}, this device has "
                               f"{here['tensorrt']}: rebuild it here with ./build_engine.sh")
@@ -357,10 +376,13 @@ def open_model(path: Path | None):
         if not _importable("tensorrt"):
             raise RunnerError(f"{path.name} needs tensorrt (8.5 or later): on a Jetson it comes with JetPack; or run "
                               "model.onnx with onnxruntime")
-        return TensorRTModel(path)
-    if not _importable("onnxruntime"):
+        model = TensorRTModel(path)
+    elif not _importable("onnxruntime"):
         raise RunnerError("model.onnx needs onnxruntime: pip install -r requirements.txt")
-    return OnnxModel(path)
+    else:
+        model = OnnxModel(path)
+    model.source = path
+    return model
 
 
 def _importable(module: str) -> bool:
@@ -413,15 +435,169 @@ def classify(model, files: list[Path], spec: dict, labels: list[str], top_k: int
     return [results[i] for i in range(len(files))]
 
 
+# -- the acceptance check (--check) -------------------------------------------------------------------------
+
+def run_all(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits of every row of ``x``, in batches the model takes."""
+    batch_size = max(min(batch_size, model.max_batch or batch_size), getattr(model, "min_batch", 1), 1)
+    return np.concatenate([model.infer(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def time_model(model, x: np.ndarray, batch_sizes: list[int], seconds: float, rounds: int) -> dict:
+    """Latency at batch 1 and images/s per batch size: ``rounds`` rounds in which each batch size gets one window of
+    ``seconds`` (order rotated each round), as the host's benchmark times; each figure is the median over the rounds
+    with the slowest and fastest beside it. Times ``infer``: copies to and from the device included."""
+    batches = {b: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:]))) for b in batch_sizes}
+    for b in batch_sizes:  # warm-up
+        model.infer(batches[b])
+    rates: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    latencies: list[float] = []
+    for r in range(rounds):
+        for b in batch_sizes[r % len(batch_sizes):] + batch_sizes[:r % len(batch_sizes)]:
+            runs, start = 0, time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                model.infer(batches[b])
+                t1 = time.perf_counter()
+                runs += 1
+                if b == 1:
+                    latencies.append(t1 - t0)
+                if t1 - start >= seconds:
+                    break
+            rates[b].append(runs * b / (t1 - start))
+    result = {"seconds": seconds, "rounds": rounds, "includes": "copies to and from the device",
+              "throughput": {str(b): {"median": float(np.median(v)), "low": float(min(v)), "high": float(max(v))}
+                             for b, v in rates.items()}}
+    if latencies:
+        ms = np.asarray(latencies) * 1e3
+        result["latency_ms_b1"] = {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                                   "runs": int(len(ms))}
+    return result
+
+
+def _first_line(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()[0].strip()
+    except (OSError, IndexError):
+        return None
+
+
+def device_facts(model) -> dict:
+    """What this machine is: CPU, OS, Python, the runtime, JetPack and the GPU's clocks where readable."""
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    facts = {"machine": platform.node(), "arch": platform.machine(), "os": platform.platform(), "cpu": cpu,
+             "python": platform.python_version(), "numpy": np.__version__, **getattr(model, "facts", {}),
+             "jetpack": _first_line("/etc/nv_tegra_release")}
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        if proc.returncode == 0 and proc.stdout.strip():
+            facts["nvidia_smi"] = proc.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return facts
+
+
+def check(model, spec: dict, seconds: float, rounds: int) -> dict:
+    """The acceptance check of ``model`` against ``check/reference.json`` (see the module docstring)."""
+    folder = HERE / "check"
+    try:
+        reference = json.loads((folder / "reference.json").read_text())
+        host_logits = np.load(folder / "logits.npy")
+        host_tensors = np.load(folder / "tensors.npy")
+    except (OSError, ValueError) as e:
+        raise RunnerError(f"this bundle has no readable acceptance set ({e}); package it again without "
+                          "--check-images 0") from None
+    entries = reference["images"]
+    labels = np.asarray([e["label"] for e in entries])
+    x = np.stack([preprocess(load_image(folder / e["file"]), spec) for e in entries]).astype(np.float32)
+    parity = float(np.abs(x[:len(host_tensors)] - host_tensors).max())
+    logits = run_all(model, x, 32).astype(np.float32)
+    predictions = logits.argmax(1)
+    host_predictions = np.asarray(reference["host"]["predictions"])
+    budget, host = reference["budget"], reference["host"]
+    top1 = float((predictions == labels).mean())
+    result = {
+        "format": "edgeopt-device-check", "version": 1, "model": getattr(model, "path_name", None),
+        "backend": model.backend, "images": len(entries), "top1": top1, "host_top1": host["top1"],
+        "top1_drop_pt": 100 * (host["top1"] - top1),
+        "agreement_with_host": float((predictions == host_predictions).mean()),
+        "logit_diff": {"max": float(np.abs(logits - host_logits).max()),
+                       "mean": float(np.abs(logits - host_logits).mean())},
+        "preprocessing_max_diff": parity, "preprocessing_tolerance": reference["parity"]["tolerance"],
+        "budget": budget, "host": {k: host[k] for k in ("model", "precision", "runtime", "machine")},
+    }
+    if reference.get("fp32"):
+        result["agreement_with_fp32"] = float((predictions == np.asarray(reference["fp32"]["predictions"])).mean())
+    problems = []
+    if parity > reference["parity"]["tolerance"]:
+        problems.append(f"preprocessing differs from the host's by {parity:.3g} (tolerance "
+                        f"{reference['parity']['tolerance']:.3g}): preprocess.json or this Pillow/numpy differ")
+    if result["top1_drop_pt"] > budget["max_accuracy_drop_pt"] + 1e-9:
+        problems.append(f"top-1 {100 * top1:.2f}% against the host's {100 * host['top1']:.2f}%: "
+                        f"{result['top1_drop_pt']:.2f} pt lost, the budget is {budget['max_accuracy_drop_pt']:g} pt")
+    if result["agreement_with_host"] < budget["min_agreement"]:
+        problems.append(f"answers agree with the host's on {100 * result['agreement_with_host']:.2f}% of the set, "
+                        f"below {100 * budget['min_agreement']:.0f}%: not the model the host measured")
+    result["verdict"] = {"passed": not problems, "problems": problems}
+    sizes = [b for b in reference["batch_sizes"] if b <= (model.max_batch or b) and b >= getattr(model, "min_batch", 1)]
+    result["speed"] = time_model(model, x, sizes or [model.max_batch or 1], seconds, rounds)
+    result["device"] = device_facts(model)
+    return result
+
+
+def render_check(result: dict) -> str:
+    """check.md: the verdict, the accuracy figures and the speed, as the host's report shows its rows."""
+    v, d = result["verdict"], result["device"]
+    lines = [f"# Device check: {'passed' if v['passed'] else 'FAILED'}", ""]
+    lines += [f"- {p}" for p in v["problems"]]
+    lines += ["", f"Device: {d.get('machine')} ({d.get('arch')}), CPU {d.get('cpu')}, {d.get('runtime')}"
+              + (f", GPU {d['gpu']} ({d.get('compute_capability')})" if d.get("gpu") else "")
+              + (f", {d['jetpack']}" if d.get("jetpack") else "")
+              + (f"; nvidia-smi: {d['nvidia_smi']}" if d.get("nvidia_smi") else ""), "",
+              "| model | backend | images | top-1 | host top-1 | drop pt | agree with host | max/mean logit diff "
+              "| preprocessing diff |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+              f"| {result['model']} | {result['backend']} | {result['images']} | {100 * result['top1']:.2f}% | "
+              f"{100 * result['host_top1']:.2f}% | {result['top1_drop_pt']:.2f} | "
+              f"{100 * result['agreement_with_host']:.2f}% | {result['logit_diff']['max']:.3g} / "
+              f"{result['logit_diff']['mean']:.3g} | {result['preprocessing_max_diff']:.3g} |", ""]
+    s = result["speed"]
+    lat = s.get("latency_ms_b1")
+    lines += [f"Speed ({s['rounds']} rounds of {s['seconds']:g} s windows, {s['includes']}): "
+              + (f"batch 1 p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms; " if lat else "")
+              + "; ".join(f"b{b} {t['median']:.0f} img/s ({t['low']:.0f}-{t['high']:.0f})"
+                          for b, t in s["throughput"].items()), "",
+              f"Budget: at most {result['budget']['max_accuracy_drop_pt']:g} pt of top-1 below the host's, answers "
+              f"agreeing on at least {100 * result['budget']['min_agreement']:.0f}%. Host: {result['host']['model']} "
+              f"({result['host']['precision']}) on {result['host']['runtime']}.", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR")
     parser.add_argument("--model", type=Path, default=None, help="model.onnx or a TensorRT model.plan "
                         "(default: model.plan when TensorRT is installed, else model.onnx)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--check", action="store_true", help="the acceptance check against the host's reference")
+    parser.add_argument("--seconds", type=float, default=1.0, help="--check: one timing window")
+    parser.add_argument("--rounds", type=int, default=3, help="--check: timing rounds")
+    parser.add_argument("--out", type=Path, default=None, help="--check: folder for check.json and check.md "
+                        "(default: beside this file)")
     args = parser.parse_args(argv)
+    if args.check:
+        return main_check(args)
+    if not args.images:
+        parser.error("give images or folders to classify, or --check")
     try:
         spec = json.loads((HERE / "preprocess.json").read_text())
         labels = (HERE / "labels.txt").read_text().splitlines()
@@ -441,6 +617,27 @@ def main(argv: list[str] | None = None) -> int:
             for c in r["top_k"]:
                 print(f"  {c['probability']:7.2%}  {c['class']}")
     return 1 if any(r["error"] for r in results) else 0
+
+
+def main_check(args: argparse.Namespace) -> int:
+    try:
+        spec = json.loads((HERE / "preprocess.json").read_text())
+        model = open_model(args.model)
+        model.path_name = model.source.name
+        result = check(model, spec, max(args.seconds, 0.01), max(args.rounds, 1))
+    except (RunnerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or HERE
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "check.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "check.md").write_text(render_check(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_check(result), end="")
+        print(f"wrote {out / 'check.json'} and {out / 'check.md'}")
+    return 0 if result["verdict"]["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,12 @@ def runner(bundle):
 
 def test_bundle_files_and_manifest(bundle, exported_onnx):
     files = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
-    assert files == ONNX_BUNDLE_FILES
+    check = {f for f in files if f.startswith("check/")}
+    assert files - check == ONNX_BUNDLE_FILES
+    assert {"check/reference.json", "check/logits.npy", "check/tensors.npy"} <= check
+    assert len([f for f in check if f.startswith("check/images/")]) == 256
+    acceptance = json.loads((bundle / "bundle.json").read_text())["acceptance_set"]
+    assert acceptance["images"] == 256 and acceptance["encoding"] == "png" and acceptance["bytes"] < 1_000_000
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert set(manifest["files"]) == files - {"bundle.json"}
     assert all(sha256_file(bundle / f) == m["sha256"] for f, m in manifest["files"].items())
@@ -171,8 +177,10 @@ def test_runner_loads_files_as_we_do(runner, tmp_path):
     np.testing.assert_array_equal(np.asarray(theirs), np.asarray(ours))
 
 
-def test_runner_in_a_fresh_venv_without_torch_matches_infer(bundle, exported_onnx, tmp_path, capsys):
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def bundle_python(bundle, tmp_path_factory) -> Path:
+    """A fresh venv holding only the bundle's requirements.txt (no torch, no edgeopt): the device's Python."""
+    venv = tmp_path_factory.mktemp("device") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
     pip = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile",
@@ -181,15 +189,25 @@ def test_runner_in_a_fresh_venv_without_torch_matches_infer(bundle, exported_onn
         skip_locally_fail_in_ci(f"cannot install the runner's requirements.txt into a fresh venv (offline?): "
                                 f"{(pip.stderr.strip().splitlines() or ['?'])[-1]}")
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    return python
+
+
+def on_device(python: Path, folder: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """``runner.py ARGS`` of ``folder`` with the device's Python."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    return subprocess.run([python, folder / "runner.py", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_runner_in_a_fresh_venv_without_torch_matches_infer(bundle, bundle_python, exported_onnx, tmp_path, capsys):
+    python = bundle_python
 
     pixels, _ = fashion_arrays("val")
     images = [tmp_path / f"{i}.png" for i in range(4)]
     for i, path in enumerate(images[:3]):
         Image.fromarray(pixels[i], "L").save(path)
     Image.fromarray(np.stack([pixels[3][:, :20]] * 3, axis=-1), "RGB").convert("RGBA").save(images[3])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run([python, bundle / "runner.py", *images, "--top-k", "3", "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = on_device(python, bundle, *images, "--top-k", "3", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     theirs = json.loads(proc.stdout)
 
@@ -200,6 +218,62 @@ def test_runner_in_a_fresh_venv_without_torch_matches_infer(bundle, exported_onn
         assert [(c["index"], c["class"]) for c in a["top_k"]] == [(c["index"], c["class"]) for c in b["top_k"]]
         np.testing.assert_allclose([c["probability"] for c in a["top_k"]],
                                    [c["probability"] for c in b["top_k"]], atol=1e-6)
+
+
+# -- runner.py --check: the acceptance set on the device ---------------------------------------------------
+
+CHECK_FAST = ("--seconds", "0.05", "--rounds", "2")
+
+
+def test_check_passes_on_the_bundle_it_came_with(bundle, bundle_python, tmp_path):
+    proc = on_device(bundle_python, bundle, "--check", *CHECK_FAST, "--out", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["verdict"] == {"passed": True, "problems": []} and result["images"] == 256
+    assert result["agreement_with_host"] == 1.0 and result["top1"] == result["host_top1"]
+    assert result["logit_diff"]["max"] < 1e-4  # the same ONNX on the same runtime, through Pillow + numpy
+    assert result["preprocessing_max_diff"] <= result["preprocessing_tolerance"]
+    speed = result["speed"]
+    assert set(speed["throughput"]) == {"1", "8", "32"} and speed["latency_ms_b1"]["p50"] > 0
+    assert all(t["low"] <= t["median"] <= t["high"] for t in speed["throughput"].values())
+    assert result["device"]["runtime"].startswith("onnxruntime") and "Device check: passed" in proc.stdout
+    assert (tmp_path / "check.md").read_text().startswith("# Device check: passed")
+
+
+def test_check_fails_on_another_model_with_the_same_classes(bundle, bundle_python, tmp_path):
+    """Another model (same input, same ten classes: the bundle's with its classifier weights redrawn) is not
+    what the host measured: exit 1 and the reason."""
+    other = onnx.load(str(bundle / "model.onnx"))
+    head = next(n for n in other.graph.node if n.op_type == "Gemm")
+    weights = next(i for i in other.graph.initializer if i.name == head.input[1])
+    drawn = np.random.default_rng(7).standard_normal(tuple(weights.dims)).astype(np.float32)
+    weights.CopyFrom(onnx.numpy_helper.from_array(drawn * 0.1, weights.name))
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    proc = on_device(bundle_python, bundle, "--check", "--model", tmp_path / "other.onnx", *CHECK_FAST, "--out",
+                     tmp_path, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert not result["verdict"]["passed"] and result["agreement_with_host"] < 0.9
+    assert "not the model the host measured" in proc.stdout
+
+
+def test_check_fails_when_the_preprocessing_is_altered(bundle, bundle_python, tmp_path):
+    altered = tmp_path / "bundle"
+    shutil.copytree(bundle, altered, ignore=shutil.ignore_patterns("model_repository"))
+    spec = json.loads((altered / "preprocess.json").read_text())
+    spec["mean"] = [0.5, 0.5, 0.5]  # an edit on the device, or a bundle from another run
+    (altered / "preprocess.json").write_text(json.dumps(spec))
+    proc = on_device(bundle_python, altered, "--check", *CHECK_FAST, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "preprocessing differs from the host's" in (altered / "check.md").read_text()
+
+
+def test_check_without_an_acceptance_set_says_so(exported_onnx, tmp_path):
+    out = tmp_path / "bare"
+    package.run(package.PackageConfig(model=str(exported_onnx), out=str(out), check_images=0))
+    assert not (out / "check").exists() and json.loads((out / "bundle.json").read_text())["acceptance_set"] is None
+    proc = subprocess.run([sys.executable, out / "runner.py", "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: this bundle has no readable acceptance set")
 
 
 # -- runner.py's TensorRT path, with stand-ins for tensorrt and cuda-python ---------------------------------
@@ -339,14 +413,15 @@ def build_engine(bundle: Path, version: str, *args: str, tmp_path: Path, out: Pa
                  trtexec: str | None = None, gpu: str | None = None, **env_vars: str):
     """Run the bundle's build_engine.sh with a fake trtexec claiming TensorRT ``version`` (or ``trtexec``) and,
     with ``gpu``, a fake nvidia-smi printing it (else none); ``env_vars`` (DLA_CORE, MIN_BATCH...) go to its
-    environment. Returns the process and the arguments trtexec got (None when it was not run)."""
+    environment (CHECK=1 and CHECK_PYTHON to try the acceptance check). Returns the process and the arguments
+    trtexec got (None when it was not run)."""
     fake = tmp_path / "trtexec"
     fake.write_text(FAKE_TRTEXEC)
     fake.chmod(0o755)
     record = tmp_path / "trtexec.args"
     record.unlink(missing_ok=True)
     env = {**os.environ, "TRTEXEC": trtexec or str(fake), "FAKE_TRT_VERSION": version, "FAKE_TRT_ARGS": str(record),
-           "NVIDIA_SMI": "", **env_vars}
+           "NVIDIA_SMI": "", "CHECK": "0", **env_vars}  # a fake plan runs nowhere: the check is tested on its own
     if gpu is not None:
         smi = tmp_path / "nvidia-smi"
         smi.write_text(f"#!/bin/sh\nprintf '%s\\n' '{gpu}'\n")
@@ -401,6 +476,50 @@ def test_build_engine_sh_names_the_timing_cache_after_the_gpu(bundle, tmp_path):
     assert "--timingCacheFile=timing.NVIDIA_GeForce_RTX_4090_8.9.trt100300.cache" in args
     _, args = build_engine(bundle, "100300", "fp16", tmp_path=tmp_path, out=tmp_path / "model.plan", gpu="")
     assert not [a for a in args if a.startswith("--timingCacheFile")]  # nvidia-smi printed nothing
+
+
+FAKE_CHECK = """#!/bin/sh
+# stands in for 'python3 runner.py --check --model PLAN --out DIR': the verdict of $FAKE_CHECK_PASSED
+printf '{"verdict": {"passed": %s, "problems": []}}' "$FAKE_CHECK_PASSED" > check.json
+printf '# Device check: %s\\n' "$FAKE_CHECK_PASSED" > check.md
+[ "$FAKE_CHECK_PASSED" = true ]
+"""
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_build_engine_sh_installs_only_a_plan_that_passes_the_check(bundle_fp16, tmp_path, passed):
+    """A plan that loses the host's accuracy is kept aside as model.plan.rejected with the reason; Triton's plan
+    stays; exit 1. One that passes is installed, its manifest saying it was checked."""
+    fake = tmp_path / "check-python"
+    fake.write_text(FAKE_CHECK)
+    fake.chmod(0o755)
+    triton = bundle_fp16 / "model_repository/model/1/model.plan"
+    for leftover in ("model.plan", "model.plan.json", "model.plan.rejected", "model.plan.rejected.json",
+                     "model.plan.rejected.reason", "check.json", "check.md"):
+        (bundle_fp16 / leftover).unlink(missing_ok=True)
+    proc, args = build_engine(bundle_fp16, "100300", "fp16", tmp_path=tmp_path, CHECK="1", CHECK_PYTHON=str(fake),
+                              FAKE_CHECK_PASSED="true" if passed else "false")
+    assert args is not None  # trtexec ran
+    if passed:
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((bundle_fp16 / "model.plan.json").read_text())["check"] == "passed"
+        assert (bundle_fp16 / "model.plan").is_file() and not (bundle_fp16 / "model.plan.rejected").exists()
+        return
+    assert proc.returncode == 1 and "failed the acceptance check" in proc.stderr
+    assert not (bundle_fp16 / "model.plan").exists() and not (bundle_fp16 / "model.plan.json").exists()
+    assert (bundle_fp16 / "model.plan.rejected").read_bytes() == b"plan"
+    assert json.loads((bundle_fp16 / "model.plan.rejected.json").read_text())["check"] == "failed"
+    assert (bundle_fp16 / "model.plan.rejected.reason").read_text().startswith("# Device check: false")
+    assert not triton.exists()  # an ONNX bundle: Triton runs model.onnx and got no plan
+
+
+def test_build_engine_sh_without_a_verdict_installs_unchecked(bundle_fp16, tmp_path):
+    """A Python that cannot run runner.py (no numpy on the device) gives no verdict: installed, said unchecked."""
+    proc, _ = build_engine(bundle_fp16, "100300", "fp16", tmp_path=tmp_path, CHECK="1", CHECK_PYTHON="false")
+    assert proc.returncode == 0 and "installed unchecked" in proc.stderr
+    assert json.loads((bundle_fp16 / "model.plan.json").read_text())["check"] == "not run"
+    for leftover in ("model.plan", "model.plan.json"):
+        (bundle_fp16 / leftover).unlink()
 
 
 @pytest.mark.parametrize("version, precision, trtexec, message", [

@@ -1,0 +1,141 @@
+"""A bundle's acceptance set: what lets ``runner.py --check`` prove on the device what the host measured.
+
+``package`` writes into ``check/``:
+
+- ``images/NNNN.png`` (or ``.jpg``): N class-stratified val images as image files, so the device's own decoding
+  and preprocessing (Pillow + numpy in runner.py) are what gets tested. Images of up to 64 px are kept as they are
+  (lossless PNG); larger ones are written as JPEG at quality 95 (what the host's reference is computed from,
+  so the files and the reference agree whatever JPEG did to them).
+- ``reference.json``: labels, class names, the host's predictions and top-1 for the bundle's ``model.onnx``
+  (ONNX Runtime on the host's CPU), the FP32 model's predictions when the bundled model is INT8, the accuracy
+  budget (points of top-1 the device may lose against the host, and the agreement with the host's answers it
+  must keep) and the batch sizes to time.
+- ``logits.npy``: the host's logits (float32 [N, classes]); ``tensors.npy``: the host's preprocessed tensors of
+  the first few images (float32), against which the device's preprocessing is compared.
+
+Example::
+
+    summary = write_acceptance_set(work, bundled_onnx, data="fashion-mnist", count=256, max_accuracy_drop=1.0,
+                                   batch_sizes=(1, 8, 32))
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import read_manifest, sha256_file, write_json
+from .data import load_data
+from .errors import PackageError
+from .onnx_model import OnnxModel
+from .preprocess import load_image
+from .timing import cpu_facts
+
+logger = logging.getLogger(__name__)
+
+ACCEPTANCE_FORMAT = "edgeopt-acceptance-set"
+SMALL_IMAGE = 64  # sides up to this stay lossless PNG; above, JPEG quality 95
+JPEG_QUALITY = 95
+DEFAULT_COUNT = {True: 256, False: 64}  # small images, large images (a 224 px JPEG is ~20-40 KB)
+PARITY_IMAGES = {True: 4, False: 1}  # reference tensors kept (a 224 px one is 600 KB)
+# the device may answer differently from the host on this share of images at most, beside the top-1 budget
+MIN_AGREEMENT_FLOOR = 0.98
+
+
+def default_count(image_size: int) -> int:
+    return DEFAULT_COUNT[image_size <= SMALL_IMAGE]
+
+
+def parity_tolerance(std: tuple[float, ...]) -> float:
+    """Largest preprocessing difference accepted: two grey levels after normalization (Pillow builds may round a
+    resize differently by one level)."""
+    return 2 / 255 / min(std)
+
+
+def fp32_source(onnx_path: Path) -> Path | None:
+    """The FP32 ONNX an INT8 model was calibrated from (its manifest's input, when still there unchanged)."""
+    recorded = ((read_manifest(onnx_path) or {}).get("inputs") or {}).get("onnx") or {}
+    path = Path(recorded.get("path", ""))
+    if recorded.get("path") and path.is_file() and sha256_file(path) == recorded.get("sha256"):
+        return path
+    return None
+
+
+def _predict(path: Path, x: np.ndarray) -> np.ndarray:
+    from .runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(path)
+    return np.concatenate([runner.infer(x[i:i + 64]) for i in range(0, len(x), 64)])
+
+
+def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int, max_accuracy_drop: float,
+                         batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Write ``work/check/`` for the bundled ``model_path`` (see the module docstring); returns its summary.
+
+    Raises:
+        PackageError: the data has no val images, or the model's classes are not the data's.
+    """
+    model = OnnxModel.read(model_path)
+    preprocessing, class_names = model.preprocessing()
+    splits = load_data(data, preprocessing, val_limit=count, augment=False, val_only=True)
+    splits.check_model(model_path, class_names, model.num_classes)
+    raw = splits.val.without_transform()
+    if not len(raw):
+        raise PackageError(f"{splits.name} has no val images for the bundle's acceptance set; give --data with a "
+                           "val split, or --check-images 0")
+    folder = work / "check"
+    (folder / "images").mkdir(parents=True)
+    small = preprocessing.image_size <= SMALL_IMAGE
+    transform = preprocessing.eval_transform()
+    entries, tensors = [], []
+    for i in range(len(raw)):
+        img, label = raw[i]
+        name = f"images/{i:04d}"
+        if max(img.size) <= SMALL_IMAGE:
+            name += ".png"
+            img.save(folder / name)
+        else:
+            name += ".jpg"
+            img.convert("RGB").save(folder / name, quality=JPEG_QUALITY)
+        tensors.append(transform(load_image(folder / name)).numpy())  # the host's tensor, from the written file
+        entries.append({"file": name, "label": int(label)})
+    x = np.stack(tensors).astype(np.float32)
+    labels = np.asarray([e["label"] for e in entries])
+    logits = _predict(model_path, x).astype(np.float32)
+    predictions = logits.argmax(1)
+    fp32 = None
+    if model.precision != "fp32":
+        source = fp32_source(model_path)
+        if source is None:
+            logger.warning("%s is %s and its FP32 source ONNX is not here: the acceptance set has no FP32 "
+                           "predictions", model_path, model.precision)
+        else:
+            fp32_pred = _predict(source, x).argmax(1)
+            fp32 = {"model": source.name, "sha256": sha256_file(source), "predictions": fp32_pred.tolist(),
+                    "top1": float((fp32_pred == labels).mean())}
+    np.save(folder / "logits.npy", logits)
+    np.save(folder / "tensors.npy", x[:PARITY_IMAGES[small]])
+    import onnxruntime as ort
+
+    host_top1 = float((predictions == labels).mean())
+    reference = {
+        "format": ACCEPTANCE_FORMAT, "version": 1, "data": splits.name, "images": entries,
+        "class_names": class_names, "encoding": "png" if small else f"jpeg quality {JPEG_QUALITY}",
+        "host": {"model": "model.onnx", "sha256": sha256_file(model_path), "precision": model.precision,
+                 "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "machine": cpu_facts(),
+                 "top1": host_top1, "predictions": predictions.tolist()},
+        "fp32": fp32,
+        "budget": {"max_accuracy_drop_pt": max_accuracy_drop,
+                   "min_agreement": min(MIN_AGREEMENT_FLOOR, 1 - 2 * max_accuracy_drop / 100)},
+        "parity": {"images": int(len(x[:PARITY_IMAGES[small]])), "tolerance": parity_tolerance(preprocessing.std)},
+        "batch_sizes": sorted(set(batch_sizes)),
+    }
+    write_json(folder / "reference.json", reference)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    logger.info("acceptance set: %d images (%s), host top-1 %.2f%%, %.0f KB", len(entries), reference["encoding"],
+                100 * host_top1, size / 1024)
+    return {"images": len(entries), "bytes": size, "encoding": reference["encoding"], "host_top1": host_top1,
+            "budget": reference["budget"]}
