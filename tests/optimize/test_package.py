@@ -31,8 +31,8 @@ ONNX_BUNDLE_FILES = {"bundle.json", "build_engine.sh", "labels.txt", "model.onnx
                      "preprocess.json", "requirements.txt", "runner.py", "model_repository/model/config.pbtxt",
                      "model_repository/model/labels.txt", "model_repository/model/1/model.onnx"}
 # What runner.py may import: the standard library it uses, numpy, Pillow and one inference backend.
-RUNNER_IMPORTS = {"__future__", "argparse", "ctypes", "importlib", "json", "pathlib", "sys", "numpy", "PIL",
-                  "onnxruntime", "tensorrt", "cuda", "pycuda"}
+RUNNER_IMPORTS = {"__future__", "argparse", "ctypes", "importlib", "json", "pathlib", "platform", "subprocess", "sys",
+                  "time", "numpy", "PIL", "onnxruntime", "tensorrt", "cuda", "pycuda"}
 
 
 @pytest.fixture(scope="module")
