@@ -66,6 +66,9 @@ def prepare_output(path: str | os.PathLike) -> Path:
 
 
 def _check_writable(path: str | os.PathLike) -> Path:
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file named like the folder
+        raise OutputError(f"{path} names a folder; give a file name for the output, e.g. "
+                          f"{Path(path) / 'model.onnx'}")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file name for the output, e.g. {path / 'model.pth'}")

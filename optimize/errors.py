@@ -35,6 +35,12 @@ class DivergedError(EdgeoptError):
     exit_code = 1
 
 
+class NonFiniteOutputError(EdgeoptError):
+    """The model answered NaN or inf: its weights are broken (a diverged training run); no probability is given."""
+
+    exit_code = 1
+
+
 class OnnxModelError(EdgeoptError):
     """An ONNX file is missing or damaged, or its recorded facts are."""
 

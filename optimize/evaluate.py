@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, check_not_input, prepare_output
 from .checkpoint import LoadedModel, load_checkpoint
 from .configs import EvalConfig
 from .data import DataSplits, default_preprocessing, load_data
@@ -165,6 +165,10 @@ def plot_first_conv(model: torch.nn.Module, image: torch.Tensor, path: str | Pat
 
 def run(cfg: EvalConfig) -> EvalReport:
     """Evaluate ``cfg.model`` on the val split of ``cfg.data``."""
+    if cfg.plot:  # both PNGs, before anything is read or written: neither may land on the model or its manifest
+        for flag, out in (("--plot", cfg.plot), ("--plot (its conv1 feature maps)", feature_maps_path(cfg.plot))):
+            check_not_input(out, {"--model": cfg.model}, flag=flag)
+        prepare_output(cfg.plot)
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
     preprocessing = loaded.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
     if loaded.preprocessing and cfg.image_size and cfg.image_size != loaded.preprocessing.image_size:

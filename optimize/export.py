@@ -98,11 +98,14 @@ def onnx_metadata(loaded: LoadedModel, preprocessing: Preprocessing, class_names
     }
 
 
-def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, atol: float) -> dict[str, Any]:
-    """Compare ONNX Runtime (CPU) with PyTorch at each of :data:`VERIFY_BATCHES`.
+def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, atol: float,
+                rtol: float = 0.0) -> dict[str, Any]:
+    """Compare ONNX Runtime (CPU) with PyTorch at each of :data:`VERIFY_BATCHES`: the same top-1 everywhere, and
+    logits within ``atol + rtol * max |PyTorch logit|`` (float32 rounding grows with the logits' size).
 
     Raises:
-        ExportError: a batch's top-1 classes differ or its logits differ by more than ``atol``.
+        ExportError: non-finite logits on either side (a diverged model), top-1 classes that differ, or logits
+            further apart than the limit.
     """
     import onnx
     import onnxruntime as ort
@@ -118,13 +121,19 @@ def verify_onnx(path: Path, model: torch.nn.Module, images: torch.Tensor, atol: 
         with torch.no_grad():
             expected = model(x).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        for side, logits in (("PyTorch", expected), ("ONNX Runtime", got)):
+            if not np.isfinite(logits).all():
+                raise ExportError(f"{side} gives non-finite logits (NaN or inf) at batch {batch}: the model's weights "
+                                  "are broken (a diverged training run?); retrain it with a lower --lr")
         diff = float(np.abs(got - expected).max())
+        limit = atol + rtol * float(np.abs(expected).max())
         agree = float((got.argmax(1) == expected.argmax(1)).mean())
-        results[str(batch)] = {"max_abs_diff": diff, "top1_agreement": agree}
-        if agree < 1.0 or diff > atol:
+        results[str(batch)] = {"max_abs_diff": diff, "limit": limit, "top1_agreement": agree}
+        if agree < 1.0 or diff > limit:
             raise ExportError(f"ONNX Runtime disagrees with PyTorch at batch {batch}: max abs diff {diff:.2e} "
-                              f"(limit --atol {atol:g}), top-1 agreement {agree:.1%}; the model uses an op that "
-                              "exports wrongly, or raise --atol if the difference is benign")
+                              f"(limit {limit:.2e} = --atol {atol:g} + --rtol {rtol:g} x the largest logit), top-1 "
+                              f"agreement {agree:.1%}; the model uses an op that exports wrongly, or raise --atol / "
+                              "--rtol if the difference is benign")
     return {"batches": results, "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
             "top1_agreement": min(r["top1_agreement"] for r in results.values())}
 
@@ -309,6 +318,10 @@ def run(cfg: ExportConfig) -> Artifact:
     out = prepare_output(cfg.out)
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
     cfg = replace(cfg, data=resolve_data(cfg.data, cfg.model))  # the manifest records the data used
+    if cfg.image_size and loaded.preprocessing and cfg.image_size != loaded.preprocessing.image_size:
+        raise ConfigError(f"--image-size {cfg.image_size}: {cfg.model} records {loaded.preprocessing.image_size} px "
+                          "preprocessing, the size it was trained at, and the export keeps it; drop --image-size, "
+                          "or retrain at that size")
     preprocessing = loaded.preprocessing or default_preprocessing(cfg.data, cfg.image_size)
     splits = load_data(cfg.data, preprocessing, val_limit=max(VERIFY_BATCHES), augment=False, val_only=True)
     check_model_fits_data(loaded, splits)
@@ -320,7 +333,8 @@ def run(cfg: ExportConfig) -> Artifact:
     with atomic_path(out) as tmp:
         exporter = export_onnx(model, images[:1], tmp, opset=cfg.opset, source=cfg.model,
                                metadata=onnx_metadata(loaded, preprocessing, class_names),
-                               check=lambda path: verification.update(verify_onnx(path, model, images, cfg.atol)))
+                               check=lambda path: verification.update(verify_onnx(path, model, images, cfg.atol,
+                                                                                 cfg.rtol)))
     logger.info("exported %s: ONNX Runtime matches PyTorch (max abs diff %.2e, top-1 agreement %.0f%%)", out,
                 verification["max_abs_diff"], 100 * verification["top1_agreement"])
 

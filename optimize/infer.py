@@ -26,7 +26,7 @@ from .batcher import ImageBatcher
 from .bundle.runner import expand
 from .data import LabeledImages
 from .configs import InferConfig
-from .errors import DataError
+from .errors import DataError, NonFiniteOutputError
 from .preprocess import Preprocessing, load_image
 from .runners import Runner, RunnerError, open_runner
 
@@ -91,7 +91,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_k(logits: np.ndarray, class_names: Sequence[str] | None, k: int) -> list[list[ClassScore]]:
-    """The ``k`` most probable classes of each row of ``logits`` (names are indices when none are recorded)."""
+    """The ``k`` most probable classes of each row of ``logits`` (names are indices when none are recorded).
+
+    Raises:
+        NonFiniteOutputError: a logit is NaN or inf: a broken model's answer is no answer (and NaN is no JSON).
+    """
+    if not np.isfinite(logits).all():
+        rows = int((~np.isfinite(logits).all(axis=1)).sum())
+        raise NonFiniteOutputError(f"the model answered NaN or inf for {rows} of {len(logits)} image(s): its weights "
+                                   "are broken (a diverged training run?); retrain it with a lower --lr")
     probs = softmax(logits)
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]

@@ -120,18 +120,31 @@ def default_workers(device: torch.device) -> int:
     return min(8, max(1, cores // 2))
 
 
+def lone_last_batch(images: int, batch_size: int) -> bool:
+    """Whether a training epoch of ``images`` would end on a batch of one image, which BatchNorm cannot train on
+    (one value per channel where the feature maps are 1x1); that batch is dropped (:func:`make_loader`)."""
+    return images > batch_size and images % batch_size == 1
+
+
 def make_loader(dataset: LabeledImages, *, batch_size: int, shuffle: bool, device: torch.device,
                 ctx: DistContext = DistContext(), workers: int | None = None, seed: int = 0) -> DataLoader:
-    """The DataLoader every stage uses: sharded under DDP, skipping unreadable images."""
+    """The DataLoader every stage uses: sharded under DDP, skipping unreadable images. A training loader
+    (``shuffle``) drops a last batch of one image (:func:`lone_last_batch`), saying so."""
     workers = default_workers(device) if workers is None else workers
     if shuffle:
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
             if ctx.enabled else None
     else:
         sampler = _Shard(len(dataset), ctx) if ctx.enabled else None
+    per_rank = len(sampler) if sampler is not None else len(dataset)
+    drop_last = shuffle and lone_last_batch(per_rank, batch_size)
+    if drop_last:
+        logger.info("%d training images in batches of %d leave a last batch of one, which BatchNorm cannot train "
+                    "on: that image sits out this epoch (another one the next, as the order is shuffled)", per_rank,
+                    batch_size)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
+                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
                       collate_fn=skip_unreadable_collate, generator=generator,
                       persistent_workers=False)
 
@@ -291,7 +304,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     bar = tqdm(loader, desc=desc, disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True,
                mininterval=1.0)
     for i, (x, y) in enumerate(bar):
-        if len(y) == 0:
+        if len(y) < 2:  # empty, or one image left after unreadable ones were skipped: BatchNorm can't train on it
             continue
         x, y = _to_device(x, y, device, cfg.channels_last)
         boundary = (i + 1) % cfg.accumulate == 0 or i + 1 == steps
@@ -498,7 +511,9 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
         loss_fn = cross_entropy_loss(cfg.label_smoothing, split_class_weights(splits, cfg))
     optimizer = _make_optimizer(model, cfg)
     # optimizer steps per epoch (the per-step schedule's length), as the training loader will make them
-    batches = math.ceil(math.ceil(len(splits.train) / ctx.world_size) / cfg.batch_size)
+    per_rank = math.ceil(len(splits.train) / ctx.world_size)
+    batches = per_rank // cfg.batch_size if lone_last_batch(per_rank, cfg.batch_size) else \
+        math.ceil(per_rank / cfg.batch_size)
     scheduler = _make_scheduler(optimizer, cfg, max(1, math.ceil(batches / cfg.accumulate)))
     per_step = cfg.schedule == "warmup-cosine"
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
@@ -561,8 +576,14 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
             result.history.append(row)
             logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
                         epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
-            if not math.isfinite(train["loss"]):
-                raise DivergedError("training diverged; lower --lr")
+            broken = non_finite(unwrap(model))
+            if not math.isfinite(train["loss"]) or not math.isfinite(val.loss) or broken:
+                if writer is not None and ctx.is_main and hasattr(writer, "discard"):
+                    writer.discard()  # no file at the final path: a run that diverged delivers no model
+                loss = train["loss"] if not math.isfinite(train["loss"]) else val.loss
+                what = (f"{len(broken)} weight or statistics tensor(s) hold NaN or inf ({', '.join(broken[:3])})"
+                        if broken else f"the loss became {loss}")
+                raise DivergedError(f"training diverged in epoch {epoch + 1}: {what}; lower --lr")
             improved = val.top1 > best_top1
             if improved:
                 best_top1, since_best = val.top1, 0
@@ -581,6 +602,12 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
                 tdist.barrier()
     result.epochs_run = len(result.history)
     return result
+
+
+def non_finite(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers (BatchNorm's running statistics too) holding NaN or inf."""
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def shutdown_distributed() -> None:

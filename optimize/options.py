@@ -28,7 +28,8 @@ from .errors import ConfigError
 def option(default: Any = MISSING, *, help: str, choices: tuple | None = None, flag: str | None = None,
            aliases: tuple[str, ...] = (), metavar: str | None = None, group: str | None = None,
            default_text: str | None = None, positional: bool = False, cli: bool = True,
-           exclude: tuple[str, ...] = (), default_factory: Any = MISSING) -> Any:
+           exclude: tuple[str, ...] = (), default_factory: Any = MISSING,
+           bounds: tuple[float | None, float | None] | None = None) -> Any:
     """A dataclass field that also declares its command-line flag.
 
     Args:
@@ -42,10 +43,11 @@ def option(default: Any = MISSING, *, help: str, choices: tuple | None = None, f
         positional: a positional argument (``nargs='+'`` for tuples) instead of a flag.
         cli: False for fields no flag sets (the CLI fills them, e.g. ``progress`` from ``--quiet``).
         exclude: for a nested config field: its fields that get no flag here.
+        bounds: ``(lowest, highest)`` a number may take (either None: open), checked by :class:`Options`.
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "aliases": aliases, "metavar": metavar,
                 "group": group, "default_text": default_text, "positional": positional, "cli": cli,
-                "exclude": exclude}
+                "exclude": exclude, "bounds": bounds}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -56,7 +58,8 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 class Options:
-    """Base of every stage config: checks each field's ``choices``, then the config's own :meth:`check`."""
+    """Base of every stage config: checks each field's ``choices`` and ``bounds``, then the config's own
+    :meth:`check`."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -64,6 +67,13 @@ class Options:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{flag_of(f)} must be one of {', '.join(map(str, choices))} (got {value!r})")
+            bounds = f.metadata.get("bounds")
+            if bounds and value is not None:
+                low, high = bounds
+                if (low is not None and value < low) or (high is not None and value > high):
+                    where = (f"between {low:g} and {high:g}" if low is not None and high is not None
+                             else f"at least {low:g}" if low is not None else f"at most {high:g}")
+                    raise ConfigError(f"{flag_of(f)} must be {where} (got {value!r})")
         self.check()
 
     def check(self) -> None:

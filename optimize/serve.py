@@ -37,7 +37,7 @@ from PIL import Image
 
 from .artifacts import sha256_file
 from .configs import ServeConfig
-from .errors import EdgeoptError, RequestError, ServeError
+from .errors import EdgeoptError, NonFiniteOutputError, RequestError, ServeError
 from .infer import image_tensor, model_inputs, top_k
 from .preprocess import check_image_size
 from .runners import open_runner
@@ -262,11 +262,19 @@ def create_app(cfg: ServeConfig):
 
     app = FastAPI(title="edgeopt", description=__doc__.split("\n\n")[0], lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.non_finite_logged = False
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, exc: RequestError):
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(NonFiniteOutputError)
+    async def _broken_model(request: Request, exc: NonFiniteOutputError):  # the model's fault, not the request's
+        if not app.state.non_finite_logged:  # once: every later request would say the same
+            logger.error("%s", exc)
+            app.state.non_finite_logged = True
+        return JSONResponse({"detail": str(exc)}, status_code=500)
 
     @app.exception_handler(EdgeoptError)
     async def _ours(request: Request, exc: EdgeoptError):  # e.g. the model refusing this input

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import Artifact, last_checkpoint_path, prepare_output, write_manifest
+from .artifacts import Artifact, last_checkpoint_path, manifest_path, prepare_output, write_manifest
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
@@ -64,13 +64,22 @@ class CheckpointWriter:
         self.config = dataclasses.asdict(config)
         self.inputs = inputs
         self.extra = {"arch": arch, "stem": stem, **(extra or {})}
+        self.wrote = False  # whether save_best wrote self.out in this run
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        self.wrote = True
         save_checkpoint(self.out, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
                         preprocessing=self.preprocessing, metrics=metrics)
         write_manifest(self.out, stage=self.stage, config=self.config, inputs=self.inputs,
                        preprocessing=self.preprocessing.to_dict(), class_names=self.class_names, metrics=metrics,
                        extra=self.extra)
+
+    def discard(self) -> None:
+        """Remove the best checkpoint and its manifest this run wrote (a run that diverged delivers no model; its
+        resumable state stays, holding the last finite epoch)."""
+        if self.wrote:
+            for path in (self.out, manifest_path(self.out)):
+                path.unlink(missing_ok=True)
 
     def save_last(self, model: nn.Module, train_state: dict[str, Any]) -> None:
         save_checkpoint(self.last, model, arch=self.arch, stem=self.stem, class_names=self.class_names,

@@ -199,3 +199,47 @@ def test_cpu_bf16_skips_a_step_with_non_finite_gradients_and_counts_it():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     fp32 = fit(build_resnet("resnet18", 10), splits, dataclasses.replace(cfg, cpu_bf16=False))
     assert "skipped_steps" not in fp32.history[0]  # float32 runs carry no guard
+
+
+class _Saved:
+    """A RunWriter keeping what fit hands it (the real CheckpointWriter writes files; here only the calls)."""
+
+    def __init__(self):
+        self.best, self.last, self.discarded = [], [], False
+
+    def save_best(self, model, metrics):
+        self.best.append(metrics)
+
+    def save_last(self, model, train_state):
+        self.last.append(train_state["epoch"])
+
+    def discard(self):
+        self.discarded = True
+
+
+def test_an_epoch_ending_with_non_finite_statistics_is_a_divergence_and_saves_nothing():
+    """Inputs so large that BatchNorm's running variance overflows to inf: every loss stays finite (BatchNorm
+    normalizes the batch), so only the weights and buffers show it. Such a model must not be saved as the best."""
+    from optimize.data import load_data
+    from optimize.errors import DivergedError
+    from optimize.loop import LoopConfig, fit
+
+    torch.manual_seed(0)
+    splits = load_data("fashion-mnist", fashion_mnist_preset(image_size=16), train_limit=128, val_limit=64,
+                       augment=False)
+    plain = splits.train.transform
+    splits.train.transform = lambda img: plain(img) * 1e25  # x^2 overflows float32 in BatchNorm's variance
+    writer = _Saved()
+    cfg = LoopConfig(epochs=2, batch_size=64, device="cpu", progress=False, schedule="none")
+    with pytest.raises(DivergedError, match="epoch 1: .*NaN or inf.*running_var.*lower --lr"):
+        fit(build_resnet("resnet18", 10), splits, cfg, writer=writer)
+    assert writer.best == [] and writer.last == [] and writer.discarded
+
+
+def test_a_last_batch_of_one_image_sits_out(tmp_path):
+    """201 images in batches of 50 at 32 px: the 1x1 last stage would give BatchNorm one value per channel."""
+    out = tmp_path / "m.pth"
+    proc = run_cli("train", "--arch", "resnet18", "--image-size", "32", "--train-limit", "201", "--val-limit", "64",
+                   "--batch-size", "50", "--epochs", "1", "--schedule", "none", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "leave a last batch of one" in proc.stderr and out.is_file()
