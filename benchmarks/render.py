@@ -167,7 +167,7 @@ def _device_section(report: dict[str, Any], sizes: list[str], ref: str) -> list[
              "| model @ machine | backend | precision | images | top-1 (set) | host top-1 (set) | agree with host | "
              "b1 p50/p99 ms | " + " | ".join(f"img/s b{b}" for b in sizes)
              + f" | cross-machine speedup b{ref} | check |",
-             "|" + "|".join([" --- "] * 3 + [" ---: "] * (7 + len(sizes)) + [" --- "]) + "|"]
+             "|" + "|".join([" --- "] * 3 + [" ---: "] * (6 + len(sizes)) + [" --- "]) + "|"]
     for r in rows:
         lat = r.get("latency_ms_b1")
         verdict = r.get("verdict") or {}

@@ -199,6 +199,8 @@ def test_device_results_join_the_host_report_with_their_machine(report_dir, tmp_
     assert rows[0]["speedup_cross_machine"]["4"] == pytest.approx(4000.0 / base["throughput"]["4"])
     md = (copy / "report.md").read_text()
     assert "## Measured on other machines" in md and "cross-machine" in md
+    table = md[md.index("| model @ machine"):].split("\n\n")[0].splitlines()
+    assert len({row.count("|") for row in table}) == 1, table  # header, separator and rows: the same columns
     line = next(ln for ln in md.splitlines() if ln.startswith("| model.plan @ Orin") and "passed" in ln)
     assert "| tensorrt | fp16 | 256 | 35.00% | 35.00% | 99.00% | 0.80/1.20 | 1200 ±50 | 4000 ±100 |" in line
     assert any("FAILED: lost 5 pt" in ln for ln in md.splitlines())
