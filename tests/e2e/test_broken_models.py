@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from PIL import Image
 
-from conftest import error_line, fashion_arrays, run_cli, run_main
+from conftest import error_line, fashion_arrays, run_main
 from optimize import serve
 from optimize.artifacts import sha256_file
 
@@ -55,7 +55,7 @@ def png(tmp_path_factory):
 def test_export_refuses_a_model_with_nan_weights(nan_checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
     before = sha256_file(nan_checkpoint)
-    proc = run_cli("-q", "export", "--model", nan_checkpoint, "--out", out)
+    proc = run_main("-q", "export", "--model", nan_checkpoint, "--out", out)
     line = error_line(proc)
     assert proc.returncode == 2 and "non-finite logits" in line and "lower --lr" in line
     assert not out.exists() and sha256_file(nan_checkpoint) == before
@@ -69,7 +69,7 @@ def test_export_refuses_tolerances_that_switch_the_check_off(trained, tmp_path, 
 
 
 def test_infer_refuses_to_answer_nan(nan_onnx, png):
-    proc = run_cli("-q", "infer", "--model", nan_onnx, png, "--json")
+    proc = run_main("-q", "infer", "--model", nan_onnx, png, "--json")
     assert proc.returncode == 1 and "answered NaN or inf" in error_line(proc)
     assert proc.stdout.strip() == ""  # no JSON with bare NaN in it
 

@@ -268,6 +268,24 @@ def test_check_fails_when_the_preprocessing_is_altered(bundle, bundle_python, tm
     assert "preprocessing differs from the host's" in (altered / "check.md").read_text()
 
 
+def test_check_runs_a_tensorrt_plan_through_the_same_face(bundle, fake_gpu, tmp_path):
+    """--check on model.plan (the stand-in TensorRT, whose engine answers the first ten input values instead of
+    the model's logits): the plan is run, timed and described, and, not being the host's model, fails."""
+    fakes = fake_gpu(trt_version="10.3.0")
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle, folder, ignore=shutil.ignore_patterns("model_repository", "model.onnx"))
+    (folder / "model.plan").write_bytes(fakes.trt.engine_spec(chw=(3, 16, 16), profile=(1, 8, 32)))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}, **fakes.env()}
+    proc = subprocess.run([sys.executable, folder / "runner.py", "--check", *CHECK_FAST], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result = json.loads((folder / "check.json").read_text())
+    assert result["backend"] == "tensorrt" and result["model"] == "model.plan"
+    assert result["device"]["gpu"] == "NVIDIA Fake GPU" and result["device"]["runtime"] == "tensorrt 10.3.0"
+    assert set(result["speed"]["throughput"]) == {"1", "8", "32"}
+    assert "not the model the host measured" in " ".join(result["verdict"]["problems"])
+
+
 def test_check_without_an_acceptance_set_says_so(exported_onnx, tmp_path):
     out = tmp_path / "bare"
     package.run(package.PackageConfig(model=str(exported_onnx), out=str(out), check_images=0))
