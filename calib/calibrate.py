@@ -153,6 +153,9 @@ def run(cfg: CalibConfig) -> Artifact:
     check_not_input(cfg.out, {"--onnx": cfg.onnx, "--cache": cfg.cache})
     out = prepare_output(cfg.out)
     model.require_dynamic_batch()
+    if model.precision != "fp32":
+        raise CalibrationError(f"{src} is already {model.precision.upper()}: calibrate the FP32 ONNX 'cli.py export' "
+                               "wrote")
     input_name, size = model.input.name, model.image_size
     preprocessing, class_names = model.preprocessing()
     onnx_sha = model.sha256

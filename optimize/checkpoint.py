@@ -104,8 +104,21 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+# what torch.save writes first: a zip archive (PyTorch 1.6 and later), or a pickle (b"\x80" and its protocol) whose
+# first object is the legacy format's magic number
+ZIP_HEADER = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _read(path: Path, trust: bool) -> Any:
-    """``torch.load`` with our error messages; weights_only unless the user trusts the file."""
+    """``torch.load`` with our error messages; weights_only unless the user trusts the file. A file that starts
+    like nothing torch.save writes is named as such first: unpickling it would fail with a message about pickled
+    objects and nudge the user towards trusting bytes that are no checkpoint at all."""
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    if not (head.startswith(ZIP_HEADER) or (head.startswith(b"\x80") and LEGACY_MAGIC in head)):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with bytes torch.save never writes); "
+                              "give a .pth written by torch.save, or copy the file again")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
@@ -222,6 +235,9 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
         CheckpointError: missing, truncated, foreign or untrusted file; an ``arch`` that does not match.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, a FIFO or a socket)"
+        raise CheckpointError(f"checkpoint {path} is {kind}; give the checkpoint file itself")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (train one with 'cli.py train')")
     if path.stat().st_size == 0:
@@ -240,6 +256,10 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
 
     obj = _read(path, trust)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        version = obj.get("version")
+        if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path} is an edgeopt checkpoint of format version {version!r}; this edgeopt "
+                                  f"reads versions 1 to {CHECKPOINT_VERSION}: update edgeopt to load it")
         _check_edgeopt_fields(obj, path)
         preprocessing = _recorded_preprocessing(obj["preprocessing"], str(path))
         if arch and arch != obj["arch"]:

@@ -97,6 +97,7 @@ def device_field(default: str = "auto") -> Any:
                   group="device")
 
 
+MAX_BENCHMARK_BATCH = 4096  # 4096 images at 224 px are 2.5 GB of float32 input alone
 # more threads than this only adds contention (a few per core is the most any backend uses well)
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
@@ -491,6 +492,9 @@ class InferConfig(Options):
                                      help="image files, or folders searched recursively")
     top_k: int = option(5, help="classes reported per image, most probable first")
     batch_size: int = option(32, help="images per inference (an engine's max batch caps it)", bounds=(1, None))
+    image_size: int | None = option(None, bounds=(8, None), default_text="the model's recorded preprocessing",
+                                    help="for a checkpoint that records no preprocessing (a plain torchvision "
+                                         "state_dict): its input side, with ImageNet's statistics")
     device: str = device_field("cpu")
     threads: int | None = threads_field()
     trust_checkpoint: bool = trust_field()
@@ -615,6 +619,9 @@ class BenchmarkConfig(Options):
                 "give at least one model to benchmark (--models) or a --baseline (or --device-results to add to a "
                 "report)"),
                (bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "--batch-sizes must be positive integers"),
+               (max(self.batch_sizes, default=1) <= MAX_BENCHMARK_BATCH,
+                f"--batch-sizes above {MAX_BENCHMARK_BATCH} images are no deployment batch, and their inputs alone "
+                "take gigabytes at 224 px; time the batch sizes you will serve"),
                (self.seconds > 0 and self.warmup >= 0 and self.e2e_batch >= 1 and self.rounds >= 1,
                 "--seconds must be > 0, --rounds >= 1, --warmup >= 0 and --e2e-batch >= 1"),
                (self.max_accuracy_drop >= 0 and self.min_speedup > 0,

@@ -27,8 +27,8 @@ from .bundle.runner import expand
 from .data import LabeledImages
 from .configs import InferConfig
 from .errors import DataError, NonFiniteOutputError
-from .preprocess import Preprocessing, load_image
-from .runners import Runner, RunnerError, open_runner
+from .preprocess import Preprocessing, folder_preset, load_image
+from .runners import Runner, RunnerError, backend_of, open_runner
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +66,25 @@ def expand_images(paths: Iterable[str | Path]) -> list[Path]:
     return expand(paths, error=DataError)
 
 
-def model_inputs(runner: Runner) -> tuple[Preprocessing, list[str] | None]:
-    """The preprocessing and class names the runner's artifact records.
+def model_inputs(runner: Runner, image_size: int | None = None) -> tuple[Preprocessing, list[str] | None]:
+    """The preprocessing and class names the runner's artifact records; for one that records none (a plain
+    torchvision state_dict) and an ``image_size``, ImageNet's preset at that size.
 
     Raises:
-        RunnerError: the artifact records no preprocessing, so its input tensor cannot be made.
+        RunnerError: no preprocessing recorded and no image size given, or an image size the artifact's recorded
+            preprocessing contradicts.
     """
     if runner.preprocessing is None:
-        raise RunnerError(f"{runner.path} records no preprocessing, so images cannot be prepared for it; use a "
-                          "checkpoint written by edgeopt or a model exported from one")
+        if image_size is None:
+            raise RunnerError(f"{runner.path} records no preprocessing, so images cannot be prepared for it: give "
+                              "--image-size (ImageNet's statistics are used), or use a checkpoint written by edgeopt "
+                              "or a model exported from one")
+        logger.info("%s records no preprocessing: ImageNet's statistics at %d px (--image-size)", runner.path,
+                    image_size)
+        return folder_preset(image_size=image_size), runner.class_names
+    if image_size is not None and image_size != runner.preprocessing.image_size:
+        raise RunnerError(f"--image-size {image_size}: {runner.path} records {runner.preprocessing.image_size} px "
+                          "preprocessing; drop --image-size")
     return runner.preprocessing, runner.class_names
 
 
@@ -126,8 +136,9 @@ def _image_files(files: list[Path], transform: Callable) -> tuple[LabeledImages,
 def run(cfg: InferConfig) -> list[ImageResult]:
     """Classify every image of ``cfg.images``; results in input order, one per image file."""
     files = expand_images(cfg.images)
-    runner = open_runner(cfg.model, device=cfg.device, threads=cfg.threads, trust=cfg.trust_checkpoint)
-    preprocessing, class_names = model_inputs(runner)
+    runner = open_runner(cfg.model, device=cfg.device, threads=cfg.threads, trust=cfg.trust_checkpoint,
+                         image_size=cfg.image_size if backend_of(cfg.model) == "torch" else None)
+    preprocessing, class_names = model_inputs(runner, cfg.image_size)
     dataset, errors = _image_files(files, preprocessing.eval_transform())
     batch_size = min(cfg.batch_size, runner.max_batch or cfg.batch_size)
     logger.info("classifying %d image(s) with %s (%s), batches of %d", len(files), runner.path, runner.label,

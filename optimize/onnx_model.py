@@ -250,6 +250,9 @@ class OnnxModel:
         if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
             raise OnnxModelError(f"{names_source}: class names must be a list of strings; re-export the model with "
                                  "'cli.py export'")
+        if names is not None and self.num_classes is not None and len(names) != self.num_classes:
+            raise OnnxModelError(f"{names_source}: names {len(names)} classes but the graph outputs "
+                                 f"{self.num_classes}; re-export the model with 'cli.py export'")
         return preprocessing, names
 
     def preprocessing(self) -> tuple[Preprocessing, list[str] | None]:

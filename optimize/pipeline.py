@@ -80,6 +80,8 @@ def resolve_recipe(cfg: PipelineConfig) -> dict[str, Any]:
                               "save it as UTF-8") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        except ValueError as e:  # a number YAML reads but Python refuses, e.g. an integer of 5000 digits
+            raise ConfigError(f"recipe {path} holds a value that cannot be read: {str(e).splitlines()[0]}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must be a mapping with 'stages:' (see 'cli.py pipeline --dry-run')")
         recipe = _merge(recipe, loaded)

@@ -158,7 +158,8 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
         size = image_size or (loaded.preprocessing.image_size if loaded.preprocessing else None)
         if size is None:
-            raise RunnerError(f"{path} records no preprocessing, so its input size is unknown; give the image size")
+            raise RunnerError(f"{path} records no preprocessing, so its input size is unknown: give --image-size "
+                              "(ImageNet's statistics are used)")
         super().__init__(Path(path), "torch", precision, device, size, loaded.preprocessing, loaded.class_names,
                          None, threads if device == "cpu" else None, read_manifest(path) or {})
         self.loaded = loaded

@@ -149,3 +149,70 @@ def test_options_the_stage_cannot_honour_are_refused(trained, png, tmp_path, arg
     proc = run_main("-q", stage, "--model", trained, *rest, *extra)
     assert proc.returncode == 2 and message in error_line(proc), proc.stderr
     assert not (tmp_path / "dir").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_infer_takes_a_plain_torchvision_state_dict_with_image_size(trained, png, tmp_path):
+    """The README's promise: a plain state_dict (no preprocessing recorded) runs with --image-size."""
+    plain = tmp_path / "plain.pth"
+    torch.save(torch.load(trained, weights_only=True)["state_dict"], plain)
+    proc = run_main("-q", "infer", "--model", plain, png)
+    assert proc.returncode == 2 and "give --image-size" in error_line(proc)
+    proc = run_main("-q", "infer", "--model", plain, png, "--image-size", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(__import__("json").loads(proc.stdout)[0]["top_k"]) == 5
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "is not a PyTorch checkpoint (it starts with"),
+    (lambda p: torch.save({"format": "edgeopt-checkpoint", "version": 99}, p), "format version 99"),
+    (lambda p: p.mkdir(), "is a folder"),
+])
+def test_checkpoints_that_are_not_what_they_seem_are_named_as_such(tmp_path, make, message):
+    path = tmp_path / "m.pth"
+    make(path)
+    proc = run_main("-q", "evaluate", "--model", path, "--val-limit", "16")
+    line = error_line(proc)
+    assert proc.returncode == 2 and message in line and "--trust-checkpoint" not in line
+
+
+def test_a_fifo_is_not_called_missing(tmp_path):
+    import os
+
+    fifo = tmp_path / "m.pth"
+    os.mkfifo(fifo)
+    proc = run_main("-q", "evaluate", "--model", fifo, "--val-limit", "16")
+    assert proc.returncode == 2 and "not a regular file" in error_line(proc)
+
+
+def test_onnx_metadata_naming_other_classes_than_the_graph_is_refused(exported_onnx, png, tmp_path):
+    model = onnx.load(str(exported_onnx))
+    for prop in model.metadata_props:
+        if prop.key == "edgeopt.class_names":
+            prop.value = '["a", "b", "c"]'
+    path = tmp_path / "three.onnx"
+    onnx.save(model, str(path))
+    proc = run_main("-q", "infer", "--model", path, png)
+    assert proc.returncode == 2 and "names 3 classes but the graph outputs 10" in error_line(proc)
+
+
+def test_calibrating_an_int8_model_is_refused(exported_onnx, tmp_path):
+    int8 = tmp_path / "m.int8.onnx"
+    run_main("-q", "calibrate", "--onnx", exported_onnx, "--out", int8, "--target", "tensorrt", "--num-images", "32",
+             "--val-limit", "32")
+    proc = run_main("-q", "calibrate", "--onnx", int8, "--out", tmp_path / "again.onnx")
+    assert proc.returncode == 2 and "already INT8" in error_line(proc)
+    proc = run_main("-q", "calibrate", "--onnx", exported_onnx, "--out", tmp_path / "one.onnx", "--num-images", "1",
+                    "--target", "tensorrt")
+    assert proc.returncode == 2 and "no full batch" in error_line(proc)
+
+
+def test_benchmark_refuses_batches_no_deployment_uses(trained, tmp_path):
+    proc = run_main("-q", "benchmark", "--baseline", trained, "--batch-sizes", "100000", "--out", tmp_path / "r")
+    assert proc.returncode == 2 and "--batch-sizes above 4096" in error_line(proc)
+
+
+def test_a_recipe_number_python_cannot_read_is_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  teacher:\n    epochs: " + "9" * 5000 + "\n")
+    proc = run_main("-q", "pipeline", "--config", recipe, "--out", tmp_path / "runs", "--dry-run")
+    assert proc.returncode == 2 and "cannot be read" in error_line(proc)
