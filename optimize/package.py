@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from .acceptance import default_count, write_acceptance_set
 from .artifacts import Artifact, calibration_cache_path, library_versions, manifest_path, read_manifest, \
     remove_stale_temp, resolve_data, sha256_file, write_error, write_json
@@ -278,8 +280,17 @@ def _write_onnx(source: _Source, work: Path) -> tuple[Path | None, OnnxModel]:
         cache = _calibrated_onnx(source.engine, source.manifest, source.onnx, dst)
         bundled = OnnxModel.read(dst)
     else:
-        bundled = replace(source.model, path=dst)  # a copy: the same facts
-        shutil.copyfile(source.onnx, dst)
+        if _external_data(source.onnx):  # weights in side files, which the checker kept inside the model's folder
+            try:  # folded into the bundle's one file (a ResNet is far below protobuf's 2 GB)
+                onnx.save(onnx.load(str(source.onnx)), str(dst))
+            except ValueError as e:
+                raise PackageError(f"{source.onnx}'s weights do not fit one ONNX file ({e}); package a model under "
+                                   "2 GB") from e
+            bundled = OnnxModel.read(dst)
+            logger.info("%s keeps its weights in external files: folded into the bundle's model.onnx", source.onnx)
+        else:
+            bundled = replace(source.model, path=dst)  # a copy: the same facts
+            shutil.copyfile(source.onnx, dst)
         if manifest_path(source.onnx).is_file():
             shutil.copyfile(manifest_path(source.onnx), manifest_path(dst))
         recorded = (read_manifest(source.onnx) or {}).get("calibration_cache")
@@ -288,6 +299,12 @@ def _write_onnx(source: _Source, work: Path) -> tuple[Path | None, OnnxModel]:
         return None, bundled
     shutil.copyfile(cache, work / cache.name)
     return cache, bundled
+
+
+def _external_data(path: Path) -> bool:
+    """Whether the ONNX file keeps tensors in external files (``save_as_external_data``)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _write_triton(source: _Source, work: Path, name: str, profile: Profile, labels: str) -> str:

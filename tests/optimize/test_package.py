@@ -793,3 +793,21 @@ def test_output_folder_rules(exported_onnx, tmp_path):
     checkpoint.write_bytes(b"a checkpoint")
     with pytest.raises(package.PackageError, match="export it first"):
         package.run(package.PackageConfig(model=str(checkpoint), out=str(tmp_path / "b")))
+
+
+def test_a_model_with_external_weights_is_bundled_whole(exported_onnx, tmp_path):
+    """An ONNX keeping its weights in a side file (save_as_external_data): the bundle's model.onnx holds them, and
+    the bundle's own check runs it."""
+    source = tmp_path / "src" / "ext.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(str(exported_onnx)), str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    assert (source.parent / "ext.onnx.data").stat().st_size > source.stat().st_size
+    out = tmp_path / "bundle"
+    package.run(package.PackageConfig(model=str(source), out=str(out), check_images=32))
+    bundled = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in bundled.graph.initializer)
+    assert not list(out.glob("*.data"))
+    proc = subprocess.run([sys.executable, out / "runner.py", "--check", *CHECK_FAST], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
