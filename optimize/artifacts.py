@@ -33,6 +33,9 @@ MANIFEST_SUFFIX = ".json"
 # Our temporary names: ``.NAME.XXXXXXXX.tmp`` / ``.probe`` (tempfile's 8 random characters) beside an output, a
 # package's ``.NAME.PID.old`` folder, and ``edgeopt-<step>-XXXXXXXX`` folders in the system temp folder.
 _TEMP_BESIDE = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.(?:tmp|probe)|\d+\.old)$")
+# the writer's pid in a temporary file's name (".model.onnx.p1234.x8k2m0qa.tmp"): once that process is gone, the
+# file is a killed run's leftover whatever its age
+_TEMP_PID = re.compile(r"\.p(\d+)\.[a-z0-9_]{8}\.(?:tmp|probe)$")
 _TEMP_SYSTEM = re.compile(r"^edgeopt-(?:calib|engine|bench)-[a-z0-9_]{8}$")
 STALE_AFTER_S = 3600.0
 # errors that mean "this output cannot be written here", whatever the stage was doing
@@ -74,7 +77,7 @@ def _check_writable(path: str | os.PathLike) -> Path:
         raise OutputError(f"{path} is a directory; give a file name for the output, e.g. {path / 'model.pth'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.p{os.getpid()}.", suffix=".probe"):
             pass
     except OSError as e:
         raise OutputError(
@@ -120,6 +123,18 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def remove_stale_temp(folder: str | os.PathLike, *, pattern: re.Pattern[str] = _TEMP_BESIDE,
                       older_than_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove the temporary files and folders a killed edgeopt run left in ``folder``.
@@ -128,7 +143,8 @@ def remove_stale_temp(folder: str | os.PathLike, *, pattern: re.Pattern[str] = _
     and :func:`prepare_output`, a package's ``.NAME.XXXXXXXX.tmp`` work folder and ``.NAME.PID.old`` folder; in
     the system temp folder ``edgeopt-calib-*``, ``edgeopt-engine-*``, ``edgeopt-bench-*``), and only when
     nothing in them changed for ``older_than_s`` (an hour): a run still writing one touches it far more often,
-    so a concurrent run's files survive. Each removal is logged as a warning; one that fails is skipped.
+    so a concurrent run's files survive. A temporary file naming its writer's pid (``.NAME.pPID.XXXXXXXX.tmp``)
+    goes as soon as that process is gone. Each removal is logged as a warning; one that fails is skipped.
 
     Returns:
         The paths removed.
@@ -141,8 +157,9 @@ def remove_stale_temp(folder: str | os.PathLike, *, pattern: re.Pattern[str] = _
         return removed
     for entry in entries:
         path = Path(entry.path)
+        owner = _TEMP_PID.search(entry.name)
         try:
-            if now - _newest_mtime(path) < older_than_s:
+            if (owner is None or _process_alive(int(owner.group(1)))) and now - _newest_mtime(path) < older_than_s:
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -207,7 +224,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = _check_writable(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.p{os.getpid()}.", suffix=".tmp")
         os.close(fd)
     except OSError as e:
         raise write_error(path, e) or e

@@ -244,6 +244,10 @@ class _Planner:
         teacher = Path(self.r["teacher"]) if self.r["teacher"] else self.out / "teacher.pth"
         if self.r["teacher"] and not teacher.is_file():
             raise ConfigError(f"--teacher {teacher} does not exist; give a checkpoint or drop --teacher to train one")
+        if self.options("teacher") is None and not self.r["teacher"] and not teacher.is_file() \
+                and self.options("distill") is not None:
+            raise ConfigError(f"the recipe sets 'teacher: false' but names no teacher ({teacher} does not exist "
+                              "either): give --teacher your_model.pth, or let the pipeline train one")
         model = teacher
         if self.r["student"]:
             model = Path(self.r["student"])
@@ -364,9 +368,37 @@ class StepResult:
 
 
 def plan(cfg: PipelineConfig) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
-    """The resolved recipe and the steps it makes, ``(name, stage config)``, checked but not run (``--dry-run``)."""
+    """The resolved recipe and the steps it makes, ``(name, stage config)``, checked but not run (``--dry-run``):
+    the same checks as a real run makes before its first stage (:func:`check_runnable`)."""
     recipe = resolve_recipe(cfg)
-    return recipe, [(s.name, s.config) for s in _Planner(recipe, Path(cfg.out), cfg.progress).steps()]
+    steps = _Planner(recipe, Path(cfg.out), cfg.progress).steps()
+    check_runnable(recipe, steps)
+    return recipe, [(s.name, s.config) for s in steps]
+
+
+def check_runnable(recipe: dict[str, Any], steps: list[_Step]) -> None:
+    """What would stop the run after minutes of stages, checked before the first: the data is here, and every
+    stage's device can run here (training's, and the benchmark's for the artifacts it will time).
+
+    Raises:
+        ConfigError: a data folder that is not there. DeviceError: a device this machine cannot honour.
+    """
+    from .data import FASHION_MNIST
+    from .device import require_ort_cuda, resolve_device, resolve_for
+    from .runners import backend_of
+
+    data = recipe["data"]
+    if data != FASHION_MNIST and not Path(data).is_dir():
+        raise ConfigError(f"data folder {data} does not exist; give --data a folder with train/ and val/, or "
+                          f"{FASHION_MNIST}")
+    for step in steps:
+        loop = getattr(step.config, "loop", None)
+        if loop is not None:
+            resolve_device(loop.device)
+        if step.stage == "benchmark":
+            backends = [backend_of(p) for p in (step.config.baseline, *step.config.models) if p]
+            if resolve_for(step.config.device, backends) == "cuda" and "onnxruntime" in backends:
+                require_ort_cuda()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -493,6 +525,7 @@ def run(cfg: PipelineConfig, *,
     """
     recipe = resolve_recipe(cfg)
     out = Path(cfg.out)
+    check_runnable(recipe, _Planner(recipe, out, cfg.progress).steps())
     prepare_output(out / STATE_FILE)
     with locked(out):
         return _run_steps(cfg, recipe, out, on_step)

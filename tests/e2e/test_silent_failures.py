@@ -1,6 +1,8 @@
-"""A broken model (NaN weights, as a diverged run leaves them) is stopped at every gate, through the CLI as a user
-runs it: export refuses it, infer and serve refuse to answer with NaN, and the tolerances that would switch the
-export check off are refused. A model with large logits passes the export check, whose tolerance grows with them."""
+"""Nothing broken passes silently, through the CLI as a user runs it. A broken model (NaN weights, as a diverged run
+leaves them) is stopped at every gate: export refuses it, infer and serve refuse to answer with NaN, and the
+tolerances that would switch the export check off are refused; a model with large logits passes the export check,
+whose tolerance grows with them. Options a stage cannot honour, outputs landing on inputs, files that are not what
+they seem and recipes that would fail after minutes of stages are refused up front, in one line."""
 
 from __future__ import annotations
 
@@ -216,3 +218,33 @@ def test_a_recipe_number_python_cannot_read_is_one_line(tmp_path):
     recipe.write_text("stages:\n  teacher:\n    epochs: " + "9" * 5000 + "\n")
     proc = run_main("-q", "pipeline", "--config", recipe, "--out", tmp_path / "runs", "--dry-run")
     assert proc.returncode == 2 and "cannot be read" in error_line(proc)
+
+
+@pytest.mark.parametrize("recipe, args, message", [
+    ("stages:\n  teacher: false\n", [], "'teacher: false' but names no teacher"),
+    ("stages:\n  benchmark: {device: cuda}\n", [], "--device cuda"),
+    ("data: /nonexistent/photos\n", [], "data folder /nonexistent/photos does not exist"),
+])
+def test_pipeline_dry_run_refuses_what_the_run_would_fail_on(tmp_path, recipe, args, message):
+    if "cuda" in recipe and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    for dry in (["--dry-run"], []):  # the real run refuses it before its first stage, as the dry run does
+        proc = run_main("-q", "pipeline", "--preset", "quick", "--config", path, "--out", tmp_path / "runs", *dry)
+        assert proc.returncode == 2 and message in error_line(proc), proc.stderr
+    assert not (tmp_path / "runs" / "teacher.pth").exists()
+
+
+def test_a_killed_writers_temporary_file_goes_with_the_next_run(trained, tmp_path):
+    """SIGKILL during a write leaves '.m.onnx.pPID.XXXXXXXX.tmp': gone after the next run, however young, once
+    its writer is dead; a live writer's file stays."""
+    import os
+
+    dead = tmp_path / ".m.onnx.p999999999.abcdefgh.tmp"  # no such pid
+    live = tmp_path / f".m.onnx.p{os.getpid()}.abcdefgh.tmp"
+    dead.write_bytes(b"")
+    live.write_bytes(b"")
+    proc = run_main("-q", "export", "--model", trained, "--out", tmp_path / "m.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert not dead.exists() and live.exists() and (tmp_path / "m.onnx").is_file()
