@@ -66,12 +66,14 @@ def pipeline_step(runs: Path, data: str) -> Callable[[bool], dict[str, Any]]:
         recipe.parent.mkdir(parents=True, exist_ok=True)
         # ONNX Runtime here is the CPU build: the report's rows run on auto (the CPU), training on CUDA
         recipe.write_text("stages:\n  benchmark: {device: auto}\n")  # merged over the quick preset
-        args = ["pipeline", "--preset", "quick", "--config", recipe, "--device", "cuda", "--data", data, "--out", runs]
+        # a dry run plans on auto: the pipeline refuses --device cuda where there is no GPU, before any stage
+        device = "auto" if dry else "cuda"
+        args = ["pipeline", "--preset", "quick", "--config", recipe, "--device", device, "--data", data, "--out", runs]
         proc = _cli(*args, *(["--dry-run"] if dry else []), timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline exited {proc.returncode}:\n{_tail(proc)}")
         if dry:
-            return {"planned": proc.stdout.strip().splitlines()[-1]}
+            return {"planned": proc.stdout.strip().splitlines()[-1], "device": "cuda (planned on auto)"}
         state = json.loads((runs / "pipeline.json").read_text())
         return {"stage_seconds": {k: round(v.get("seconds", 0), 1) for k, v in state["steps"].items()},
                 "report": str(runs / "report" / "report.md")}
