@@ -367,12 +367,14 @@ class StepResult:
     outputs: list[str]
 
 
-def plan(cfg: PipelineConfig) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+def plan(cfg: PipelineConfig, *, here: bool = True) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     """The resolved recipe and the steps it makes, ``(name, stage config)``, checked but not run (``--dry-run``):
-    the same checks as a real run makes before its first stage (:func:`check_runnable`)."""
+    the same checks as a real run makes before its first stage (:func:`check_runnable`), unless ``here`` is False
+    (a recipe planned for another machine: its stages' options are checked, not this machine's devices or data)."""
     recipe = resolve_recipe(cfg)
     steps = _Planner(recipe, Path(cfg.out), cfg.progress).steps()
-    check_runnable(recipe, steps)
+    if here:
+        check_runnable(recipe, steps)
     return recipe, [(s.name, s.config) for s in steps]
 
 
