@@ -10,7 +10,9 @@ machine's own Python. Steps, each recorded with its wall time and outcome, none 
    logits from our buffer against its logits from torch's own copy: equal), then copied back through our stream.
 3. ``gpu-check``: ``cli.py gpu-check --allow-no-tensorrt`` over the run: PyTorch FP32 / TF32 / FP16 / BF16 rows
    on CUDA, ONNX Runtime CUDA where installed, TensorRT skipped with its reason, GPU clocks before and after.
-4. ``full-epoch``: one epoch of the ``full`` preset's ResNet-18 (the student's recipe) on all training images,
+4. ``cuda-peak``: the GPU's achievable multiply-accumulates per second (optimize.peak: FP32, TF32, FP16, BF16 and
+   INT8 matrix products through PyTorch), the ceiling the rows' fractions of peak are taken against.
+5. ``full-epoch``: one epoch of the ``full`` preset's ResNet-18 (the student's recipe) on all training images,
    timed, and the preset's ResNet-18 epochs projected from it.
 
 Writes ``device_check.json`` / ``device_check.md`` in ``--out`` (and copies them, gpu_check.md/json and the
@@ -56,7 +58,7 @@ def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 def _tail(proc: subprocess.CompletedProcess) -> str:
-    return "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+    return "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
 
 
 def pipeline_step(runs: Path, data: str) -> Callable[[bool], dict[str, Any]]:
@@ -70,6 +72,7 @@ def pipeline_step(runs: Path, data: str) -> Callable[[bool], dict[str, Any]]:
         device = "auto" if dry else "cuda"
         args = ["pipeline", "--preset", "quick", "--config", recipe, "--device", device, "--data", data, "--out", runs]
         proc = _cli(*args, *(["--dry-run"] if dry else []), timeout=600)
+        (runs.parent / "pipeline.log").write_text(proc.stdout + proc.stderr)  # the whole of it, sent back
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline exited {proc.returncode}:\n{_tail(proc)}")
         if dry:
@@ -148,6 +151,17 @@ def gpu_check_step(runs: Path, out: Path, data: str) -> Callable[[bool], dict[st
     return run
 
 
+def peak_step() -> Callable[[bool], dict[str, Any]]:
+    def run(dry: bool) -> dict[str, Any]:
+        from optimize.peak import cuda_peak
+
+        if dry:
+            return {"skipped": "dry run (needs a GPU)", "measures": cuda_peak.__doc__.splitlines()[0]}
+        return cuda_peak().as_dict()
+
+    return run
+
+
 def full_epoch_step(out: Path, data: str) -> Callable[[bool], dict[str, Any]]:
     def run(dry: bool) -> dict[str, Any]:
         from optimize import train
@@ -178,7 +192,8 @@ def run(out: Path, data: str, dry: bool) -> dict[str, Any]:
     """Every step, in order; a step that fails is recorded and the next one still runs."""
     runs = out / "runs"
     steps = [Step("pipeline", pipeline_step(runs, data)), Step("cuda-runtime", cuda_runtime_step(runs)),
-             Step("gpu-check", gpu_check_step(runs, out, data)), Step("full-epoch", full_epoch_step(out, data))]
+             Step("gpu-check", gpu_check_step(runs, out, data)), Step("cuda-peak", peak_step()),
+             Step("full-epoch", full_epoch_step(out, data))]
     for step in steps:
         start = time.perf_counter()
         try:
@@ -218,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     sent = os.environ.get("OUT")
     if sent and not args.dry_run:  # a lent machine sends back what is under $OUT (at most 8 files)
         for path in (args.out / REPORT_JSON, args.out / REPORT_MD, args.out / "gpu-check" / "gpu_check.md",
-                     args.out / "gpu-check" / "gpu_check.json", args.out / "runs" / "report" / "report.md"):
+                     args.out / "gpu-check" / "gpu_check.json", args.out / "runs" / "report" / "report.md",
+                     args.out / "pipeline.log"):
             if path.is_file():
                 shutil.copyfile(path, Path(sent) / (path.parent.name + "-" + path.name))
     return 0 if report["passed"] else 1

@@ -63,12 +63,19 @@ def sparsity(layers: list[tuple[str, nn.Module]]) -> dict[str, Any]:
     return {"overall": zeros / max(total, 1), "zeros": zeros, "numel": total, "per_layer": per_layer}
 
 
+def _example(model: nn.Module, image_size: int) -> torch.Tensor:
+    """A zero image on the model's device: Torch-Pruning traces the model with it (a model left on CUDA by the
+    accuracy check before pruning failed the CUDA pipeline with a CPU example)."""
+    weight = next(model.parameters(), None)
+    return torch.zeros(1, 3, image_size, image_size, device=weight.device if weight is not None else "cpu")
+
+
 def count_macs_params(model: nn.Module, image_size: int) -> tuple[int, int]:
     """Dense multiply-accumulates of one image, and the parameter count (Torch-Pruning's counter)."""
     import torch_pruning as tp
 
     was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, 3, image_size, image_size))
+    macs, params = tp.utils.count_ops_and_params(model.eval(), _example(model, image_size))
     model.train(was_training)
     return int(macs), int(params)
 
@@ -112,7 +119,7 @@ def make_channel_pruner(model: nn.Module, cfg: PruneConfig, image_size: int):
                                                                                 nn.Linear)):
         raise CheckpointError(f"{cfg.model} is not a torchvision-style ResNet (no conv1/fc); l1-channel needs one")
     return tp.pruner.MetaPruner(
-        model, torch.zeros(1, 3, image_size, image_size),
+        model, _example(model, image_size),
         importance=tp.importance.MagnitudeImportance(p=1),
         global_pruning=True, pruning_ratio=cfg.target, iterative_steps=cfg.steps,
         max_pruning_ratio=cfg.max_layer_amount, isomorphic=cfg.isomorphic,

@@ -17,7 +17,7 @@ def test_the_dry_run_plans_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["dry_run"] and report["passed"] and list(report["steps"]) == [
-        "pipeline", "cuda-runtime", "gpu-check", "full-epoch"]
+        "pipeline", "cuda-runtime", "gpu-check", "cuda-peak", "full-epoch"]
     steps = report["steps"]
     assert steps["pipeline"]["planned"].startswith("# 9 steps: teacher, distill, prune")  # the quick preset, planned
     assert "--allow-no-tensorrt" in steps["gpu-check"]["command"] and steps["gpu-check"]["tf32_rows"]

@@ -143,3 +143,15 @@ def test_channel_pruning_needs_a_resnet():
     resnet.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), resnet.fc)
     with pytest.raises(CheckpointError, match=r"custom-head\.pth is not a torchvision-style ResNet.*l1-channel needs"):
         make_channel_pruner(resnet, cfg, 16)
+
+
+def test_the_tracing_example_sits_where_the_model_is():
+    # the CUDA pipeline failed in prune: the accuracy check leaves the model on the GPU, and Torch-Pruning traced it
+    # with a CPU example (found on the lent H200); 'meta' stands in for a second device here
+    from torchvision.models import resnet18
+
+    from optimize.prune import _example
+
+    model = resnet18(num_classes=3)
+    assert _example(model, 8).device.type == "cpu"
+    assert _example(model.to("meta"), 8).device.type == "meta"
