@@ -153,13 +153,19 @@ def cmd_calibrate(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(cfg, args: argparse.Namespace) -> int:
-    """Build an inference engine: ONNX Runtime (CPU, fp32/int8) or TensorRT 8.5 to 11 (fp32/fp16/int8)."""
+    """Build an inference engine: ONNX Runtime or OpenVINO (CPU, fp32/int8), or TensorRT 8.5 to 11
+    (fp32/fp16/int8)."""
     from optimize import build_engine
 
     artifact = build_engine.run(cfg)
     e = artifact.manifest["engine"]
-    where = (f"TensorRT {e['tensorrt']} on {e['gpu']}" if e["backend"] == "tensorrt"
-             else f"ONNX Runtime {e['onnxruntime']}")
+    where = {"tensorrt": lambda: f"TensorRT {e['tensorrt']} on {e['gpu']}",
+             "openvino": lambda: f"OpenVINO {e['openvino'].split('-')[0]}, {e['hint']} hint",
+             "onnxruntime": lambda: f"ONNX Runtime {e['onnxruntime']}"}[e["backend"]]()
+    calibration = (artifact.manifest.get("metrics") or {}).get("calibration") or {}
+    if e["backend"] == "openvino" and calibration.get("top1_int8") is not None:
+        where += (f"; NNCF INT8 top-1 {calibration['top1_int8']:.4f} vs FP32 {calibration['top1_fp32']:.4f}, "
+                  f"agreement {calibration['agreement_with_fp32']:.4f}")
     if e["backend"] == "onnxruntime" and e.get("comparison"):
         c = e["comparison"]
         where += (f"; kept the {e['kept']} graph (optimized/input {c['ratio']:.2f}x at batch {c['batch']}, "

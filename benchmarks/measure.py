@@ -72,11 +72,21 @@ class Row:
     speedup: dict[str, float] = field(default_factory=dict)  # median against the baseline's median
     speedup_range: dict[str, list[float]] = field(default_factory=dict)  # lowest, highest the ranges allow
     speedup_verdict: dict[str, str] = field(default_factory=dict)  # faster | slower | within noise
+    gmacs_per_s: dict[str, float] = field(default_factory=dict)  # per batch size: MACs per image x median img/s
+    peak_fraction: dict[str, float | None] = field(default_factory=dict)  # that over the machine's peak for the row's
+    #                                                                      arithmetic (optimize.peak)
     e2e_img_per_s: float | None = None
     e2e_spread: dict[str, Any] | None = None
     pareto: bool = False
     int8_gate: dict[str, Any] | None = None
     skipped: str | None = None
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """The bytes a deployment copies: the file, and an OpenVINO IR's weights (.bin) beside its .xml."""
+    path = Path(path)
+    weights = path.with_suffix(".bin")
+    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
 
 
 def percentiles_ms(times: list[float]) -> dict[str, float]:
@@ -195,7 +205,9 @@ def environment(threads: int, device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"cpu": facts["cpu"], "cpu_cores": facts["cpu_cores"], "isa": facts["isa"],
                            "isa_missing": facts["isa_missing"], "threads": threads,
                            "thread_settings": {"onnxruntime": {"intra_op": threads, "inter_op": 1},
-                                               "torch": {"intra_op": threads}},
+                                               "torch": {"intra_op": threads},
+                                               "openvino": {"inference_num_threads": threads,
+                                                            "inference_precision": "f32"}},
                            "platform": platform.platform(), "versions": library_versions(),
                            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            "device": device, "gpu": None, "driver": None}
@@ -205,6 +217,9 @@ def environment(threads: int, device: str) -> dict[str, Any]:
         env["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:  # pragma: no cover - a dependency
         pass
+    from optimize.openvino_backend import INSTALL_HINT, available
+
+    env["openvino"] = available() or f"not installed ({INSTALL_HINT})"
     if device == "cuda":  # resolved (optimize.device): PyTorch sees the GPU
         import torch
 
@@ -356,10 +371,10 @@ def _open(path: str, role: str, variant: dict[str, Any], cfg: BenchmarkConfig, c
     if tag != "fp32":
         name += f" [{tag}{' cl' if variant.get('channels_last') else ''}]"
     row = Row(name=name, path=str(path), role=role, backend=backend, device=cfg.device,
-              file_bytes=Path(path).stat().st_size, sha256=sha256_file(path))
+              file_bytes=artifact_bytes(path), sha256=sha256_file(path))
     if backend == "onnxruntime":
         row.source_onnx_sha256 = source_onnx(path)[1] or row.sha256
-    elif backend == "tensorrt":
+    elif backend in ("tensorrt", "openvino"):
         row.source_onnx_sha256 = source_onnx(path)[1]
     speed_path = path
     if cfg.input_size and backend == "onnxruntime":
@@ -369,7 +384,7 @@ def _open(path: str, role: str, variant: dict[str, Any], cfg: BenchmarkConfig, c
         return row, None
     try:
         runner = open_runner(speed_path, device=cfg.device, threads=threads, trust=cfg.trust_checkpoint,
-                             image_size=cfg.input_size if backend == "torch" else None, **variant)
+                             image_size=cfg.input_size if backend in ("torch", "openvino") else None, **variant)
     except EdgeoptError as e:
         if backend != "tensorrt":
             raise
@@ -508,6 +523,19 @@ def measure(cfg: BenchmarkConfig, jobs: list[tuple[str, str]], threads: int) -> 
                                   on_window=lambda _k: tbar.update())
     _apply_timings(rows, results)
     return rows
+
+
+def add_efficiency(rows: list[Row], peak) -> None:
+    """Each timed row's achieved multiply-accumulates per second and its fraction of ``peak`` (an
+    :class:`optimize.peak.Peak`, or None: no fractions), per batch size."""
+    from optimize.peak import row_efficiency
+
+    for row in rows:
+        if not row.macs:
+            continue
+        for b, img_per_s in row.throughput.items():
+            e = row_efficiency(img_per_s, row.macs, row.precision, peak)
+            row.gmacs_per_s[b], row.peak_fraction[b] = e["gmacs_per_s"], e["peak_fraction"]
 
 
 def add_speedups(rows: list[Row], base: Row) -> None:

@@ -37,6 +37,35 @@ def _neg(value: float | None) -> float | None:
     return None if value is None else -value
 
 
+def _peak_text(peak: dict[str, Any] | None) -> str:
+    if not peak:
+        return "not measured"
+    rates = ", ".join(f"{k.upper()} {v:,.1f}" for k, v in peak["gmacs_per_s"].items())
+    m, k, n = peak["shape_mkn"]
+    threads = f", {peak['threads']} threads" if peak.get("threads") else ""
+    return f"{rates} GMAC/s ({m}x{k}x{n} matrix products through {peak['library']}{threads})"
+
+
+def _peak_section(report: dict[str, Any], sizes: list[str]) -> list[str]:
+    """Each row's multiply-accumulates per second against the machine's peak for its arithmetic."""
+    peak = report["environment"].get("peak")
+    rows = [r for r in report["rows"] if not r["skipped"] and r.get("gmacs_per_s")]
+    if not rows:
+        return []
+    lines = ["", "## Against this machine's peak", "",
+             f"Achieved GMAC/s (MACs per image x img/s) and the fraction of the peak for the row's arithmetic "
+             f"({_peak_text(peak)}; INT8 rows against the INT8 peak, the others against their float's).", "",
+             "| model | precision | MACs M | " + " | ".join(f"GMAC/s b{b} (of peak)" for b in sizes) + " |",
+             "| --- | --- | ---: |" + " ---: |" * len(sizes)]
+    for r in rows:
+        cells = []
+        for b in sizes:
+            g, f = r["gmacs_per_s"].get(b), (r.get("peak_fraction") or {}).get(b)
+            cells.append("—" if g is None else f"{g:,.1f}" + (f" ({f:.1%})" if f is not None else ""))
+        lines.append(f"| {r['name']} | {r['precision']} | {r['macs'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (pipe tables read fine in a terminal)."""
     cfg, env, ref = report["config"], report["environment"], str(report["reference_batch"])
@@ -97,6 +126,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {r['name']} vs {g['sibling']}: {_fmt(g['speedup'], '.2f')}x "
                          f"({_range(g.get('speedup_range'))}, {g.get('speed_verdict') or 'not timed'}){top1}{plain}: "
                          f"{verdict}")
+    lines += _peak_section(report, sizes)
     for p in report.get("pruning") or []:
         lines += ["", f"## Pruning of {p['model']} ({p['method']} {_fmt(p['amount'], 'g')}, "
                       f"{_fmt(p['macs_ratio'], '.2f')}x fewer MACs)", "",
@@ -142,6 +172,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               + (f", TensorRT {env['tensorrt']}" if env.get("tensorrt") else ""),
               "- libraries: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
               f"- ONNX Runtime providers: {', '.join(env.get('onnxruntime_providers', []))}",
+              f"- OpenVINO: {env.get('openvino') or 'not recorded'}",
+              f"- peak: {_peak_text(env.get('peak'))}",
               f"- date: {env['date']}; {env['platform']}"]
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(report["plots"])]

@@ -39,6 +39,7 @@ from optimize.artifacts import Artifact, atomic_path, prepare_output, resolve_da
 from optimize.configs import BenchmarkConfig
 from optimize.device import resolve_for
 from optimize.errors import ConfigError, DataError
+from optimize.peak import measure_peak
 from optimize.runners import RunnerError, backend_of, default_threads
 
 from . import device_rows, gates, measure, render
@@ -96,9 +97,13 @@ def run(cfg: BenchmarkConfig) -> Artifact:
     if base is None:
         raise RunnerError(f"the baseline {jobs[0][0]} could not run: {rows[0].skipped}")
     measure.add_speedups(rows, base)
+    # the machine's own limit, once per run, after the rounds (a few seconds; never while they run)
+    peak = measure_peak(cfg.device, threads, seconds=max(2 * cfg.seconds, 0.2))
+    measure.add_efficiency(rows, peak)
     decided = gates.judge(rows, base, cfg)
+    environment = {**measure.environment(threads, cfg.device), "peak": peak.as_dict() if peak else None}
     report = {"format": "edgeopt-benchmark", "version": 2, "config": asdict(cfg),
-              "environment": measure.environment(threads, cfg.device), "reference_batch": cfg.reference_batch,
+              "environment": environment, "reference_batch": cfg.reference_batch,
               "baseline": base.name, "rows": [asdict(r) for r in rows], **decided,
               "pruning": measure.pruning_records(jobs)}
     if cfg.device_results:

@@ -7,7 +7,8 @@
   (lossless PNG); larger ones are written as JPEG at quality 95 (what the host's reference is computed from,
   so the files and the reference agree whatever JPEG did to them).
 - ``reference.json``: labels, class names, the host's predictions and top-1 for the bundle's ``model.onnx``
-  (ONNX Runtime on the host's CPU), the FP32 model's predictions when the bundled model is INT8, the accuracy
+  (ONNX Runtime on the host's CPU) or its OpenVINO ``model.xml`` (OpenVINO on the host's CPU), the FP32 model's
+  predictions when the bundled model is INT8, the accuracy
   budget (points of top-1 the device may lose against the host, and the agreement with the host's answers it
   must keep) and the batch sizes to time.
 - ``logits.npy``: the host's logits (float32 [N, classes]); ``tensors.npy``: the host's preprocessed tensors of
@@ -64,16 +65,32 @@ def fp32_source(onnx_path: Path) -> Path | None:
     return None
 
 
-def _predict(path: Path, x: np.ndarray) -> np.ndarray:
-    from .runners import OnnxRuntimeRunner
+def _runner(path: Path):
+    from .runners import open_runner
 
-    runner = OnnxRuntimeRunner(path)
+    return open_runner(path, device="cpu")
+
+
+def _predict(runner, x: np.ndarray) -> np.ndarray:
     return np.concatenate([runner.infer(x[i:i + 64]) for i in range(0, len(x), 64)])
 
 
+def _runtime(runner) -> str:
+    if runner.backend == "openvino":
+        from .openvino_backend import available
+
+        return f"openvino {available()} CPU ({runner.hint} hint, f32 float math)"
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider"
+
+
 def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int, max_accuracy_drop: float,
-                         batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+                         batch_sizes: tuple[int, ...], served: Path | None = None) -> dict[str, Any]:
     """Write ``work/check/`` for the bundled ``model_path`` (see the module docstring); returns its summary.
+
+    ``served``: the bundled model runner.py serves when it is not ``model_path`` (an OpenVINO ``model.xml``): the
+    host's reference is its logits, and ``model_path`` (the ONNX it was made from) gives the FP32 predictions.
 
     Raises:
         PackageError: the data has no val images, or the model's classes are not the data's.
@@ -104,28 +121,29 @@ def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int,
         entries.append({"file": name, "label": int(label)})
     x = np.stack(tensors).astype(np.float32)
     labels = np.asarray([e["label"] for e in entries])
-    logits = _predict(model_path, x).astype(np.float32)
+    host_runner = _runner(served or model_path)
+    precision = host_runner.precision
+    logits = _predict(host_runner, x).astype(np.float32)
     predictions = logits.argmax(1)
     fp32 = None
-    if model.precision != "fp32":
-        source = fp32_source(model_path)
+    if precision != "fp32":
+        source = model_path if served is not None and model.precision == "fp32" else fp32_source(model_path)
         if source is None:
             logger.warning("%s is %s and its FP32 source ONNX is not here: the acceptance set has no FP32 "
                            "predictions", model_path, model.precision)
         else:
-            fp32_pred = _predict(source, x).argmax(1)
+            fp32_pred = _predict(_runner(source), x).argmax(1)
             fp32 = {"model": source.name, "sha256": sha256_file(source), "predictions": fp32_pred.tolist(),
                     "top1": float((fp32_pred == labels).mean())}
     np.save(folder / "logits.npy", logits)
     np.save(folder / "tensors.npy", x[:PARITY_IMAGES[small]])
-    import onnxruntime as ort
-
     host_top1 = float((predictions == labels).mean())
+    host_model = served or model_path
     reference = {
         "format": ACCEPTANCE_FORMAT, "version": 1, "data": splits.name, "images": entries,
         "class_names": class_names, "encoding": "png" if small else f"jpeg quality {JPEG_QUALITY}",
-        "host": {"model": "model.onnx", "sha256": sha256_file(model_path), "precision": model.precision,
-                 "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "machine": cpu_facts(),
+        "host": {"model": host_model.name, "sha256": sha256_file(host_model), "precision": precision,
+                 "runtime": _runtime(host_runner), "machine": cpu_facts(),
                  "top1": host_top1, "predictions": predictions.tolist()},
         "fp32": fp32,
         "budget": {"max_accuracy_drop_pt": max_accuracy_drop,

@@ -287,16 +287,16 @@ def last_checkpoint_path(out: str | os.PathLike) -> Path:
 
 
 def engine_path(folder: str | os.PathLike, backend: str, precision: str) -> Path:
-    """An engine's name in a run folder: ``model[.<precision>]`` (nothing for fp32), then ``.engine`` (TensorRT) or
-    ``.ort.onnx`` (ONNX Runtime): ``runs/model.int8.engine``, ``runs/model.ort.onnx``."""
+    """An engine's name in a run folder: ``model[.<precision>]`` (nothing for fp32), then ``.engine`` (TensorRT),
+    ``.ort.onnx`` (ONNX Runtime) or ``.ov.xml`` (OpenVINO): ``runs/model.int8.engine``, ``runs/model.ort.onnx``."""
     stem = "model" if precision == "fp32" else f"model.{precision}"
-    return Path(folder) / (stem + (".ort.onnx" if backend == "onnxruntime" else ".engine"))
+    return Path(folder) / (stem + {"onnxruntime": ".ort.onnx", "openvino": ".ov.xml"}.get(backend, ".engine"))
 
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour an artifact depends on."""
     versions = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "tensorrt"):
+    for name in ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"):
         try:
             module = __import__(name)
         except Exception:  # noqa: BLE001 - an absent or broken optional library is simply not recorded

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import onnx
 
 from .artifacts import Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output, read_manifest, \
-    write_manifest
+    sha256_file, write_manifest
 from .configs import BuildConfig, CalibConfig, parse_size
 from .errors import ConfigError
 from .onnx_model import OnnxModel
@@ -146,6 +146,84 @@ def time_optimized_against_input(optimized: Path, original: Path, *, batch: int,
     return result
 
 
+def _openvino_int8(cfg: BuildConfig, source: OnnxModel, preprocessing, class_names):
+    """NNCF's INT8 of ``source`` on ``cfg.num_images`` class-stratified training images (calibrate's sample), and the
+    figures against the FP32 conversion on the val split; an INT8 Q/DQ ONNX is converted as it is instead."""
+    from . import openvino_backend as ovb
+    from .batcher import ImageBatcher
+    from .data import load_data
+
+    if source.precision == "int8":
+        issue = source.tensorrt_issue()  # ONNX Runtime's own operators: OpenVINO reads standard ONNX only
+        if issue or not source.is_qdq:
+            raise ConfigError(f"{source.path}: {issue or 'it is not a Q/DQ model'}, which OpenVINO cannot read; give "
+                              "the FP32 ONNX (NNCF quantizes it) or a Q/DQ one ('cli.py calibrate --form qdq-s8s8')")
+        return ovb.convert(source.path), {"from": "the given Q/DQ ONNX"}, None
+    if not cfg.calib_data:
+        raise ConfigError(f"--backend openvino --precision int8 needs --calib-data ({source.path} is not quantized: "
+                          "NNCF calibrates it), or a Q/DQ INT8 ONNX from 'cli.py calibrate --form qdq-s8s8'")
+    size = source.image_size
+    splits = load_data(cfg.calib_data, preprocessing, train_limit=cfg.num_images, val_limit=cfg.calib_val_limit,
+                       augment=False)
+    splits.check_model(source.path, class_names, source.num_classes)
+    calib = ImageBatcher(splits.train, batch_size=1, image_size=size)  # NNCF counts samples: one image each
+    if calib.count == 0:
+        raise ConfigError(f"{splits.name} has no training images to calibrate on")
+    fp32 = ovb.convert(source.path)
+    int8 = ovb.quantize(ovb.convert(source.path), (x for x, _ in calib), count=calib.count, preset=cfg.nncf_preset,
+                        model_type=cfg.nncf_model_type)
+    return int8, {"from": "NNCF post-training quantization", "num_images": calib.count, "preset": cfg.nncf_preset,
+                  "model_type": cfg.nncf_model_type}, (fp32, ImageBatcher(splits.val, batch_size=64, image_size=size))
+
+
+def _openvino_predictions(model, batcher, threads: int | None) -> tuple[Any, Any]:
+    import numpy as np
+
+    from . import openvino_backend as ovb
+    from .runners import default_threads
+
+    compiled = ovb.import_openvino().Core().compile_model(model, "CPU", ovb.compile_config(threads or default_threads()))
+    preds, labels = [], []
+    for x, y in batcher:
+        preds.append(np.asarray(compiled(x)[0]).argmax(1))
+        labels.append(y)
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def _build_openvino(cfg: BuildConfig, source: OnnxModel, out: Path, preprocessing,
+                    class_names) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The OpenVINO IR (``out`` and its .bin) for ``cfg.precision``; (engine facts, calibration figures)."""
+    from . import openvino_backend as ovb
+    from .runners import default_threads
+
+    figures: dict[str, Any] = {}
+    if cfg.precision == "int8":
+        model, figures, check = _openvino_int8(cfg, source, preprocessing, class_names)
+        if check is not None:
+            fp32_model, val = check
+            fp32_pred, labels = _openvino_predictions(fp32_model, val, cfg.threads)
+            int8_pred, _ = _openvino_predictions(model, val, cfg.threads)
+            figures.update(top1_fp32=float((fp32_pred == labels).mean()), top1_int8=float((int8_pred == labels).mean()),
+                           agreement_with_fp32=float((int8_pred == fp32_pred).mean()), val_images=int(len(labels)))
+            figures["top1_drop_pt"] = 100 * (figures["top1_fp32"] - figures["top1_int8"])
+            logger.info("OpenVINO INT8 (NNCF): top-1 %.4f vs FP32 %.4f, agreement %.4f", figures["top1_int8"],
+                        figures["top1_fp32"], figures["agreement_with_fp32"])
+    else:
+        model = ovb.convert(source.path)
+    ovb.save(model, out)
+    threads = cfg.threads or default_threads()
+    facts: dict[str, Any] = {**ovb.cpu_facts(), "weights": ovb.weights_path(out).name,
+                             "weights_sha256": sha256_file(ovb.weights_path(out)), "threads": threads,
+                             "inference_precision": "f32", "hint": "LATENCY", "hint_comparison": None}
+    if cfg.compare_rounds:
+        comparison = ovb.time_hints(out, batch=cfg.opt_batch, threads=threads, rounds=cfg.compare_rounds,
+                                    seconds=cfg.compare_seconds, size=source.image_size)
+        facts.update(hint=comparison["kept"], hint_comparison=comparison)
+        logger.info("OpenVINO hint at batch %d: %s (THROUGHPUT/LATENCY %.2fx, %s)", cfg.opt_batch, comparison["kept"],
+                    comparison["throughput_vs_latency"]["ratio"], comparison["throughput_vs_latency"]["verdict"])
+    return facts, figures
+
+
 def _build_tensorrt(cfg: BuildConfig, src: Path, out: Path, work: Path, input_name: str, size: int) -> dict[str, Any]:
     gpu = device_facts()  # before the build: no CUDA binding must mean no engine, not an engine without manifest
     builder = EngineBuilder()
@@ -178,6 +256,13 @@ def run(cfg: BuildConfig) -> Artifact:
     if source.precision == "int8" and cfg.precision != "int8":
         raise ConfigError(f"{src} is an INT8 model; build it with --precision int8, or give the FP32 ONNX for "
                           f"--precision {cfg.precision}")
+    if cfg.backend == "openvino":
+        from .openvino_backend import SUFFIX, import_openvino
+
+        import_openvino()  # before any work
+        if Path(cfg.out).suffix != SUFFIX:
+            raise ConfigError(f"--out {cfg.out}: an OpenVINO model is an .xml (its weights go in the .bin beside it); "
+                              "name it like runs/model.ov.xml")
     if cfg.backend == "tensorrt":
         check_tensorrt_input(source)
         trt = import_tensorrt()  # fail before any long work (calibration) when it is absent or too old
@@ -186,16 +271,20 @@ def run(cfg: BuildConfig) -> Artifact:
                               "--timing-cache": cfg.timing_cache})
     out = prepare_output(cfg.out)
     preprocessing, class_names = source.preprocessing()
-    with tempfile.TemporaryDirectory(prefix="edgeopt-engine-") as tmp_dir:
-        work = Path(tmp_dir)
-        model, calib_metrics = src, {}
-        if cfg.precision == "int8":
-            model, calib_metrics = _int8_onnx(cfg, source, "cpu" if cfg.backend == "onnxruntime" else "tensorrt",
-                                              work)
-        if cfg.backend == "onnxruntime":
-            engine = _build_onnxruntime(cfg, model, out, source.metadata)
-        else:
-            engine = _build_tensorrt(cfg, model, out, work, input_name, size)
+    if cfg.backend == "openvino":
+        check_not_input(str(Path(cfg.out).with_suffix(".bin")), {"--onnx": cfg.onnx})
+        engine, calib_metrics = _build_openvino(cfg, source, out, preprocessing, class_names)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgeopt-engine-") as tmp_dir:
+            work = Path(tmp_dir)
+            model, calib_metrics = src, {}
+            if cfg.precision == "int8":
+                model, calib_metrics = _int8_onnx(cfg, source, "cpu" if cfg.backend == "onnxruntime" else "tensorrt",
+                                                  work)
+            if cfg.backend == "onnxruntime":
+                engine = _build_onnxruntime(cfg, model, out, source.metadata)
+            else:
+                engine = _build_tensorrt(cfg, model, out, work, input_name, size)
     engine.update(backend=cfg.backend, precision=cfg.precision,
                   profile={"min_batch": cfg.min_batch, "opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
                   input={"name": input_name, "shape": ["batch", 3, size, size]})

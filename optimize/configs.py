@@ -41,7 +41,9 @@ PRUNE_METHODS = ("l1-unstructured", "l1-channel", "2:4")
 CALIB_METHODS = ("entropy", "minmax", "percentile")
 CALIB_TARGETS = ("tensorrt", "cpu")
 CPU_FORMS = ("qoperator-u8s8", "qdq-s8s8")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+NNCF_PRESETS = ("performance", "mixed")  # OpenVINO INT8: symmetric activations / asymmetric ones
+NNCF_MODEL_TYPES = ("cnn", "transformer")
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_HIGH_PRECISIONS = ("fp16", "fp32")  # what a TensorRT INT8 engine runs its unquantized layers in
 SEARCH_TARGETS = ("cpu", "tensorrt")
@@ -419,10 +421,12 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class BuildConfig(Options):
-    """Options of ``cli.py build-engine``: ONNX Runtime (CPU, fp32/int8) or TensorRT 8.5 to 11 (fp32/fp16/int8)."""
+    """Options of ``cli.py build-engine``: ONNX Runtime or OpenVINO (CPU, fp32/int8), or TensorRT 8.5 to 11
+    (fp32/fp16/int8)."""
 
     onnx: str = option(help="FP32 ONNX from export (or an INT8 one from calibrate)")
-    out: str = out_field("engine to write: runs/model.engine (TensorRT), runs/model.ort.onnx (ONNX Runtime)")
+    out: str = out_field("engine to write: runs/model.engine (TensorRT), runs/model.ort.onnx (ONNX Runtime), "
+                         "runs/model.ov.xml (OpenVINO; its weights in the .bin beside it)")
     backend: str = option("onnxruntime", help="the runtime the engine is for", choices=BACKENDS)
     precision: str = option("fp32", help="fp16: TensorRT only", choices=PRECISIONS)
     calib_data: str | None = option(None, help="int8 from an FP32 ONNX: calibration data ('fashion-mnist' or a "
@@ -449,21 +453,31 @@ class BuildConfig(Options):
                                       help="TensorRT int8: the precision of the layers left unquantized (residual "
                                            "Adds, pooling, the head's input); fp16 as NVIDIA Model Optimizer's "
                                            "default, fp32 to keep them exact")
+    nncf_preset: str = option("performance", choices=NNCF_PRESETS, group="openvino",
+                              help="OpenVINO int8: NNCF's preset (performance: symmetric activations; mixed: "
+                                   "asymmetric, for activations that are not ReLU outputs)")
+    nncf_model_type: str = option("cnn", choices=NNCF_MODEL_TYPES, group="openvino",
+                                  help="OpenVINO int8: NNCF's model type (transformer keeps attention's softmax and "
+                                       "layer norms float)")
     compare_rounds: int = option(5, group="onnxruntime",
-                                 help="rounds timing the optimized model against its input at --opt-batch; the faster "
-                                      "is kept (0: keep the optimized one unmeasured)")
+                                 help="rounds timing the optimized model against its input at --opt-batch (ONNX "
+                                      "Runtime), or the LATENCY hint against THROUGHPUT (OpenVINO); the faster is "
+                                      "kept (0: keep the optimized one / LATENCY unmeasured)")
     compare_seconds: float = option(0.3, help="one window of that timing", group="onnxruntime")
     threads: int | None = threads_field()
 
     def check(self) -> None:
-        ort = self.backend == "onnxruntime"
-        _check((not (ort and self.precision == "fp16"),
-                "--precision fp16 is not offered for --backend onnxruntime: its CPU kernels have no FP16 speed-up; "
+        cpu = self.backend in ("onnxruntime", "openvino")
+        _check((not (cpu and self.precision == "fp16"),
+                f"--precision fp16 is not offered for --backend {self.backend}: CPU kernels have no FP16 speed-up; "
                 "use fp32 or int8, or --backend tensorrt"),
-               (not (ort and (self.sparse_weights or self.dla_core is not None or self.timing_cache or self.tf32
+               (self.backend == "openvino" or (self.nncf_preset == "performance" and self.nncf_model_type == "cnn"),
+                "--nncf-preset and --nncf-model-type are OpenVINO options (NNCF's INT8); drop them or use --backend "
+                "openvino"),
+               (not (cpu and (self.sparse_weights or self.dla_core is not None or self.timing_cache or self.tf32
                               or self.int8_high_precision != "fp16")),
                 "--sparse-weights, --dla-core, --timing-cache, --tf32 and --int8-high-precision are TensorRT options "
-                "(ONNX Runtime's INT8 keeps its float layers FP32); drop them or use --backend tensorrt"),
+                "(the CPU runtimes' INT8 keeps its float layers FP32); drop them or use --backend tensorrt"),
                (self.compare_rounds >= 0 and self.compare_seconds > 0,
                 "--compare-rounds must be >= 0 and --compare-seconds > 0"),
                (not self.tf32 or self.precision == "fp32", f"--tf32 applies to --precision fp32 only, not "
@@ -699,7 +713,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "cpu_bf16": True},
             "export": {"opset": 17},
             "calibrate": {"target": "cpu", "num_images": 512, "timing_seconds": 1.0},
-            "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp16", "int8"], "max_batch": 64},
+            # openvino: built only where edgeopt[openvino] is installed; the benchmark then picks across runtimes
+            "build-engine": {"onnxruntime": ["fp32", "int8"], "openvino": ["fp32", "int8"],
+                             "tensorrt": ["fp16", "int8"], "max_batch": 64},
             # min_speedup: the demo's own budget (the final artifact >= 20x the teacher at batch 8), a recipe value
             "benchmark": {"batch_sizes": [1, 8, 32], "rounds": 5, "seconds": 0.4, "min_speedup": 20,
                           "input_sizes": [224]},

@@ -53,6 +53,8 @@ def resolve_for(name: str, backends) -> str:
     CUDA only when every one of them can run there (ONNX Runtime's CUDA comes from onnxruntime-gpu, not from
     PyTorch), else the CPU; an explicit ``cuda`` is not softened (the runner raises where it cannot run)."""
     device = resolve_device(name)
+    if name == "auto" and device == "cuda" and "openvino" in set(backends):
+        return "cpu"  # edgeopt runs OpenVINO on its CPU plugin
     if name == "auto" and device == "cuda" and "onnxruntime" in set(backends) and not ort_has_cuda():
         return "cpu"
     return device

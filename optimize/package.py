@@ -8,9 +8,12 @@ Layout of ``out``::
                                     TensorRT (10.12+, 11) builds FP16 layers from (INT8 ones stay INT8)
     model.plan, model.plan.json     when packaging a TensorRT engine: the engine and its build-engine manifest
                                     (runner.py refuses it on another TensorRT or GPU; build_engine.sh rewrites both)
+    model.xml, model.bin, .xml.json when packaging an OpenVINO model: the IR runner.py serves (openvino on the CPU,
+                                    with the hint its build measured) and its manifest; model.onnx is its FP32 source
     <name>.calib.json               the calibration cache, when the model is INT8
     labels.txt, preprocess.json     class names, one a line; edgeopt's preprocessing as JSON
-    runner.py, requirements.txt     classifies images with numpy + Pillow + onnxruntime (or tensorrt + cuda-python)
+    runner.py, requirements.txt     classifies images with numpy + Pillow + onnxruntime (or openvino, or tensorrt +
+                                    cuda-python)
     build_engine.sh                 builds model.plan on the device with its own trtexec (8.5 to 11)
     model_repository/<name>/        a Triton Inference Server repository: config.pbtxt, labels.txt, 1/model.*
                                     (model.plan for an engine whose profile starts at batch 1, else model.onnx)
@@ -59,12 +62,21 @@ REQUIREMENTS = """\
 numpy>=1.24
 Pillow>=9.5
 onnxruntime>=1.17
+# runner.py with an OpenVINO model.xml (x86 or ARM CPUs), in place of onnxruntime: openvino>=2024.0
 # runner.py with a TensorRT model.plan, in place of onnxruntime: tensorrt>=8.5 and cuda-python of the driver's CUDA
 # major (nvidia-smi shows it; cuda-python 13 fails every call on an older driver), or pycuda>=2022.2:
 #   Jetson, JetPack 5 (CUDA 11.4, TensorRT 8.5 from JetPack):   cuda-python>=11.4,<12  (or pycuda)
 #   Jetson, JetPack 6 (CUDA 12.2/12.6, TensorRT 8.6/10.3):      cuda-python>=12.0,<13  (or pycuda)
 #   server, driver R525-R575 (CUDA 12):                          tensorrt-cu12 cuda-python>=12.0,<13
 #   server, driver R580 or later (CUDA 13):                      tensorrt-cu13 cuda-python>=13.0,<14
+"""
+
+# an OpenVINO bundle: runner.py serves model.xml
+OPENVINO_REQUIREMENTS = """\
+# runner.py with model.xml: OpenVINO on the CPU (x86, or ARM64 wheels); onnxruntime>=1.17 in its place runs model.onnx
+numpy>=1.24
+Pillow>=9.5
+openvino>=2024.0
 """
 
 TRITON_CONFIG = """\
@@ -231,6 +243,7 @@ class _Source:
     model: OnnxModel
     engine: Path | None
     manifest: dict[str, Any]
+    openvino: Path | None = None  # an OpenVINO IR's .xml: served by runner.py, model.onnx its FP32 source
 
     @property
     def onnx(self) -> Path:
@@ -255,6 +268,13 @@ def _source(cfg: PackageConfig) -> _Source:
     if "engine" not in manifest:
         raise PackageError(f"{src} has no build-engine manifest ({manifest_path(src).name}); build it with "
                            "'cli.py build-engine'")
+    if backend == "openvino":
+        from .openvino_backend import weights_path
+
+        if not weights_path(src).is_file():
+            raise PackageError(f"{src}'s weights {weights_path(src)} are missing (an IR is the .xml and the .bin "
+                               "beside it); build it again with 'cli.py build-engine --backend openvino'")
+        return _Source(src, _engine_onnx(src, manifest, cfg.onnx), None, manifest, openvino=src)
     return _Source(src, _engine_onnx(src, manifest, cfg.onnx), src, manifest)
 
 
@@ -334,7 +354,7 @@ def _write_scripts(source: _Source, work: Path, profile: Profile, precision: str
     """``runner.py`` + ``requirements.txt`` and ``build_engine.sh`` with this model's profile and flags;
     ``triton_plan``: the Triton repository's plan that build_engine.sh replaces ("" for none)."""
     shutil.copyfile(TEMPLATES / "runner.py", work / "runner.py")
-    (work / "requirements.txt").write_text(REQUIREMENTS)
+    (work / "requirements.txt").write_text(OPENVINO_REQUIREMENTS if source.openvino else REQUIREMENTS)
     flags = source.engine_facts.get("flags", {})
     dla_core = flags.get("dla_core")
     workspace = source.manifest.get("config", {}).get("workspace") if source.engine else None
@@ -358,8 +378,8 @@ def _write_acceptance(cfg: PackageConfig, source: _Source, work: Path, profile: 
         return None
     sizes = tuple(b for b in cfg.check_batch_sizes if profile.min_batch <= b <= profile.max_batch)
     return write_acceptance_set(work, work / "model.onnx", data=resolve_data(cfg.data, source.onnx), count=count,
-                                max_accuracy_drop=cfg.max_accuracy_drop,
-                                batch_sizes=sizes or (profile.opt_batch,))
+                                max_accuracy_drop=cfg.max_accuracy_drop, batch_sizes=sizes or (profile.opt_batch,),
+                                served=work / "model.xml" if source.openvino else None)
 
 
 def run(cfg: PackageConfig) -> Artifact:
@@ -393,6 +413,11 @@ def run(cfg: PackageConfig) -> Artifact:
         if source.engine is not None:
             shutil.copyfile(source.engine, work / "model.plan")
             shutil.copyfile(manifest_path(source.engine), work / "model.plan.json")
+        if source.openvino is not None:
+            from .openvino_backend import copy_ir
+
+            copy_ir(source.openvino, work / "model.xml")
+            shutil.copyfile(manifest_path(source.openvino), manifest_path(work / "model.xml"))
         labels = "".join(n.replace("\n", " ") + "\n" for n in class_names)
         (work / "labels.txt").write_text(labels)
         write_json(work / "preprocess.json", preprocessing.to_dict())
@@ -406,6 +431,8 @@ def run(cfg: PackageConfig) -> Artifact:
             "source": {"path": str(source.path), "sha256": sha256_file(source.path),
                        "stage": source.manifest.get("stage")},
             "name": name, "precision": precision, "qdq": qdq,
+            "serves": {"file": "model.xml" if source.openvino else "model.plan" if source.engine else "model.onnx",
+                       "precision": (source.manifest.get("engine") or {}).get("precision") or precision},
             "profile": {"min_batch": profile.min_batch, "opt_batch": profile.opt_batch,
                         "max_batch": profile.max_batch},
             "input": {"name": source.model.input.name, "shape": ["batch", 3, *[source.model.image_size] * 2],

@@ -206,18 +206,19 @@ def row_efficiency(images_per_s: float, macs_per_image: int, precision: str, pea
     """A row's achieved MAC/s and its fraction of ``peak`` for its arithmetic (None where unmeasured)."""
     achieved = images_per_s * macs_per_image
     fraction = peak.fraction(achieved, precision) if peak else None
-    return {"gmacs_per_s": round(achieved / 1e9, 2), "peak_fraction": None if fraction is None else round(fraction, 4)}
+    return {"gmacs_per_s": round(achieved / 1e9, 3), "peak_fraction": None if fraction is None else round(fraction, 5)}
 
 
-def measure_peak(device: str, threads: int | None = None) -> Peak | None:
-    """The peak for ``device`` ("cpu" or "cuda"), or None (logged) where it cannot be measured here."""
+def measure_peak(device: str, threads: int | None = None, seconds: float = 1.0) -> Peak | None:
+    """The peak for ``device`` ("cpu" or "cuda"; ``seconds`` per arithmetic), or None (logged) where it cannot be
+    measured here."""
     start = time.perf_counter()
     try:
         if device == "cuda":
-            return cuda_peak()
+            return cuda_peak(seconds=seconds)
         import os
 
-        return cpu_peak(threads or os.cpu_count() or 1)
+        return cpu_peak(threads or os.cpu_count() or 1, seconds=seconds)
     except Exception as e:  # noqa: BLE001 - a missing peak leaves the fractions empty, never the report
         logger.warning("%s peak not measured: %s", device, e)
         return None

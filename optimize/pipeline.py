@@ -312,14 +312,19 @@ class _Planner:
         return steps
 
     def _engine_steps(self, steps: list[_Step], onnx_path: Path, int8_path: Path | None) -> list[Path]:
-        from . import build_engine
+        from . import build_engine, openvino_backend
         from .tensorrt_backend import import_tensorrt
 
         opts = self.options("build-engine")
         if opts is None:
             return []
         plan = {"onnxruntime": list(opts.pop("onnxruntime", ["fp32", "int8"])),
+                "openvino": list(opts.pop("openvino", [])),
                 "tensorrt": list(opts.pop("tensorrt", ["fp16", "int8"]))}
+        if plan["openvino"] and openvino_backend.available() is None:
+            logger.info("OpenVINO is not installed: no OpenVINO models (%s) in this run (%s)",
+                        ", ".join(plan["openvino"]), openvino_backend.INSTALL_HINT)
+            plan["openvino"] = []
         try:
             import_tensorrt()
         except EdgeoptError:
@@ -335,6 +340,10 @@ class _Planner:
                 fixed = {"out": str(out), "backend": backend, "precision": precision}
                 if precision == "int8" and backend == "onnxruntime" and int8_path is not None:
                     src, inputs = int8_path, [int8_path]  # the CPU-target INT8 model the calibrate stage measured
+                elif precision == "int8" and backend == "openvino":  # NNCF on the calibrate stage's image count
+                    calib = self.options("calibrate") or {}
+                    fixed.update(calib_data=self.r["data"], calib_val_limit=self.r["val_limit"],
+                                 **({"num_images": calib["num_images"]} if "num_images" in calib else {}))
                 elif precision == "int8":  # the calibrate stage's ranges when it ran, else made for this engine
                     cache = calibration_cache_path(int8_path if int8_path is not None else out)
                     fixed.update(calib_data=self.r["data"], calib_cache=str(cache))

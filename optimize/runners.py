@@ -3,6 +3,7 @@
 - ``.pth`` / ``.pt`` (any checkpoint ``evaluate`` accepts): PyTorch eager, FP32 on the CPU; FP16 / BF16 and
   channels_last on CUDA.
 - ``.onnx``: ONNX Runtime, CPU (or CUDA when onnxruntime-gpu is installed and ``device="cuda"``).
+- ``.xml`` (an OpenVINO IR and its .bin): OpenVINO on the CPU (``edgeopt[openvino]``).
 - ``.engine`` / ``.plan``: TensorRT (:class:`optimize.tensorrt_backend.TensorRTRunner`).
 
 Every runner offers ``infer(batch) -> logits`` (numpy in, numpy out) for inference, and ``prepare(batch)`` +
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+OPENVINO_SUFFIXES = (".xml",)
 TORCH_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
@@ -65,7 +67,7 @@ def ort_cuda_providers(*, tf32: bool) -> list:
 
 
 def backend_of(path: str | Path) -> str:
-    """``torch``, ``onnxruntime`` or ``tensorrt`` from the file name (the manifest confirms engines)."""
+    """``torch``, ``onnxruntime``, ``openvino`` or ``tensorrt`` from the file name (the manifest confirms engines)."""
     suffix = Path(path).suffix.lower()
     if suffix in TORCH_SUFFIXES:
         return "torch"
@@ -73,8 +75,10 @@ def backend_of(path: str | Path) -> str:
         return "onnxruntime"
     if suffix in ENGINE_SUFFIXES:
         return "tensorrt"
+    if suffix in OPENVINO_SUFFIXES:
+        return "openvino"
     raise RunnerError(f"{path}: cannot tell the model format from '{suffix}'; give a .pth/.pt checkpoint, an .onnx "
-                      "model or a TensorRT .engine/.plan")
+                      "model, an OpenVINO .xml or a TensorRT .engine/.plan")
 
 
 def default_threads() -> int:
@@ -269,6 +273,48 @@ class OnnxRuntimeRunner(Runner):
         return self.run(self.prepare(batch)).copy_outputs_to_cpu()[0]
 
 
+class OpenVINORunner(Runner):
+    """An OpenVINO IR on the CPU plugin: ``threads`` inference threads, float math FP32, the performance hint its
+    build measured (LATENCY without a manifest); ``image_size`` reshapes the model (the benchmark's 224 px rows)."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None,
+                 image_size: int | None = None):
+        from . import openvino_backend as ovb
+
+        path = Path(path)
+        if device != "cpu":
+            raise RunnerError(f"{path} is an OpenVINO model: edgeopt runs it on the CPU (use --device cpu)")
+        manifest = read_manifest(path) or {}
+        engine = manifest.get("engine") or {}
+        threads = threads or default_threads()
+        hint = engine.get("hint", "LATENCY")
+        self.compiled, side = ovb.compile_model(path, threads=threads, hint=hint, image_size=image_size)
+        pre = manifest.get("preprocessing")
+        preprocessing = Preprocessing.from_dict(pre, source=f"{path}'s manifest") if pre else None
+        size = side or (preprocessing.image_size if preprocessing else None)
+        if size is None:
+            raise RunnerError(f"{path} has no fixed input size and no build-engine manifest recording its preprocessing")
+        precision = engine.get("precision") or ovb.precision_of(path)
+        super().__init__(path, "openvino", precision, "cpu", size, preprocessing, manifest.get("class_names"), None,
+                         threads, manifest)
+        self.hint = hint
+        self.request = self.compiled.create_infer_request()
+
+    @property
+    def label(self) -> str:
+        return super().label + f" ({self.hint.lower()} hint)"
+
+    def prepare(self, batch: np.ndarray):
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def run(self, prepared):
+        self.request.infer({0: prepared})
+        return self.request.get_output_tensor(0).data
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.array(self.run(self.prepare(batch)), dtype=np.float32)  # a copy: the request reuses its buffer
+
+
 class TensorRTEngineRunner(Runner):
     """A serialized TensorRT engine; the manifest (written by ``build-engine``) must match this GPU and TRT."""
 
@@ -314,14 +360,14 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
     """The runner for ``path`` on ``device``.
 
     Args:
-        path: ``.pth``/``.pt`` checkpoint, ``.onnx`` model or TensorRT ``.engine``/``.plan``.
+        path: ``.pth``/``.pt`` checkpoint, ``.onnx`` model, OpenVINO ``.xml`` or TensorRT ``.engine``/``.plan``.
         device: ``auto``, ``cpu`` or ``cuda`` (:func:`optimize.device.resolve_device`).
         precision: PyTorch only: ``fp32`` (default), ``tf32``, ``fp16`` or ``bf16`` (the last three on CUDA). Other
             formats carry their own.
         threads: CPU threads (default: every core this process may use).
         channels_last: PyTorch only: NHWC memory format.
         trust: allow a pickled whole ``nn.Module`` checkpoint.
-        image_size: PyTorch only: input side when the checkpoint records no preprocessing.
+        image_size: PyTorch: input side when the checkpoint records no preprocessing; OpenVINO: reshape to it.
         tf32: ONNX Runtime on CUDA only: let an FP32 model use TF32 math (PyTorch: ``precision="tf32"``).
 
     Raises:
@@ -342,6 +388,10 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
                            channels_last=channels_last, trust=trust, image_size=image_size)
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(path, device=device, threads=threads, tf32=tf32)
+    if backend == "openvino":
+        if tf32:
+            raise RunnerError(f"{path}: TF32 is a CUDA mode; OpenVINO runs on the CPU")
+        return OpenVINORunner(path, device=device, threads=threads, image_size=image_size)
     if tf32:
         raise RunnerError(f"{path}: a TensorRT engine's TF32 is decided at its build (build-engine --tf32)")
     return TensorRTEngineRunner(path, device=device)

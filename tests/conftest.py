@@ -91,6 +91,20 @@ def skip_locally_fail_in_ci(reason: str, *, module: bool = False) -> None:
     pytest.skip(reason, allow_module_level=module)
 
 
+def device_python(requirements: Path, folder: Path) -> Path:
+    """A fresh venv in ``folder`` holding only ``requirements`` (a bundle's requirements.txt: no torch, no edgeopt):
+    the device's Python. Skips (fails in CI) when pip cannot install them."""
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile",
+                          "-r", requirements], capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        skip_locally_fail_in_ci(f"cannot install {requirements} into a fresh venv (offline?): "
+                                f"{(pip.stderr.strip().splitlines() or ['?'])[-1]}")
+    return python
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _need_data():
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():

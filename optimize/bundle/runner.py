@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Classify images with the model of this bundle, without torch or edgeopt.
 
-Needs numpy + Pillow + onnxruntime for ``model.onnx`` (requirements.txt), or numpy + Pillow + tensorrt 8.5 or later
-+ cuda-python (or pycuda) for a TensorRT engine (``model.plan``, built on this device by ``build_engine.sh``).
+Needs numpy + Pillow + onnxruntime for ``model.onnx`` (requirements.txt), numpy + Pillow + openvino for an OpenVINO
+``model.xml`` (+ ``model.bin``), or numpy + Pillow + tensorrt 8.5 or later + cuda-python (or pycuda) for a TensorRT
+engine (``model.plan``, built on this device by ``build_engine.sh``).
 Reads ``preprocess.json`` and ``labels.txt`` beside this file; its preprocessing reproduces edgeopt's eval
 transform with Pillow and numpy (any image mode -> RGB, resize the shorter side, center crop, scale to [0, 1],
 normalize).
 
-    python runner.py IMAGE_OR_DIR... [--model model.onnx|model.plan] [--top-k 5] [--json] [--batch-size 32]
+    python runner.py IMAGE_OR_DIR... [--model model.onnx|model.xml|model.plan] [--top-k 5] [--json] [--batch-size 32]
     python runner.py --check [--model model.plan] [--seconds 1] [--rounds 3]
 
 Prints the top-k classes per image (``--json``: a list of {"image", "top_k": [{"index", "class",
@@ -365,11 +366,42 @@ class TensorRTModel:
         return self.host_out[:n].astype(np.float32)
 
 
+class OpenVINOModel:
+    """OpenVINO on the CPU: the IR (``model.xml`` + ``model.bin``) the host built and measured, run with the host's
+    settings from ``model.xml.json`` (the performance hint its build measured; float math FP32)."""
+
+    max_batch = None
+    min_batch = 1
+    backend = "openvino"
+
+    def __init__(self, path: Path):
+        import openvino as ov
+
+        if not path.with_suffix(".bin").is_file():
+            raise RunnerError(f"{path.name}'s weights {path.with_suffix('.bin').name} are missing beside it")
+        try:
+            manifest = json.loads(path.with_name(path.name + ".json").read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        hint = (manifest.get("engine") or {}).get("hint", "LATENCY")
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                      {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"})
+        self.request = compiled.create_infer_request()
+        self.facts = {"runtime": f"openvino {ov.get_version()}", "hint": hint}
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
+
+
 def open_model(path: Path | None):
-    """The given model, else ``model.plan`` when TensorRT is importable here, else ``model.onnx``."""
+    """The given model, else ``model.plan`` when TensorRT is importable here, else ``model.xml`` (an OpenVINO
+    bundle) when OpenVINO is, else ``model.onnx``."""
     if path is None:
-        plan, onnx = HERE / "model.plan", HERE / "model.onnx"
-        path = plan if plan.is_file() and _importable("tensorrt") else onnx
+        plan, xml, onnx = HERE / "model.plan", HERE / "model.xml", HERE / "model.onnx"
+        path = (plan if plan.is_file() and _importable("tensorrt") else
+                xml if xml.is_file() and _importable("openvino") else onnx)
     if not path.is_file():
         raise RunnerError(f"model {path} does not exist; give --model, or build model.plan with ./build_engine.sh")
     if path.suffix.lower() in ENGINE_SUFFIXES:
@@ -377,6 +409,11 @@ def open_model(path: Path | None):
             raise RunnerError(f"{path.name} needs tensorrt (8.5 or later): on a Jetson it comes with JetPack; or run "
                               "model.onnx with onnxruntime")
         model = TensorRTModel(path)
+    elif path.suffix.lower() == ".xml":
+        if not _importable("openvino"):
+            raise RunnerError(f"{path.name} needs openvino: pip install openvino (x86 or ARM CPUs); or run model.onnx "
+                              "with onnxruntime")
+        model = OpenVINOModel(path)
     elif not _importable("onnxruntime"):
         raise RunnerError("model.onnx needs onnxruntime: pip install -r requirements.txt")
     else:
@@ -583,8 +620,9 @@ def render_check(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--model", type=Path, default=None, help="model.onnx or a TensorRT model.plan "
-                        "(default: model.plan when TensorRT is installed, else model.onnx)")
+    parser.add_argument("--model", type=Path, default=None, help="model.onnx, an OpenVINO model.xml or a TensorRT "
+                        "model.plan (default: model.plan when TensorRT is installed, else model.xml when OpenVINO is "
+                        "and the bundle has one, else model.onnx)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")

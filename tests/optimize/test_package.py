@@ -19,7 +19,7 @@ from PIL import Image
 
 import cli
 from calib import calibrate
-from conftest import fashion_arrays, run_cli, skip_locally_fail_in_ci
+from conftest import device_python, fashion_arrays, run_cli, skip_locally_fail_in_ci
 from optimize import package
 from optimize.data import FASHION_MNIST_CLASSES
 from optimize.artifacts import sha256_file
@@ -32,7 +32,7 @@ ONNX_BUNDLE_FILES = {"bundle.json", "build_engine.sh", "labels.txt", "model.onnx
                      "model_repository/model/labels.txt", "model_repository/model/1/model.onnx"}
 # What runner.py may import: the standard library it uses, numpy, Pillow and one inference backend.
 RUNNER_IMPORTS = {"__future__", "argparse", "ctypes", "importlib", "json", "pathlib", "platform", "subprocess", "sys",
-                  "time", "numpy", "PIL", "onnxruntime", "tensorrt", "cuda", "pycuda"}
+                  "time", "numpy", "PIL", "onnxruntime", "openvino", "tensorrt", "cuda", "pycuda"}
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +180,7 @@ def test_runner_loads_files_as_we_do(runner, tmp_path):
 @pytest.fixture(scope="module")
 def bundle_python(bundle, tmp_path_factory) -> Path:
     """A fresh venv holding only the bundle's requirements.txt (no torch, no edgeopt): the device's Python."""
-    venv = tmp_path_factory.mktemp("device") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    python = venv / "bin" / "python"
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile",
-                          "-r", bundle / "requirements.txt"], capture_output=True, text=True, timeout=600)
-    if pip.returncode != 0:
-        skip_locally_fail_in_ci(f"cannot install the runner's requirements.txt into a fresh venv (offline?): "
-                                f"{(pip.stderr.strip().splitlines() or ['?'])[-1]}")
+    python = device_python(bundle / "requirements.txt", tmp_path_factory.mktemp("device"))
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
     return python
 
