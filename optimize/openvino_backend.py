@@ -60,8 +60,12 @@ def weights_path(xml: str | os.PathLike) -> Path:
     return Path(xml).with_suffix(".bin")
 
 
-def compile_config(threads: int, hint: str = "LATENCY") -> dict[str, str]:
-    """CPU plugin properties every edgeopt OpenVINO run uses: threads, the hint, and FP32 float math."""
+def compile_config(threads: int, hint: str | None = "LATENCY") -> dict[str, str]:
+    """CPU plugin properties every edgeopt OpenVINO run uses: threads, the hint, and FP32 float math. ``hint`` None:
+    OpenVINO's own defaults beside the threads (how a peer's model runs out of the box: its float math may be
+    BF16), for side-by-side figures only (benchmarks/cpu_runtimes.py)."""
+    if hint is None:
+        return {"INFERENCE_NUM_THREADS": str(threads)}
     return {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"}
 
 
@@ -120,7 +124,7 @@ def save(model, out: Path) -> None:
         os.replace(staged, out)
 
 
-def compile_model(xml: str | Path, *, threads: int, hint: str = "LATENCY", image_size: int | None = None):
+def compile_model(xml: str | Path, *, threads: int, hint: str | None = "LATENCY", image_size: int | None = None):
     """The compiled CPU model of ``xml`` (reshaped to ``image_size`` when given) and its input's side."""
     ov = import_openvino()
     xml = Path(xml)

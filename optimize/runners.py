@@ -287,7 +287,7 @@ class OpenVINORunner(Runner):
         manifest = read_manifest(path) or {}
         engine = manifest.get("engine") or {}
         threads = threads or default_threads()
-        hint = engine.get("hint", "LATENCY")
+        hint = engine.get("hint", "LATENCY")  # null in a manifest: OpenVINO's defaults (a peer's model, as shipped)
         self.compiled, side = ovb.compile_model(path, threads=threads, hint=hint, image_size=image_size)
         pre = manifest.get("preprocessing")
         preprocessing = Preprocessing.from_dict(pre, source=f"{path}'s manifest") if pre else None
@@ -302,7 +302,7 @@ class OpenVINORunner(Runner):
 
     @property
     def label(self) -> str:
-        return super().label + f" ({self.hint.lower()} hint)"
+        return super().label + (f" ({self.hint.lower()} hint)" if self.hint else " (OpenVINO's defaults)")
 
     def prepare(self, batch: np.ndarray):
         return np.ascontiguousarray(batch, dtype=np.float32)

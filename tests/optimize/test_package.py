@@ -19,7 +19,7 @@ from PIL import Image
 
 import cli
 from calib import calibrate
-from conftest import device_python, fashion_arrays, run_cli, skip_locally_fail_in_ci
+from conftest import device_python, fashion_arrays, run_cli
 from optimize import package
 from optimize.data import FASHION_MNIST_CLASSES
 from optimize.artifacts import sha256_file
