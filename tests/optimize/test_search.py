@@ -190,3 +190,104 @@ def test_a_training_space_trial_runs_through_distill(trained, tmp_path):
     assert trial["state"] == "COMPLETE" and set(trial["params"]) == {"lr", "batch_size", "weight_decay",
                                                                       "label_smoothing"}
     assert (Path(trial["folder"]) / "student.pth").is_file() and report["chosen"]["number"] == 0
+
+
+# -- a fleet's shared study on a real PostgreSQL -------------------------------------------------------------
+
+def _postgres_binary(name: str) -> str | None:
+    import glob
+    import shutil
+
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+@pytest.fixture
+def postgres_url():
+    """A throw-away PostgreSQL cluster (initdb + pg_ctl in a temp folder, as an unprivileged user, on a Unix socket
+    only); yields its SQLAlchemy URL and stops it."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        skip_locally_fail_in_ci("PostgreSQL's initdb / pg_ctl are not here: apt-get install postgresql (.ci/run "
+                                "installs it)")
+    try:
+        import psycopg2  # noqa: F401 - the driver the URL names
+    except ImportError:
+        skip_locally_fail_in_ci("psycopg2 is not installed: pip install -e '.[test]'")
+    root = Path(tempfile.mkdtemp(prefix="edgeopt-pg-", dir="/tmp"))  # short: a socket path has ~100 bytes
+    demote = None
+    if os.geteuid() == 0:  # initdb refuses to run as root: the cluster belongs to nobody
+        user = pwd.getpwnam("nobody")
+        os.chown(root, user.pw_uid, user.pw_gid)
+
+        def demote():
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+
+    def pg(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([str(a) for a in args], preexec_fn=demote, cwd=root, capture_output=True, text=True,
+                              timeout=120)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    made = pg(initdb, "-D", data, "-U", "edgeopt", "--auth=trust", "-E", "UTF8", "--no-sync")
+    assert made.returncode == 0, made.stdout + made.stderr
+    started = pg(pg_ctl, "-D", data, "-l", root / "server.log", "-w", "-t", "60", "-o",
+                 f"-k {root} -p {port} -c listen_addresses='' -c fsync=off", "start")
+    assert started.returncode == 0, started.stdout + started.stderr + (root / "server.log").read_text()
+    try:
+        yield f"postgresql+psycopg2://edgeopt@/postgres?host={root}&port={port}"
+    finally:
+        pg(pg_ctl, "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql_one_killed_mid_trial(trained, tmp_path, postgres_url):
+    out = tmp_path / "fleet"
+    args = search_args(trained, out, 3, "--resume", "--storage", postgres_url)
+    first = start(args)
+    time.sleep(1.0)  # let the first create the study's tables; the second joins it
+    second = start(args)
+    storage = optuna.storages.RDBStorage(postgres_url)
+    killed, deadline = None, time.time() + 300
+    while killed is None and first.poll() is None and time.time() < deadline:
+        try:
+            trials = optuna.load_study(study_name="edgeopt-search", storage=storage).get_trials()
+        except KeyError:  # the study is not created yet
+            trials = []
+        for t in trials:
+            worker = t.user_attrs.get("worker") or {}
+            if (t.state.name == "RUNNING" and worker.get("pid") == first.pid
+                    and (out / "trials" / f"trial-{t.number:04d}" / "pipeline.json").exists()):
+                killed = t.number  # the first worker is inside this trial's pipeline
+        time.sleep(0.1)
+    assert killed is not None, f"the first worker ran no trial:\n{first.communicate()}"
+    first.send_signal(signal.SIGKILL)  # no clean-up: its trial stays RUNNING in the database
+    first.wait()
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0, stderr
+
+    study = optuna.load_study(study_name="edgeopt-search", storage=storage)
+    trials = study.get_trials()
+    assert trials[killed].state.name == "FAIL" and "killed" in trials[killed].user_attrs["error"]
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed]
+    assert len(retries) == 1 and retries[0].params == trials[killed].params  # re-queued once
+    assert retries[0].state.name in ("COMPLETE", "PRUNED")
+    done = finished(study)
+    assert len(done) == 3, [(t.number, t.state.name) for t in trials]
+    for t in done:
+        if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs:
+            folder = out / "trials" / f"trial-{t.number:04d}"
+            assert (folder / "pipeline.json").is_file() and (folder / "report" / "report.json").is_file(), t.number
+    report = json.loads((out / "search.json").read_text())
+    numbers = [t["number"] for t in report["trials"]]
+    assert sorted(numbers) == sorted(set(numbers)) == [t.number for t in trials]  # each trial once
+    states = [t["state"] for t in report["trials"]]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 3 and states.count("FAIL") == 1
+    assert report["storage"].startswith("postgresql")
