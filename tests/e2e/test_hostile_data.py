@@ -168,7 +168,9 @@ def test_data_that_is_a_file_says_so(tmp_path):
     assert "is a file" in line and "does not exist" not in line, line
 
 
-def _interrupt_train(tmp_path: Path, wait_for: str, epochs: int, settle: float = 0.0) -> tuple[int, str]:
+def _interrupt_train(tmp_path: Path, wait_for: str, epochs: int, settle: float = 0.0,
+                     written: Path | None = None) -> tuple[int, str]:
+    """Train, send SIGINT once ``wait_for`` is logged (and ``written`` exists, when given), plus ``settle`` s."""
     args = [*TINY[:-1], str(epochs), "--train-limit", "1024", "--out", str(tmp_path / "m.pth")]
     env = {**os.environ, "EDGEOPT_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *args], cwd=ROOT, env=env,
@@ -179,6 +181,8 @@ def _interrupt_train(tmp_path: Path, wait_for: str, epochs: int, settle: float =
         seen.append(line)
         if wait_for in line or time.monotonic() > deadline:
             break
+    while written is not None and not written.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # a loaded machine writes the checkpoint seconds after the epoch's line
     time.sleep(settle)
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
@@ -196,7 +200,8 @@ def test_ctrl_c_in_first_epoch_does_not_promise_a_checkpoint(tmp_path):
 
 
 def test_ctrl_c_after_an_epoch_names_the_checkpoint(tmp_path):
-    rc, stderr = _interrupt_train(tmp_path, "epoch 1/3: train loss", epochs=3, settle=1.5)  # the checkpoints are written
+    rc, stderr = _interrupt_train(tmp_path, "epoch 1/3: train loss", epochs=3, settle=0.5,
+                                  written=tmp_path / "m.last.pth")
     assert rc == 130, stderr
     last = [ln for ln in stderr.splitlines() if ln.startswith("interrupted")]
     assert len(last) == 1, stderr
