@@ -36,7 +36,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from optimize.artifacts import Artifact, atomic_path, prepare_output, resolve_data, write_json
-from optimize.configs import BenchmarkConfig
+from optimize.configs import FASHION_MNIST, BenchmarkConfig
 from optimize.device import resolve_for
 from optimize.errors import ConfigError, DataError
 from optimize.peak import measure_peak
@@ -91,7 +91,7 @@ def run(cfg: BenchmarkConfig) -> Artifact:
     except DataError:
         if not cfg.input_size:
             raise
-        cfg = replace(cfg, data="fashion-mnist")  # speed only: the data names a default preprocessing at most
+        cfg = replace(cfg, data=FASHION_MNIST)  # speed only: the data names a default preprocessing at most
     rows = measure.measure(cfg, jobs, threads)
     base = next((r for r in rows if r.role == "baseline" and not r.skipped), None)
     if base is None:

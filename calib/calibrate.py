@@ -36,7 +36,7 @@ import onnx
 from optimize.artifacts import (Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output,
                                 resolve_data, write_json, write_manifest)
 from optimize.batcher import ImageBatcher
-from optimize.configs import CPU_FORMS, CalibConfig
+from optimize.configs import CPU_FORMS, FASHION_MNIST, CalibConfig
 from optimize.data import load_data
 from optimize.errors import CalibrationError, DataError
 from optimize.onnx_model import OnnxModel
@@ -163,7 +163,7 @@ def run(cfg: CalibConfig) -> Artifact:
     cache = _read_cache(cache_path, onnx_sha, preprocessing, cfg.method) if cfg.cache and cache_path.exists() else None
     if cfg.data is None:  # the data the model records; with a cache, a recorded folder that is gone is not needed
         try:
-            cfg = replace(cfg, data=resolve_data(None, src, default=None if cache else "fashion-mnist"))
+            cfg = replace(cfg, data=resolve_data(None, src, default=None if cache else FASHION_MNIST))
         except DataError:
             if not cache:
                 raise

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from .configs import FASHION_MNIST
 from .errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -390,7 +391,7 @@ def recorded_data(artifact: str | os.PathLike) -> tuple[str, Path] | None:
     return None
 
 
-def resolve_data(data: str | None, artifact: str | os.PathLike, *, default: str | None = "fashion-mnist",
+def resolve_data(data: str | None, artifact: str | os.PathLike, *, default: str | None = FASHION_MNIST,
                  flag: str = "--data") -> str | None:
     """``data`` when given, else the data ``artifact`` records (:func:`recorded_data`), else ``default``.
 
@@ -409,7 +410,7 @@ def resolve_data(data: str | None, artifact: str | os.PathLike, *, default: str 
             logger.info("%s records no data set: using %s (%s overrides)", artifact, default, flag)
         return default
     name, where = found
-    if name != "fashion-mnist" and not Path(name).is_dir():
+    if name != FASHION_MNIST and not Path(name).is_dir():
         raise DataError(f"{where} records the data folder {name}, which is not here; give {flag} with the folder "
                         f"{Path(artifact).name} was trained on")
     logger.info("data: %s, as recorded in %s (%s overrides)", name, where, flag)

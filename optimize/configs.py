@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .opsets import DEFAULT_OPSET
 from .options import Options, option
+
+FASHION_MNIST = "fashion-mnist"  # the default data's name (optimize.data reads it from Debian's package)
 
 # -- the choices, one home each ---------------------------------------------------------------------------------
 
@@ -60,7 +63,7 @@ _TRITON_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 DATA_HELP = "'fashion-mnist' or a folder with train/ and val/, one subfolder per class"
 
 
-def data_field(*, recorded: bool = False, default: str | None = "fashion-mnist") -> Any:
+def data_field(*, recorded: bool = False, default: str | None = FASHION_MNIST) -> Any:
     if recorded:
         return option(None, help=DATA_HELP, group="data",
                       default_text="the data the model's manifest records, else fashion-mnist")
@@ -121,6 +124,12 @@ def _check(*checks: tuple[bool, str]) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def accuracy_drop_check(value: Any) -> tuple[bool, str]:
+    """The one rule for every --max-accuracy-drop (benchmark, package, search), as a :func:`_check` pair."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value < 100
+    return ok, f"--max-accuracy-drop must be top-1 points in [0, 100), not {value}"
 
 
 def check_distillation(temperature: float, alpha: float) -> None:
@@ -351,7 +360,8 @@ class ExportConfig(Options):
 
     model: str = model_field("checkpoint to export (pruned or not; any format evaluate accepts)")
     out: str = out_field("ONNX file to write, e.g. runs/model.onnx")
-    opset: int = option(17, help="ONNX opset (17 suits TensorRT 8.6 and later, and ONNX Runtime)")
+    opset: int = option(DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET} suits TensorRT 8.6 and later, and ONNX "
+                                            "Runtime)")
     atol: float = option(1e-3, help="largest logit difference between ONNX Runtime and PyTorch accepted, plus "
                                     "--rtol times the largest logit")
     rtol: float = option(1e-3, help="the part of the accepted difference that grows with the logits (a model with "
@@ -363,7 +373,7 @@ class ExportConfig(Options):
     trust_checkpoint: bool = trust_field()
 
     def check(self) -> None:
-        from .export import check_opset  # the exporter's own limits: needs torch and onnx
+        from .opsets import check_opset  # the exporter's own limits: needs torch and onnx
 
         _check((math.isfinite(self.atol) and self.atol > 0, f"--atol must be a finite number above 0, not {self.atol}"),
                (math.isfinite(self.rtol) and self.rtol >= 0, f"--rtol must be a finite number of 0 or more, not "
@@ -551,7 +561,7 @@ class PackageConfig(Options):
                 f"--name {self.name!r}: use letters, digits, '_' and '-' only (a folder name in the Triton "
                 "repository)"),
                (self.check_images is None or self.check_images >= 0, "--check-images must be 0 or more"),
-               (0 <= self.max_accuracy_drop < 100, "--max-accuracy-drop must be in [0, 100) top-1 points"),
+               accuracy_drop_check(self.max_accuracy_drop),
                (bool(self.check_batch_sizes) and min(self.check_batch_sizes) >= 1,
                 "--check-batch-sizes must be positive integers"))
 
@@ -638,8 +648,8 @@ class BenchmarkConfig(Options):
                 "take gigabytes at 224 px; time the batch sizes you will serve"),
                (self.seconds > 0 and self.warmup >= 0 and self.e2e_batch >= 1 and self.rounds >= 1,
                 "--seconds must be > 0, --rounds >= 1, --warmup >= 0 and --e2e-batch >= 1"),
-               (self.max_accuracy_drop >= 0 and self.min_speedup > 0,
-                "--max-accuracy-drop must be >= 0 and --min-speedup > 0"),
+               accuracy_drop_check(self.max_accuracy_drop),
+               (self.min_speedup > 0, f"--min-speedup must be > 0, not {self.min_speedup}"),
                (self.input_size is None or self.input_size >= 8, "--input-size must be at least 8 pixels"),
                (not self.tf32 or self.device != "cpu", "--tf32 is a CUDA mode; use it with --device cuda (or auto)"))
 
@@ -690,7 +700,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "teacher": {"arch": "resnet50", "epochs": 1},
             "distill": {"student": "resnet18", "epochs": 1, "alpha": 0.5},
             "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 1, "lr": 1e-3, "alpha": 0.5},
-            "export": {"opset": 17},
+            "export": {"opset": DEFAULT_OPSET},
             "calibrate": {"target": "cpu", "num_images": 256, "timing_seconds": 0.5},
             "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp16", "int8"], "max_batch": 64},
             "benchmark": {"batch_sizes": [1, 8, 32], "rounds": 3, "seconds": 0.15, "warmup": 1, "input_sizes": [224]},
@@ -711,7 +721,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             # fine-tuning lr 1e-3 + alpha 0.5: 89.67% vs 89.30% for lr 2e-4 + alpha 0.9 (student 90.43%)
             "prune": {"method": "l1-channel", "amount": 0.5, "finetune_epochs": 1, "lr": 1e-3, "alpha": 0.5,
                       "cpu_bf16": True},
-            "export": {"opset": 17},
+            "export": {"opset": DEFAULT_OPSET},
             "calibrate": {"target": "cpu", "num_images": 512, "timing_seconds": 1.0},
             # openvino: built only where edgeopt[openvino] is installed; the benchmark then picks across runtimes
             "build-engine": {"onnxruntime": ["fp32", "int8"], "openvino": ["fp32", "int8"],
@@ -734,7 +744,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "temperature": 4.0, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup": 0.05},
             "prune": {"method": "l1-channel", "amount": 0.5, "steps": 2, "finetune_epochs": 8,
                       "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4},
-            "export": {"opset": 17},
+            "export": {"opset": DEFAULT_OPSET},
             "calibrate": {"target": "cpu", "num_images": 1024},
             "build-engine": {"onnxruntime": ["fp32", "int8"], "tensorrt": ["fp32", "fp16", "int8"],
                              "max_batch": 256},
@@ -813,8 +823,7 @@ class SearchConfig(Options):
     progress: bool = progress_field(False)
 
     def check(self) -> None:
-        _check((isinstance(self.max_accuracy_drop, (int, float)) and self.max_accuracy_drop >= 0,
-                f"--max-accuracy-drop must be >= 0 top-1 points (got {self.max_accuracy_drop})"),
+        _check(accuracy_drop_check(self.max_accuracy_drop),
                (self.trials >= 1, f"--trials must be at least 1 (got {self.trials})"),
                (self.batch >= 1 and self.rounds >= 1 and self.seconds > 0,
                 "--batch and --rounds must be >= 1 and --seconds > 0"),

@@ -25,12 +25,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .bundle.runner import IMAGE_EXTENSIONS
+from .configs import FASHION_MNIST
 from .errors import DataError
 from .preprocess import Preprocessing, fashion_mnist_preset, folder_preset, load_image
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

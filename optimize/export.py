@@ -36,15 +36,13 @@ from .configs import ExportConfig
 from .data import default_preprocessing, load_data
 from .errors import ConfigError, EdgeoptError
 from .evaluate import check_model_fits_data
+from .opsets import DEFAULT_OPSET, DYNAMO_OPSET, check_opset, opset_range  # noqa: F401 - re-exported
 from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 VERIFY_BATCHES = (1, 7, 32)
-# the lowest opset torch's dynamo exporter writes natively (its torchlib); lower ones are converted down after its
-# optimizer ran (asked for directly, torch converts before optimizing, fails on ResNets and keeps 18)
-DYNAMO_OPSET = 18
 
 
 class ExportError(EdgeoptError):
@@ -62,27 +60,6 @@ class ExporterUsed:
 
     name: str
     fallback_reason: str | None = None
-
-
-def opset_range() -> tuple[int, int]:
-    """The opsets both exporters can write (the TorchScript one bounds it: it is the fallback) and onnx knows."""
-    import onnx
-
-    try:
-        from torch.onnx import _constants  # private: the exporter's own limits, with fallbacks if it moves
-    except ImportError:
-        _constants = None
-    low = getattr(_constants, "ONNX_MIN_OPSET", 7)
-    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 17))
-    return low, min(high, onnx.defs.onnx_opset_version())
-
-
-def check_opset(opset: int) -> None:
-    """ExportConfig's check: an opset the exporter writes and the installed onnx knows."""
-    low, high = opset_range()
-    if not low <= opset <= high:
-        raise ConfigError(f"--opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets {low} to {high}; "
-                          "give one of those (17 suits TensorRT 8.6 and later, and ONNX Runtime)")
 
 
 def onnx_metadata(loaded: LoadedModel, preprocessing: Preprocessing, class_names: list[str]) -> dict[str, str]:
@@ -245,7 +222,7 @@ def _save(proto: Any, path: Path, metadata: dict[str, str] | None) -> None:
     onnx.save(proto, str(path))
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 17,
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, fold_batchnorm: bool = True, metadata: dict[str, str] | None = None,
                 check: Callable[[Path], None] | None = None, source: str = "the model") -> ExporterUsed:
     """Write ``model`` to ``path`` as one self-contained ONNX file: input ``input``, output ``logits``.

@@ -49,7 +49,7 @@ from .errors import ConfigError, OutputError, PackageError
 from .onnx_model import OnnxModel
 from .runners import backend_of
 from .fp16 import to_fp16_onnx
-from .tensorrt_backend import Profile
+from .tensorrt_backend import MIN_VERSION, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,8 @@ def _write_scripts(source: _Source, work: Path, profile: Profile, precision: str
         "INPUT_NAME": source.model.input.name, "IMAGE_SIZE": source.model.image_size, "QDQ": int(qdq),
         "DLA_CORE": "" if dla_core is None else int(dla_core),
         "SPARSITY_FLAG": "--sparsity=enable" if flags.get("sparse_weights") else "", "TRITON_PLAN": triton_plan,
-        "INT8_HIGH_PRECISION": flags.get("int8_high_precision") or "fp16"}))
+        "INT8_HIGH_PRECISION": flags.get("int8_high_precision") or "fp16",
+        "TRT_MIN_MAJOR": MIN_VERSION[0], "TRT_MIN_MINOR": MIN_VERSION[1]}))
     for script in ("runner.py", "build_engine.sh"):
         os.chmod(work / script, 0o755)
 

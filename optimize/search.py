@@ -42,7 +42,7 @@ import yaml
 
 from .artifacts import (Artifact, atomic_path, last_checkpoint_path, prepare_output, read_manifest, resolve_data,
                         sha256_file, write_json)
-from .configs import PRESETS, SearchConfig
+from .configs import CALIB_METHODS, PRESETS, CalibConfig, PruneConfig, SearchConfig
 from .errors import ConfigError, EdgeoptError, SearchError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
     forms = ["fp16", "int8"] if cfg.target == "tensorrt" else ["qoperator-u8s8", "qdq-s8s8", "fp32"]
     p["precision"] = trial.suggest_categorical("precision", forms)
     if p["precision"] not in ("fp32", "fp16"):
-        p["calib_method"] = trial.suggest_categorical("calib_method", ["entropy", "minmax", "percentile"])
+        p["calib_method"] = trial.suggest_categorical("calib_method", list(CALIB_METHODS))
         p["calib_images"] = trial.suggest_categorical("calib_images", [128, 256, 512, 1024])
     return p
 
@@ -89,18 +89,27 @@ def starting_point(cfg: SearchConfig) -> dict[str, Any] | None:
     if cfg.space != "compression":
         return None
     stages = PRESETS[cfg.preset]["stages"]
-    prune, calib = stages.get("prune") or {}, stages.get("calibrate") or {}
-    point = {"method": prune.get("method", "l1-channel"), "amount": prune.get("amount", 0.5),
-             "steps": prune.get("steps", 1), "finetune_epochs": min(prune.get("finetune_epochs", 1), 2),
-             "alpha": prune.get("alpha", 0.5), "temperature": prune.get("temperature", 4.0)}
+    # what the preset says, else what the prune and calibrate stages would take by default: one source of defaults
+    prune = {**_defaults(PruneConfig, ("method", "amount", "steps", "finetune_epochs", "alpha", "temperature")),
+             **(stages.get("prune") or {})}
+    calib = {**_defaults(CalibConfig, ("method", "num_images")), **(stages.get("calibrate") or {})}
+    point = {"method": prune["method"], "amount": prune["amount"], "steps": prune["steps"],
+             "finetune_epochs": min(prune["finetune_epochs"], 2), "alpha": prune["alpha"],
+             "temperature": prune["temperature"]}
     if not point["finetune_epochs"]:
         point.pop("alpha"), point.pop("temperature")
     if cfg.target == "tensorrt":
         point["precision"] = "int8"
     else:
         point["precision"] = "qoperator-u8s8"  # what the demo's calibrate measured fastest (docs/RESULTS.md)
-    point.update(calib_method=calib.get("method", "entropy"), calib_images=calib.get("num_images", 512))
+    point.update(calib_method=calib["method"], calib_images=calib["num_images"])
     return point
+
+
+def _defaults(config: type, names: tuple[str, ...]) -> dict[str, Any]:
+    """The defaults of a stage config's fields."""
+    fields = config.__dataclass_fields__
+    return {n: fields[n].default for n in names}
 
 
 def trial_recipe(params: dict[str, Any], cfg: SearchConfig, *, teacher: Path, student: Path | None,

@@ -61,8 +61,8 @@ def trt_version(trt) -> tuple[int, int]:
 def check_version(version: tuple[int, int], found: str) -> None:
     """Refuse TensorRT older than :data:`MIN_VERSION` with the fix."""
     if version < MIN_VERSION:
-        raise EngineError(f"TensorRT {found} is too old: edgeopt needs TensorRT 8.5 or later (JetPack 5.1 or "
-                          "later on a Jetson; the README's TensorRT table on a server)")
+        raise EngineError(f"TensorRT {found} is too old: edgeopt needs TensorRT {MIN_VERSION[0]}.{MIN_VERSION[1]} or "
+                          "later (JetPack 5.1 or later on a Jetson; the README's TensorRT table on a server)")
 
 
 def import_tensorrt():

@@ -86,10 +86,11 @@ if [ "$code" -ge 100000 ]; then
 else
   major=$((code / 1000)) minor=$((code / 100 % 10))
 fi
-# 8.5 (JetPack 5.1) is the first with every name runner.py uses
-if [ "$major" -lt 8 ] || { [ "$major" = 8 ] && [ "$minor" -lt 5 ]; }; then
-  die "TensorRT $major.$minor found; 8.5 or later is needed: JetPack 5.1 or later on a Jetson, TensorRT 8.5 or \
-later elsewhere"
+# @TRT_MIN_MAJOR@.@TRT_MIN_MINOR@ (JetPack 5.1) is the first with every name runner.py uses (package fills it in from
+# optimize/tensorrt_backend.MIN_VERSION)
+if [ "$major" -lt @TRT_MIN_MAJOR@ ] || { [ "$major" = @TRT_MIN_MAJOR@ ] && [ "$minor" -lt @TRT_MIN_MINOR@ ]; }; then
+  die "TensorRT $major.$minor found; @TRT_MIN_MAJOR@.@TRT_MIN_MINOR@ or later is needed: JetPack 5.1 or later on a \
+Jetson, TensorRT @TRT_MIN_MAJOR@.@TRT_MIN_MINOR@ or later elsewhere"
 fi
 
 if [ -n "$DLA_CORE" ] && [ "$QDQ" = 1 ] && [ "$major" -lt 10 ]; then

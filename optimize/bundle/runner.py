@@ -40,7 +40,9 @@ HERE = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
-MIN_TENSORRT = (8, 5)  # JetPack 5.1; TensorRTModel uses names that 8.4 lacks
+# JetPack 5.1; TensorRTModel uses names that 8.4 lacks. A copy of optimize/tensorrt_backend.MIN_VERSION (this file
+# stays standalone on the device); tests/optimize/test_package.py checks the two, and build_engine.sh's, agree
+MIN_TENSORRT = (8, 5)
 
 
 class RunnerError(Exception):
@@ -269,7 +271,8 @@ def check_tensorrt(version: str) -> None:
     """Refuse a TensorRT older than :data:`MIN_TENSORRT`."""
     parts = [int(p) if p.isdigit() else 0 for p in (version.split(".") + ["0"])[:2]]
     if tuple(parts) < MIN_TENSORRT:
-        raise RunnerError(f"TensorRT {version} is too old: model.plan needs TensorRT 8.5 or later (JetPack 5.1 or "
+        raise RunnerError(f"TensorRT {version} is too old: model.plan needs TensorRT "
+                          f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or later (JetPack 5.1 or "
                           "later on a Jetson); or run model.onnx with onnxruntime")
 
 

@@ -34,6 +34,23 @@ def test_kd_loss_matches_a_hand_computation():
     assert kd_loss(s, s, y, temperature=T, alpha=1.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_the_distillation_loss_listens_to_its_teacher():
+    from optimize.distill import distillation_loss
+
+    torch.manual_seed(0)
+    teachers = [build_resnet("resnet18", 10).eval() for _ in range(2)]  # two different random teachers
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    s = torch.randn(4, 10)
+    losses = []
+    for teacher in teachers:
+        with torch.no_grad():
+            t = teacher(x)
+        loss = distillation_loss(teacher, temperature=4.0, alpha=0.9)(s, y, x)
+        assert loss.item() == pytest.approx(kd_loss(s, t, y, temperature=4.0, alpha=0.9).item(), rel=1e-5)
+        losses.append(loss.item())
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)  # another teacher, another loss
+
+
 def test_distill_records_teacher_and_evaluates(student, trained):
     manifest = json.loads(student.with_name("student.pth.json").read_text())
     assert manifest["stage"] == "distill"

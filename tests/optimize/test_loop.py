@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import TINY, error_line, fashion_arrays, run_cli
 from optimize.checkpoint import load_checkpoint
-from optimize.loop import class_weights, cross_entropy_loss, warmup_cosine
+from optimize.configs import LoopConfig
+from optimize.loop import _make_scheduler, class_weights, cross_entropy_loss, train_one_epoch, warmup_cosine
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
 
@@ -144,6 +145,44 @@ def test_freezing_options_that_contradict(tmp_path):
     proc = run_cli("train", *TINY, "--trainable-layers", "7", "--out", tmp_path / "x.pth")
     assert proc.returncode == 2 and "0..4" in error_line(proc)
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_label_smoothing_is_the_loss_the_flag_names():
+    logits, y = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]), torch.tensor([0, 2])
+    log_p = torch.log_softmax(logits, 1)
+    eps = 0.1  # the target is (1 - eps) on the label plus eps spread evenly over the 3 classes
+    expected = -((1 - eps) * log_p[[0, 1], y] + eps * log_p.mean(1)).mean()
+    assert cross_entropy_loss(eps)(logits, y, None).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert cross_entropy_loss(0.0)(logits, y, None).item() == pytest.approx(-log_p[[0, 1], y].mean().item(), rel=1e-6)
+
+
+def test_plateau_lowers_the_rate_after_its_patience_without_progress():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = _make_scheduler(optimizer, LoopConfig(schedule="plateau", patience=4), steps_per_epoch=1)
+    rates = []
+    for top1 in (0.5, 0.6, 0.6, 0.6, 0.6, 0.6):  # progress, then none
+        scheduler.step(top1)
+        rates.append(optimizer.param_groups[0]["lr"])
+    # the schedule waits half of --patience (2 epochs) without progress, then cuts by 10
+    assert rates == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.1, 0.1])
+
+
+def test_clip_grad_norm_bounds_the_step():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8) * 100, torch.randint(0, 3, (8,))  # large inputs: a large gradient
+
+    def step(clip: float | None) -> float:
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        cfg = LoopConfig(clip_grad_norm=clip, amp=False, channels_last=False, progress=False)
+        train_one_epoch(model, [(x, y)], optimizer, cross_entropy_loss(), device=torch.device("cpu"),
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), cfg=cfg)
+        return float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before))))
+
+    assert step(None) > 1.0  # unclipped, plain SGD at lr 1 moves the weights by the gradient's norm
+    assert step(0.01) == pytest.approx(0.01, rel=1e-3)  # clipped: by exactly the bound
 
 
 def test_clip_grad_norm_and_rotation_run_and_are_recorded(tmp_path):

@@ -91,3 +91,15 @@ def test_help_imports_no_torch_or_onnx(argv):
     proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "usage: cli.py" in proc.stdout
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 100.0])
+def test_every_accuracy_budget_is_checked_by_one_rule(value):
+    from optimize.configs import BenchmarkConfig, PackageConfig, SearchConfig
+    from optimize.errors import ConfigError
+
+    for make in (lambda: BenchmarkConfig(out="o", models=("m.onnx",), max_accuracy_drop=value),
+                 lambda: PackageConfig(model="m.onnx", out="o", max_accuracy_drop=value),
+                 lambda: SearchConfig(teacher="t.pth", out="o", max_accuracy_drop=value)):
+        with pytest.raises(ConfigError, match=r"--max-accuracy-drop must be top-1 points in \[0, 100\)"):
+            make().check()  # refused when built (Options check their values), or at the latest here

@@ -289,6 +289,16 @@ def test_check_without_an_acceptance_set_says_so(exported_onnx, tmp_path):
 
 # -- runner.py's TensorRT path, with stand-ins for tensorrt and cuda-python ---------------------------------
 
+def test_the_tensorrt_floor_is_one_fact(bundle, runner):
+    """runner.py keeps a copy (it runs without edgeopt); build_engine.sh is rendered from it: all three agree."""
+    from optimize.tensorrt_backend import MIN_VERSION
+
+    assert runner.MIN_TENSORRT == MIN_VERSION
+    script = (bundle / "build_engine.sh").read_text()
+    assert f'[ "$major" -lt {MIN_VERSION[0]} ] || {{ [ "$major" = {MIN_VERSION[0]} ] && [ "$minor" -lt ' \
+           f'{MIN_VERSION[1]} ]; }}' in script
+
+
 def test_runner_refuses_tensorrt_before_8_5(bundle, runner, tmp_path):
     runner.check_tensorrt("8.5.2.2")
     runner.check_tensorrt("10.3.0")

@@ -189,7 +189,12 @@ def test_a_training_space_trial_runs_through_distill(trained, tmp_path):
     (trial,) = report["trials"]
     assert trial["state"] == "COMPLETE" and set(trial["params"]) == {"lr", "batch_size", "weight_decay",
                                                                       "label_smoothing"}
-    assert (Path(trial["folder"]) / "student.pth").is_file() and report["chosen"]["number"] == 0
+    assert (Path(trial["folder"]) / "student.pth").is_file()
+    # the chosen trial's figures and recipe are the trial's own, not a default or another run's
+    chosen, recipe = report["chosen"], yaml.safe_load((out / "best.yaml").read_text())
+    assert chosen["within"] and (chosen["top1"], chosen["speed"]) == (trial["top1"], trial["speed"])
+    assert recipe["stages"]["distill"]["lr"] == trial["params"]["lr"]
+    assert recipe["stages"]["distill"]["label_smoothing"] == trial["params"]["label_smoothing"]
 
 
 # -- a fleet's shared study on a real PostgreSQL -------------------------------------------------------------
