@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cpu_runtimes.json").write_text(json.dumps({"models": {k: str(v) for k, v in models.items()},
                                                        "report": str(out / "report"),
                                                        "report_224": str(out / "report-224")}, indent=2) + "\n")
-    print(body)
+    logger.info("wrote section 'cpu-runtimes' of %s:\n%s", args.doc, body)
     return 0
 
 

@@ -8,10 +8,10 @@ run through the same libraries the rows use, gives the achievable peak once per 
 - CUDA: PyTorch's FP32 (TF32 off), TF32, FP16 and BF16 ``matmul`` and ``torch._int_mm`` (INT8), timed with
   CUDA events.
 
-A model's multiply-accumulates per image come from its ONNX graph (:func:`onnx_macs`: Conv, ConvInteger,
-QLinearConv, Gemm, MatMul and their integer forms, with the batch axis set to 1 and the spatial size given), so a
-row's achieved MAC/s is ``images/s x MACs per image`` and its fraction of peak is that over the peak of its
-arithmetic (an INT8 row against the INT8 peak, FP32 against FP32, FP16 against FP16).
+A row's multiply-accumulates per image are the benchmark's own figure (``benchmarks.measure.onnx_graph_stats``
+for ONNX models, Torch-Pruning's counter for checkpoints), so its achieved MAC/s is ``images/s x MACs per image``
+and its fraction of peak is that over the peak of its arithmetic (an INT8 row against the INT8 peak, FP32 against
+FP32, FP16 against FP16).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -126,80 +125,6 @@ def cuda_peak(*, size: int = 8192, seconds: float = 0.5) -> Peak:
     logger.info("CUDA peak (%dx%dx%d): %s", m, k, n,
                 ", ".join(f"{k} {v / 1e12:.1f} TMAC/s" for k, v in rates.items()))
     return Peak("cuda", rates, (m, k, n), None, f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-
-
-# -- a model's multiply-accumulates --------------------------------------------------------------------------
-
-def onnx_macs(path: str | Path, image_size: int | None = None) -> int:
-    """Multiply-accumulates of one image through the ONNX model at ``path`` (at ``image_size`` when given).
-
-    Counts convolutions (``Conv``, ``ConvInteger``, ``QLinearConv``: output elements x input channels per group
-    x kernel area) and matrix products (``Gemm``, ``QGemm``, ``MatMul``, ``MatMulInteger``, ``QLinearMatMul``);
-    the rest (ReLU, Add, pooling) is a rounding error next to them in a ResNet. Shapes are propagated here rather
-    than by ONNX's shape inference, which stops at ONNX Runtime's own operators (``QLinearAdd``), so every form
-    of a model (FP32, QOperator, Q/DQ) counts the same.
-    """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    shapes: dict[str, list[int]] = {t.name: list(t.dims) for t in model.graph.initializer}
-    graph_input = [i for i in model.graph.input if i.name not in shapes][0]
-    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
-    if len(dims) != 4:
-        raise ValueError(f"{path}: expected an image input [batch, channels, height, width], got {len(dims)} axes")
-    size = image_size or dims[2]
-    shapes[graph_input.name] = [1, dims[1], size, image_size or dims[3]]
-
-    def ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
-        return next((list(a.ints) for a in node.attribute if a.name == name), default)
-
-    def window(node: onnx.NodeProto, x: list[int], kernel: list[int]) -> list[int]:
-        strides = ints(node, "strides", [1] * len(kernel))
-        dilations = ints(node, "dilations", [1] * len(kernel))
-        pads = ints(node, "pads", [0] * 2 * len(kernel))
-        auto = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
-        ceil = next((a.i for a in node.attribute if a.name == "ceil_mode"), 0)
-        out = []
-        for i, (n, k, s, d) in enumerate(zip(x[2:], kernel, strides, dilations)):
-            if auto in ("SAME_UPPER", "SAME_LOWER"):
-                out.append(-(-n // s))
-                continue
-            span = n + pads[i] + pads[i + len(kernel)] - d * (k - 1) - 1
-            out.append((-(-span // s) if ceil else span // s) + 1)
-        return out
-
-    total = 0
-    for node in model.graph.node:
-        op = node.op_type
-        x = shapes.get(node.input[0]) if node.input else None
-        if x is None:
-            continue
-        if op in ("Conv", "ConvInteger", "QLinearConv"):
-            w = shapes.get(node.input[3 if op == "QLinearConv" else 1])
-            if not w or len(x) != 4:
-                continue
-            spatial = window(node, x, w[2:])
-            total += w[0] * int(np.prod(spatial)) * int(np.prod(w[1:]))
-            shapes[node.output[0]] = [x[0], w[0], *spatial]
-        elif op in ("MaxPool", "AveragePool", "QLinearAveragePool"):
-            shapes[node.output[0]] = [*x[:2], *window(node, x, ints(node, "kernel_shape", [1, 1]))]
-        elif op in ("GlobalAveragePool", "GlobalMaxPool", "QLinearGlobalAveragePool"):
-            shapes[node.output[0]] = [*x[:2], *([1] * (len(x) - 2))]
-        elif op in ("Flatten", "Reshape"):
-            shapes[node.output[0]] = [x[0], int(np.prod(x[1:]))]
-        elif op in ("Gemm", "QGemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
-            w = shapes.get(node.input[3 if op in ("QLinearMatMul", "QGemm") else 1])
-            if not w or len(w) != 2:
-                continue
-            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            inner, outer = (w[1], w[0]) if trans_b else (w[0], w[1])
-            rows = int(np.prod(x[:-1]))
-            total += rows * inner * outer
-            shapes[node.output[0]] = [*x[:-1], outer]
-        else:  # element-wise (ReLU, Add, QLinearAdd, Quantize/DequantizeLinear...): the first input's shape
-            for out in node.output:
-                shapes[out] = x
-    return total
 
 
 def row_efficiency(images_per_s: float, macs_per_image: int, precision: str, peak: Peak | None) -> dict[str, Any]:
