@@ -136,7 +136,7 @@ def cmd_export(cfg, args: argparse.Namespace) -> int:
 
 def cmd_calibrate(cfg, args: argparse.Namespace) -> int:
     """Calibrate an ONNX model to INT8: Q/DQ for TensorRT, or the fastest measured form for the CPU."""
-    from calib import calibrate
+    from optimize import calibrate
 
     artifact = calibrate.run(cfg)
     m = artifact.manifest["metrics"]
@@ -226,7 +226,7 @@ def cmd_serve(cfg, args: argparse.Namespace) -> int:
 
 def cmd_benchmark(cfg, args: argparse.Namespace) -> int:
     """Benchmark artifacts against the baseline: accuracy, latency, throughput, speedups; report.md/.json + plots."""
-    from benchmarks import report
+    from optimize.benchmark import report
 
     artifact = report.run(cfg)
     written = f"{artifact.path.parent / report.REPORT_MD}, {artifact.path} and {', '.join(artifact.manifest['plots'])}"
@@ -264,7 +264,7 @@ def cmd_search(cfg, args: argparse.Namespace) -> int:
 
 def cmd_gpu_check(cfg, args: argparse.Namespace) -> int:
     """On a GPU machine: every GPU backend over a pipeline run's artifacts (or why it's absent), context check."""
-    from benchmarks import gpu_check
+    from optimize import gpu_check
 
     artifact = gpu_check.run(cfg)
     _print_report(artifact, args.json, gpu_check.render_markdown,

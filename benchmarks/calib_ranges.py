@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from calib import calibrate, ranges
+from calib import ranges
+from optimize import calibrate
 from optimize.batcher import ImageBatcher
 from optimize.data import load_data
 from optimize.onnx_model import OnnxModel

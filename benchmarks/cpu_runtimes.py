@@ -32,8 +32,13 @@ from typing import Any
 from optimize.artifacts import read_manifest, write_manifest
 from optimize.configs import BenchmarkConfig, BuildConfig, CalibConfig
 
-from .measure import cpu_name
+from optimize.benchmark.measure import cpu_name
 from .results_doc import write_section
+from optimize import build_engine, calibrate, openvino_backend as ovb
+from optimize.batcher import ImageBatcher
+from optimize.data import load_data
+from optimize.onnx_model import OnnxModel
+from optimize.benchmark import report
 
 logger = logging.getLogger("benchmarks.cpu_runtimes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _peer(onnx: Path, out: Path, data: str, images: int) -> Path:
     """NNCF's defaults (``nncf.quantize(model, dataset)``, ``subset_size`` = the images given) on the same images;
     the manifest asks the runner for OpenVINO's default compile settings (hint null)."""
-    from optimize import openvino_backend as ovb
-    from optimize.batcher import ImageBatcher
-    from optimize.data import load_data
-    from optimize.onnx_model import OnnxModel
 
     import nncf
 
@@ -65,8 +66,6 @@ def _peer(onnx: Path, out: Path, data: str, images: int) -> Path:
 
 def build(run: Path, work: Path, data: str, images: int) -> dict[str, Path]:
     """Every model of the table (built once; an existing one is reused)."""
-    from calib import calibrate
-    from optimize import build_engine
 
     work.mkdir(parents=True, exist_ok=True)
     onnx = run / "model.onnx"
@@ -130,8 +129,6 @@ def table(models: dict[str, Path], at_32: dict[str, Any], at_224: dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks import report
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a pipeline run folder")
     parser.add_argument("--data", default=None, help="default: what the run's model records")

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import cpu_name
+from optimize.benchmark.report import cpu_name
 from benchmarks.results_doc import write_section
 from optimize import train
 from optimize.artifacts import Artifact, read_manifest

@@ -37,6 +37,11 @@ from typing import Any, Callable
 import numpy as np
 
 from optimize.configs import PRESETS, GpuCheckConfig
+from optimize.cuda_runtime import CudaRuntime
+from optimize.runners import open_runner
+from optimize.peak import cuda_peak
+from optimize import train
+from optimize.pipeline import stage_config
 
 logger = logging.getLogger("benchmarks.device_check")
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +91,10 @@ def pipeline_step(runs: Path, data: str) -> Callable[[bool], dict[str, Any]]:
 
 def cuda_runtime_step(runs: Path) -> Callable[[bool], dict[str, Any]]:
     def run(dry: bool) -> dict[str, Any]:
-        from optimize.cuda_runtime import CudaRuntime
-
         if dry:
             return {"skipped": "dry run (needs a GPU)", "class": CudaRuntime.__name__}
         import torch
 
-        from optimize.runners import open_runner
 
         cuda = CudaRuntime()
         runner = open_runner(runs / "teacher.pth", device="cuda")
@@ -153,8 +155,6 @@ def gpu_check_step(runs: Path, out: Path, data: str) -> Callable[[bool], dict[st
 
 def peak_step() -> Callable[[bool], dict[str, Any]]:
     def run(dry: bool) -> dict[str, Any]:
-        from optimize.peak import cuda_peak
-
         if dry:
             return {"skipped": "dry run (needs a GPU)", "measures": cuda_peak.__doc__.splitlines()[0]}
         return cuda_peak().as_dict()
@@ -164,9 +164,6 @@ def peak_step() -> Callable[[bool], dict[str, Any]]:
 
 def full_epoch_step(out: Path, data: str) -> Callable[[bool], dict[str, Any]]:
     def run(dry: bool) -> dict[str, Any]:
-        from optimize import train
-        from optimize.pipeline import stage_config
-
         full = PRESETS["full"]
         # the student's recipe (distillation's own keys aside) trained as the teacher stage trains: one epoch
         recipe = {k: v for k, v in full["stages"]["distill"].items() if k not in ("student", "alpha", "temperature")}

@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from benchmarks.report import cpu_name
+from optimize.benchmark.report import cpu_name
 from benchmarks.results_doc import write_section
 from optimize import distill, prune, train
 from optimize.artifacts import Artifact, library_versions, read_manifest

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 
-from calib import calibrate
-from optimize import export
+from optimize import calibrate, export
 from optimize.checkpoint import save_checkpoint
 from optimize.data import FASHION_MNIST_CLASSES
 from optimize.models import build_resnet
 from optimize.onnx_model import OnnxModel
 from optimize.preprocess import fashion_mnist_preset
 
-from .report import cpu_name
+from optimize.benchmark.report import cpu_name
 from .results_doc import write_section
 
 logger = logging.getLogger("benchmarks.int8_cpu")

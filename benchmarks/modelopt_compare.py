@@ -14,7 +14,7 @@ run as a subprocess (``python -m modelopt.onnx.quantization``) with that venv's 
 constants duplicated), so it always quantizes a copy of the FP32 model, in the work folder.
 
 Both quantizers see the same FP32 ONNX and the same calibration images: :func:`calibration_images` takes them
-the way ``calib.calibrate.run`` does (``load_data(..., train_limit=num_images, augment=False)``, then
+the way ``optimize.calibrate.run`` does (``load_data(..., train_limit=num_images, augment=False)``, then
 ``ImageBatcher(..., drop_last=True)``) and saves them as ``calib.npy`` for Model Optimizer, which is told to
 read them in the same batches (``--calibration_shapes``); both use entropy (or max) calibration and keep FP32 as
 the high precision. Each INT8 model is then scored on the val split with
@@ -58,7 +58,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from calib import calibrate
+from optimize import calibrate
 from optimize.batcher import ImageBatcher
 from optimize.data import load_data
 from optimize.errors import ConfigError, EdgeoptError
@@ -137,7 +137,7 @@ def modelopt_version(python: str) -> str:
 
 def calibration_images(model: OnnxModel, data: str, *, num_images: int, batch_size: int,
                        val_limit: int | None) -> tuple[np.ndarray, Any]:
-    """The calibration batch ``calib.calibrate.run`` feeds ONNX Runtime, stacked, and the val split.
+    """The calibration batch ``optimize.calibrate.run`` feeds ONNX Runtime, stacked, and the val split.
 
     Returns:
         ``(float32 [n, 3, S, S], val dataset)``: the training images in calibrate's order, full batches only.

@@ -18,8 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from optimize.benchmark import report
 from benchmarks.results_doc import write_section
+from optimize.timing import Spread, compare
 
 
 def _row(rep: dict[str, Any], path: str) -> dict[str, Any]:
@@ -28,7 +29,6 @@ def _row(rep: dict[str, Any], path: str) -> dict[str, Any]:
 
 def verdict(chosen: dict[str, Any], preset: dict[str, Any], batch: str) -> tuple[bool, str]:
     """Whether ``chosen`` beats ``preset`` (report rows of one run) and the sentence that says why."""
-    from optimize.timing import Spread, compare
 
     c = compare(*(Spread.from_dict(row["throughput_spread"][batch]) for row in (chosen, preset)))
     d_pt = 100 * (chosen["top1"] - preset["top1"])

@@ -34,6 +34,8 @@ from .errors import PackageError
 from .onnx_model import OnnxModel
 from .preprocess import load_image
 from .timing import cpu_facts
+from .runners import open_runner
+from .openvino_backend import available
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ def fp32_source(onnx_path: Path) -> Path | None:
 
 
 def _runner(path: Path):
-    from .runners import open_runner
-
     return open_runner(path, device="cpu")
 
 
@@ -77,7 +77,6 @@ def _predict(runner, x: np.ndarray) -> np.ndarray:
 
 def _runtime(runner) -> str:
     if runner.backend == "openvino":
-        from .openvino_backend import available
 
         return f"openvino {available()} CPU ({runner.hint} hint, f32 float math)"
     import onnxruntime as ort

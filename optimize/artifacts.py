@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .configs import FASHION_MNIST
-from .errors import OutputError
+from .errors import DataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +400,6 @@ def resolve_data(data: str | None, artifact: str | os.PathLike, *, default: str 
     Raises:
         DataError: the recorded data is a folder that is not here, naming the manifest and ``flag``.
     """
-    from .errors import DataError
 
     if data:
         return data

@@ -1,13 +1,13 @@
 """Stage ``build-engine``: an inference engine for one backend, precision and batch profile.
 
 - ``onnxruntime`` (CPU edge boxes; runs anywhere): the ONNX Runtime-optimized model (``fp32``, or ``int8``
-  through :mod:`calib.calibrate` with the ``cpu`` target, which keeps the INT8 form measured fastest here).
+  through :mod:`optimize.calibrate` with the ``cpu`` target, which keeps the INT8 form measured fastest here).
   The optimized graph is not always faster (measured: an offline-optimized FP32 model slower than its input on
   a 2-core EPYC), so it is timed against its input on the spot, in interleaved rounds (:mod:`optimize.timing`),
   and the faster of the two by median is written; the manifest says which, with both figures.
 - ``tensorrt`` (Jetson, NVIDIA servers; TensorRT 8.5 to 11): a serialized TensorRT engine
   (:mod:`optimize.tensorrt_backend`); ``int8`` needs a Q/DQ ONNX placed for TensorRT, made here through
-  :mod:`calib.calibrate` with the ``tensorrt`` target when the given ONNX is not quantized yet. ONNX Runtime's
+  :mod:`optimize.calibrate` with the ``tensorrt`` target when the given ONNX is not quantized yet. ONNX Runtime's
   QOperator models (QLinearConv) and CPU-target Q/DQ models are refused: TensorRT can't parse the first and
   runs the second slower than FP16. DLA (``dla_core``) takes a static batch (min = opt = max) and fp16/int8.
 
@@ -35,6 +35,11 @@ from .cuda_runtime import device_facts
 from .fp16 import to_fp16_onnx
 from .tensorrt_backend import EngineBuilder, Profile, check_dla, import_tensorrt, trt_version
 from .timing import Spread, compare, cpu_facts, interleaved, time_throughput
+from . import calibrate, openvino_backend as ovb
+from .runners import OnnxRuntimeRunner, default_threads
+from .batcher import ImageBatcher
+from .data import load_data
+from .openvino_backend import SUFFIX, import_openvino
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +60,12 @@ def check_tensorrt_input(model: OnnxModel) -> None:
 
 
 def int8_step(cfg: CalibConfig) -> Artifact:
-    """build-engine's INT8 step: calibrate an FP32 ONNX (:func:`calib.calibrate.run`).
+    """build-engine's INT8 step: calibrate an FP32 ONNX (:func:`optimize.calibrate.run`).
 
     The one door from ``optimize`` up to ``calib`` besides the pipeline: calibration is a stage of its own above
     the foundation modules, which build-engine orchestrates here and ``package`` reuses to re-make an engine's
     Q/DQ ONNX from its cache.
     """
-    from calib import calibrate
 
     return calibrate.run(cfg)
 
@@ -126,7 +130,6 @@ def time_optimized_against_input(optimized: Path, original: Path, *, batch: int,
     """Both models on ONNX Runtime's CPU provider at ``batch``, interleaved rounds; :func:`faster_form` of them."""
     import numpy as np
 
-    from .runners import OnnxRuntimeRunner
 
     windows = {}
     for name, path in (("optimized", optimized), ("input", original)):
@@ -149,9 +152,6 @@ def time_optimized_against_input(optimized: Path, original: Path, *, batch: int,
 def _openvino_int8(cfg: BuildConfig, source: OnnxModel, preprocessing, class_names):
     """NNCF's INT8 of ``source`` on ``cfg.num_images`` class-stratified training images (calibrate's sample), and the
     figures against the FP32 conversion on the val split; an INT8 Q/DQ ONNX is converted as it is instead."""
-    from . import openvino_backend as ovb
-    from .batcher import ImageBatcher
-    from .data import load_data
 
     if source.precision == "int8":
         issue = source.tensorrt_issue()  # ONNX Runtime's own operators: OpenVINO reads standard ONNX only
@@ -179,8 +179,6 @@ def _openvino_int8(cfg: BuildConfig, source: OnnxModel, preprocessing, class_nam
 def _openvino_predictions(model, batcher, threads: int | None) -> tuple[Any, Any]:
     import numpy as np
 
-    from . import openvino_backend as ovb
-    from .runners import default_threads
 
     compiled = ovb.import_openvino().Core().compile_model(model, "CPU", ovb.compile_config(threads or default_threads()))
     preds, labels = [], []
@@ -193,8 +191,6 @@ def _openvino_predictions(model, batcher, threads: int | None) -> tuple[Any, Any
 def _build_openvino(cfg: BuildConfig, source: OnnxModel, out: Path, preprocessing,
                     class_names) -> tuple[dict[str, Any], dict[str, Any]]:
     """The OpenVINO IR (``out`` and its .bin) for ``cfg.precision``; (engine facts, calibration figures)."""
-    from . import openvino_backend as ovb
-    from .runners import default_threads
 
     figures: dict[str, Any] = {}
     if cfg.precision == "int8":
@@ -257,7 +253,6 @@ def run(cfg: BuildConfig) -> Artifact:
         raise ConfigError(f"{src} is an INT8 model; build it with --precision int8, or give the FP32 ONNX for "
                           f"--precision {cfg.precision}")
     if cfg.backend == "openvino":
-        from .openvino_backend import SUFFIX, import_openvino
 
         import_openvino()  # before any work
         if Path(cfg.out).suffix != SUFFIX:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .opsets import DEFAULT_OPSET
+from .opsets import DEFAULT_OPSET, check_opset
 from .options import Options, option
 
 FASHION_MNIST = "fashion-mnist"  # the default data's name (optimize.data reads it from Debian's package)
@@ -373,8 +373,6 @@ class ExportConfig(Options):
     trust_checkpoint: bool = trust_field()
 
     def check(self) -> None:
-        from .opsets import check_opset  # the exporter's own limits: needs torch and onnx
-
         _check((math.isfinite(self.atol) and self.atol > 0, f"--atol must be a finite number above 0, not {self.atol}"),
                (math.isfinite(self.rtol) and self.rtol >= 0, f"--rtol must be a finite number of 0 or more, not "
                                                              f"{self.rtol}"))

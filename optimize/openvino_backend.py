@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import ConfigError, RunnerError
+from .timing import Spread, compare, interleaved, time_throughput
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,6 @@ def precision_of(xml: str | Path) -> str:
 
 def time_hints(xml: Path, *, batch: int, threads: int, rounds: int, seconds: float, size: int) -> dict[str, Any]:
     """LATENCY against THROUGHPUT for one request at a time at ``batch``: interleaved rounds, the faster kept."""
-    from .timing import Spread, compare, interleaved, time_throughput
 
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     windows = {}

@@ -50,6 +50,7 @@ from .onnx_model import OnnxModel
 from .runners import backend_of
 from .fp16 import to_fp16_onnx
 from .tensorrt_backend import MIN_VERSION, Profile
+from .openvino_backend import copy_ir, weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,6 @@ def _source(cfg: PackageConfig) -> _Source:
         raise PackageError(f"{src} has no build-engine manifest ({manifest_path(src).name}); build it with "
                            "'cli.py build-engine'")
     if backend == "openvino":
-        from .openvino_backend import weights_path
 
         if not weights_path(src).is_file():
             raise PackageError(f"{src}'s weights {weights_path(src)} are missing (an IR is the .xml and the .bin "
@@ -415,8 +415,6 @@ def run(cfg: PackageConfig) -> Artifact:
             shutil.copyfile(source.engine, work / "model.plan")
             shutil.copyfile(manifest_path(source.engine), work / "model.plan.json")
         if source.openvino is not None:
-            from .openvino_backend import copy_ir
-
             copy_ir(source.openvino, work / "model.xml")
             shutil.copyfile(manifest_path(source.openvino), manifest_path(work / "model.xml"))
         labels = "".join(n.replace("\n", " ") + "\n" for n in class_names)

@@ -8,7 +8,7 @@ run through the same libraries the rows use, gives the achievable peak once per 
 - CUDA: PyTorch's FP32 (TF32 off), TF32, FP16 and BF16 ``matmul`` and ``torch._int_mm`` (INT8), timed with
   CUDA events.
 
-A row's multiply-accumulates per image are the benchmark's own figure (``benchmarks.measure.onnx_graph_stats``
+A row's multiply-accumulates per image are the benchmark's own figure (``optimize.benchmark.measure.onnx_graph_stats``
 for ONNX models, Torch-Pruning's counter for checkpoints), so its achieved MAC/s is ``images/s x MACs per image``
 and its fraction of peak is that over the peak of its arithmetic (an INT8 row against the INT8 peak, FP32 against
 FP32, FP16 against FP16).
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from .timing import time_runs
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ class Peak:
 
 def _best_rate(run: Callable[[], Any], macs: int, seconds: float, sync: Callable[[], Any] | None = None) -> float:
     """MAC/s of the fastest third of ``run``'s calls over ``seconds`` (a peak: the best the machine sustains)."""
-    from .timing import time_runs
 
     times = sorted(time_runs(run, seconds=seconds, warmup=2, min_runs=5, synchronize=sync))
     return macs / statistics.median(times[: max(1, len(times) // 3)])

@@ -43,8 +43,13 @@ import yaml
 from .artifacts import (Artifact, calibration_cache_path, engine_path, last_checkpoint_path, prepare_output,
                         sha256_file, write_json)
 from .configs import PRESETS, STAGE_CONFIGS, LoopConfig, PipelineConfig, RecipeCommon
-from .data import data_fingerprint
+from .data import FASHION_MNIST, data_fingerprint
 from .errors import ConfigError, EdgeoptError
+from .benchmark import report
+from . import build_engine, calibrate, distill, export, openvino_backend, prune, train
+from .tensorrt_backend import import_tensorrt
+from .device import require_ort_cuda, resolve_device, resolve_for
+from .runners import backend_of
 
 logger = logging.getLogger(__name__)
 
@@ -234,11 +239,6 @@ class _Planner:
         return None if opts is False else dict(opts or {})
 
     def steps(self) -> list[_Step]:
-        from benchmarks import report
-        from calib import calibrate
-
-        from . import distill, export, prune, train
-
         steps: list[_Step] = []
         progress, device = self.progress, self.r["device"]
         teacher = Path(self.r["teacher"]) if self.r["teacher"] else self.out / "teacher.pth"
@@ -312,9 +312,6 @@ class _Planner:
         return steps
 
     def _engine_steps(self, steps: list[_Step], onnx_path: Path, int8_path: Path | None) -> list[Path]:
-        from . import build_engine, openvino_backend
-        from .tensorrt_backend import import_tensorrt
-
         opts = self.options("build-engine")
         if opts is None:
             return []
@@ -394,9 +391,6 @@ def check_runnable(recipe: dict[str, Any], steps: list[_Step]) -> None:
     Raises:
         ConfigError: a data folder that is not there. DeviceError: a device this machine cannot honour.
     """
-    from .data import FASHION_MNIST
-    from .device import require_ort_cuda, resolve_device, resolve_for
-    from .runners import backend_of
 
     data = recipe["data"]
     if data != FASHION_MNIST and not Path(data).is_dir():

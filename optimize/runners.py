@@ -35,6 +35,9 @@ from .device import require_ort_cuda, resolve_device, resolve_for
 from .errors import RunnerError
 from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
+from .checkpoint import load_checkpoint
+from . import openvino_backend as ovb
+from .tensorrt_backend import TensorRTRunner
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +149,6 @@ class TorchRunner(Runner):
                  channels_last: bool = False, trust: bool = False, image_size: int | None = None):
         import torch
 
-        from .checkpoint import load_checkpoint
 
         device = resolve_device(device)
         if precision not in TORCH_PRECISIONS:
@@ -279,8 +281,6 @@ class OpenVINORunner(Runner):
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None,
                  image_size: int | None = None):
-        from . import openvino_backend as ovb
-
         path = Path(path)
         if device != "cpu":
             raise RunnerError(f"{path} is an OpenVINO model: edgeopt runs it on the CPU (use --device cpu)")
@@ -319,8 +319,6 @@ class TensorRTEngineRunner(Runner):
     """A serialized TensorRT engine; the manifest (written by ``build-engine``) must match this GPU and TRT."""
 
     def __init__(self, path: str | Path, *, device: str = "cuda"):
-        from .tensorrt_backend import TensorRTRunner
-
         path = Path(path)
         manifest = read_manifest(path)
         if not manifest or "engine" not in manifest:

@@ -44,6 +44,14 @@ from .artifacts import (Artifact, atomic_path, last_checkpoint_path, prepare_out
                         sha256_file, write_json)
 from .configs import CALIB_METHODS, PRESETS, CalibConfig, PruneConfig, SearchConfig
 from .errors import ConfigError, EdgeoptError, SearchError
+from .pipeline import STAGES, process_running
+from . import distill, pipeline
+from .checkpoint import load_checkpoint
+from .data import load_data
+from .evaluate import check_model_fits_data
+from .benchmark import report
+from .benchmark.report import pareto_front
+from .timing import cpu_facts, isa_summary
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +161,6 @@ def trial_recipe(params: dict[str, Any], cfg: SearchConfig, *, teacher: Path, st
 
 
 def _in_pipeline_order(stages: dict[str, Any]) -> dict[str, Any]:
-    from .pipeline import STAGES
-
     return {name: stages[name] for name in STAGES if name in stages}
 
 
@@ -251,7 +257,6 @@ def fail_dead_trials(study: Any, storage: Any) -> list[int]:
     """
     from optuna.trial import TrialState
 
-    from .pipeline import process_running
 
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -330,7 +335,6 @@ class _Trials:
     def _objective(self, trial: Any) -> tuple[float, float]:
         import optuna
 
-        from . import pipeline
 
         start = time.perf_counter()
         trial.set_user_attr("worker", pipeline.process_record())
@@ -481,9 +485,6 @@ def _overlap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
 
 def _check_teacher_fits(teacher: Path, data: str, cfg: SearchConfig) -> None:
     """Refuse a teacher that does not fit the data before anything is written."""
-    from .checkpoint import load_checkpoint
-    from .data import load_data
-    from .evaluate import check_model_fits_data
 
     loaded = load_checkpoint(teacher)
     splits = load_data(data, loaded.preprocessing, val_limit=min(cfg.val_limit or 64, 64), augment=False,
@@ -496,7 +497,6 @@ def _baseline(study: Any, cfg: SearchConfig, teacher: Path, data: str) -> dict[s
     recorded = study.user_attrs.get("baseline")
     if isinstance(recorded, dict) and isinstance(recorded.get("top1"), float):
         return recorded
-    from benchmarks import report
 
     bcfg = report.BenchmarkConfig(models=(), baseline=str(teacher), out=str(Path(cfg.out) / "baseline"), data=data,
                                   batch_sizes=(cfg.timed_batch,), device="cuda" if cfg.target == "tensorrt" else "cpu",
@@ -517,7 +517,6 @@ def _shared_student(cfg: SearchConfig, teacher: Path, data: str) -> Path | None:
         return None
     if cfg.student:
         return Path(cfg.student)  # checked before anything was written
-    from . import distill, pipeline
 
     student = Path(cfg.out) / "student.pth"
     manifest = read_manifest(student) or {}
@@ -542,7 +541,6 @@ def run(cfg: SearchConfig, *, on_trial: Callable[[TrialEvent], None] | None = No
 
     Returns ``search.json`` (the report's data) with ``report.md``, ``pareto.png`` and ``best.yaml`` beside it.
     """
-    from . import pipeline
 
     teacher = Path(cfg.teacher)
     if not teacher.is_file():
@@ -589,9 +587,6 @@ def _trial_record(t: Any) -> dict[str, Any]:
 
 def write_report(study: Any, cfg: SearchConfig, baseline: dict[str, Any], *, out_of_time: bool = False) -> Artifact:
     """search.json, report.md, pareto.png and best.yaml from every trial in the study."""
-    from benchmarks.report import pareto_front
-
-    from .timing import cpu_facts, isa_summary
 
     out = Path(cfg.out)
     trials = [_trial_record(t) for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]

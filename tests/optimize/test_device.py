@@ -57,7 +57,7 @@ def test_cuda_without_a_device_is_one_config_error_everywhere(no_cuda, trained, 
 
 def test_onnx_on_cuda_without_the_cuda_provider_raises_not_falls_back(monkeypatch, exported_onnx, trained, tmp_path):
     """PyTorch has CUDA but ONNX Runtime does not: the runner and the benchmark refuse; no CPU row in a CUDA run."""
-    from benchmarks import measure
+    from optimize.benchmark import measure
     from optimize.configs import BenchmarkConfig
     from optimize.runners import open_runner
 

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from calib import calibrate
+from optimize import calibrate
 from optimize.data import load_data
 from optimize.fp16 import to_fp16_onnx
 from optimize.onnx_model import OnnxModel

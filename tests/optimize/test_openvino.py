@@ -138,8 +138,8 @@ def test_benchmark_times_both_runtimes_and_every_row_against_the_peak(ov_models,
 
 
 def test_the_final_pick_crosses_runtimes():
-    from benchmarks.gates import final_artifact
-    from benchmarks.measure import Row
+    from optimize.benchmark.gates import final_artifact
+    from optimize.benchmark.measure import Row
     from optimize.timing import Spread
 
     def row(name: str, backend: str, img_per_s: float, top1: float) -> Row:

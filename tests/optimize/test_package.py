@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 import cli
-from calib import calibrate
+from optimize import calibrate
 from conftest import device_python, fashion_arrays, run_cli
 from optimize import package
 from optimize.data import FASHION_MNIST_CLASSES

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from optimize.checkpoint import load_checkpoint
-from benchmarks.measure import onnx_graph_stats, resized_onnx
+from optimize.benchmark.measure import onnx_graph_stats, resized_onnx
 from optimize.peak import Peak, cpu_peak, row_efficiency
 from optimize.prune import count_macs_params
 

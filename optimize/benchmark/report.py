@@ -23,9 +23,9 @@ an ONNX model on a CUDA that ONNX Runtime cannot use is an error, never a quiet 
 Output (``out`` folder): ``report.json`` (every raw figure), ``report.md`` (tables that read in a terminal too),
 ``accuracy_vs_throughput.png`` (Pareto front marked) and ``latency_vs_batch.png``.
 
-The stage is three jobs, one module each: :mod:`benchmarks.measure` (open, score and time the artifacts),
-:mod:`benchmarks.gates` (Pareto front, INT8 gate, final artifact, verdicts against the budgets) and
-:mod:`benchmarks.render` (Markdown and plots from report.json). This module runs them in order and writes.
+The stage is three jobs, one module each: :mod:`optimize.benchmark.measure` (open, score and time the artifacts),
+:mod:`optimize.benchmark.gates` (Pareto front, INT8 gate, final artifact, verdicts against the budgets) and
+:mod:`optimize.benchmark.render` (Markdown and plots from report.json). This module runs them in order and writes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
 def redraw_with_devices(out: Path, checks: tuple[str, ...]) -> Artifact:
-    """The report already in ``out`` with the rows of these device checks added (:mod:`benchmarks.device_rows`),
+    """The report already in ``out`` with the rows of these device checks added (:mod:`optimize.benchmark.device_rows`),
     written again; nothing is measured here."""
     try:
         report = json.loads((out / REPORT_JSON).read_text())

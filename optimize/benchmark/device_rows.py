@@ -3,7 +3,7 @@
 A bundle's acceptance check runs on the Jetson or server the model is deployed to and writes ``check.json``:
 top-1 and agreement on the bundle's acceptance set against the host's reference, latency and images/s there.
 :func:`add` turns each into a row of the host's report (``report["device_rows"]``), marked with its machine;
-:mod:`benchmarks.render` shows them in a table of their own with the same speed columns. Their speedups divide
+:mod:`optimize.benchmark.render` shows them in a table of their own with the same speed columns. Their speedups divide
 the device's images/s by the host baseline's at the same batch size: a cross-machine ratio, labelled so.
 
 Example::

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.report import onnx_graph_stats, pareto_front
+from optimize.benchmark.report import onnx_graph_stats, pareto_front
 from conftest import error_line, run_cli
 from optimize.timing import Spread, compare, cpu_facts, interleaved, isa_summary
 
@@ -146,8 +146,8 @@ def test_time_runs_stops_the_clock_after_synchronize():
 
 def test_verdicts_read_the_budgets_from_the_options(tmp_path):
     """The final artifact and the verdict move with --min-speedup and --max-accuracy-drop, nothing else."""
-    from benchmarks import gates
-    from benchmarks.measure import Row, add_speedups
+    from optimize.benchmark import gates
+    from optimize.benchmark.measure import Row, add_speedups
     from optimize.configs import BenchmarkConfig
 
     def row(name, role, top1, img_s):

@@ -43,7 +43,7 @@ from optimize.onnx_model import OnnxModel
 from optimize.preprocess import Preprocessing
 from optimize.timing import time_throughput
 
-from . import qdq, ranges
+from calib import qdq, ranges
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from benchmarks import gpu_check
+from optimize import gpu_check
 from conftest import error_line, run_cli
 
 

@@ -30,11 +30,15 @@ import numpy as np
 
 from optimize.artifacts import Artifact, atomic_path, engine_path, prepare_output, write_json
 from optimize.configs import GpuCheckConfig
-from optimize.cuda_runtime import cuda_text, driver_cuda_version, install_hint
-from optimize.device import DeviceError
+from optimize.cuda_runtime import CudaRuntime, cuda_text, driver_cuda_version, install_hint, native_handle
+from optimize.device import DeviceError, cuda_available, ort_cuda_missing, ort_has_cuda, torch_cuda_missing
 from optimize.errors import ConfigError, EdgeoptError
 
-from . import report
+from .benchmark import report
+from optimize.tensorrt_backend import import_tensorrt
+from optimize.runners import open_runner
+from . import build_engine
+from optimize.onnx_model import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +82,6 @@ def backends() -> dict[str, dict[str, Any]]:
     import onnxruntime as ort
     import torch
 
-    from optimize.device import cuda_available, ort_cuda_missing, ort_has_cuda, torch_cuda_missing
-    from optimize.cuda_runtime import CudaRuntime
-    from optimize.tensorrt_backend import import_tensorrt
 
     found: dict[str, dict[str, Any]] = {}
     found["torch"] = ({"available": True, "version": torch.__version__, "cuda": torch.version.cuda,
@@ -104,7 +105,6 @@ def primary_context_is_current() -> bool | None:
         from cuda.bindings import driver
     except ImportError:
         return None
-    from optimize.cuda_runtime import native_handle
 
     status, current = driver.cuCtxGetCurrent()
     status_dev, device = driver.cuDeviceGet(0)
@@ -118,14 +118,10 @@ def primary_context_is_current() -> bool | None:
 
 
 def _teacher_logits(path: Path, batch: np.ndarray) -> np.ndarray:
-    from optimize.runners import open_runner
-
     return open_runner(path, device="cuda").infer(batch)
 
 
 def _build_engines(cfg: GpuCheckConfig, onnx_path: Path, out: Path) -> tuple[list[Path], dict[str, str]]:
-    from optimize import build_engine
-
     engines, failures = [], {}
     for precision in ENGINE_PRECISIONS:
         engine = engine_path(out, "tensorrt", precision)  # INT8: its cache by build-engine's rule, beside it
@@ -212,8 +208,6 @@ def run(cfg: GpuCheckConfig) -> Artifact:
 
 
 def _input_hw(onnx_path: Path) -> tuple[int, int]:
-    from optimize.onnx_model import OnnxModel
-
     size = OnnxModel.read(onnx_path).image_size
     return size, size
 

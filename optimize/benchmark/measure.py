@@ -7,7 +7,7 @@ interleaved rounds (:func:`optimize.timing.interleaved`, each window one :func:`
 each figure is the median over the rounds with its spread. Manifests are followed back to the FP32 ONNX an
 artifact came from, to add its sibling for the INT8 gate and to read what pruning recorded.
 
-Nothing here decides or writes: the verdicts are :mod:`benchmarks.gates`', the report :mod:`benchmarks.render`'s.
+Nothing here decides or writes: the verdicts are :mod:`optimize.benchmark.gates`', the report :mod:`optimize.benchmark.render`'s.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from optimize.preprocess import Preprocessing
 from optimize.runners import Runner, backend_of, open_runner
 from optimize.timing import (Spread, compare, cpu_facts, images_per_second, interleaved, isa_summary, time_runs,
                              time_throughput)
+from optimize.prune import count_macs_params, prunable_layers, sparsity
+from optimize.openvino_backend import INSTALL_HINT, available
+from optimize.peak import row_efficiency
 
 if TYPE_CHECKING:
     from optimize.configs import BenchmarkConfig
@@ -150,7 +153,6 @@ def onnx_graph_stats(path: str | Path) -> dict[str, int | float | None]:
 
 def torch_stats(runner: Runner, size: int) -> dict[str, int | float | None]:
     """Params and MACs (Torch-Pruning's counter) and conv/linear weight sparsity of a PyTorch model."""
-    from optimize.prune import count_macs_params, prunable_layers, sparsity
 
     model = copy.deepcopy(runner.loaded.model).float().cpu()  # the runner's own may be FP16 on the GPU
     macs, params = count_macs_params(model, size)
@@ -217,7 +219,6 @@ def environment(threads: int, device: str) -> dict[str, Any]:
         env["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:  # pragma: no cover - a dependency
         pass
-    from optimize.openvino_backend import INSTALL_HINT, available
 
     env["openvino"] = available() or f"not installed ({INSTALL_HINT})"
     if device == "cuda":  # resolved (optimize.device): PyTorch sees the GPU
@@ -528,7 +529,6 @@ def measure(cfg: BenchmarkConfig, jobs: list[tuple[str, str]], threads: int) -> 
 def add_efficiency(rows: list[Row], peak) -> None:
     """Each timed row's achieved multiply-accumulates per second and its fraction of ``peak`` (an
     :class:`optimize.peak.Peak`, or None: no fractions), per batch size."""
-    from optimize.peak import row_efficiency
 
     for row in rows:
         if not row.macs:
