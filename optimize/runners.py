@@ -4,7 +4,7 @@
   channels_last on CUDA.
 - ``.onnx``: ONNX Runtime, CPU (or CUDA when onnxruntime-gpu is installed and ``device="cuda"``).
 - ``.xml`` (an OpenVINO IR and its .bin): OpenVINO on the CPU (``edgeopt[openvino]``).
-- ``.engine`` / ``.plan``: TensorRT (:class:`optimize.tensorrt_backend.TensorRTRunner`).
+- ``.engine`` / ``.plan``: TensorRT (:class:`optimize.tensorrt_backend.TensorRTExecution`).
 
 Every runner offers ``infer(batch) -> logits`` (numpy in, numpy out) for inference, and ``prepare(batch)`` +
 ``run(prepared)`` + ``synchronize()`` for timing: ``prepare`` puts the input where the backend wants it (device
@@ -37,7 +37,7 @@ from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
 from .checkpoint import load_checkpoint
 from . import openvino_backend as ovb
-from .tensorrt_backend import TensorRTRunner
+from .tensorrt_backend import TensorRTExecution
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class OpenVINORunner(Runner):
         return np.array(self.run(self.prepare(batch)), dtype=np.float32)  # a copy: the request reuses its buffer
 
 
-class TensorRTEngineRunner(Runner):
+class TensorRTRunner(Runner):
     """A serialized TensorRT engine; the manifest (written by ``build-engine``) must match this GPU and TRT."""
 
     def __init__(self, path: str | Path, *, device: str = "cuda"):
@@ -326,15 +326,15 @@ class TensorRTEngineRunner(Runner):
                               "GPU and profile; build it with 'cli.py build-engine'")
         if device != "cuda":
             raise RunnerError(f"{path} is a TensorRT engine: it runs on CUDA only (use --device cuda)")
-        self.trt_runner = TensorRTRunner(path, manifest)
-        self.min_batch = self.trt_runner.min_batch  # a static (DLA) engine pads smaller batches: not timed there
+        self.execution = TensorRTExecution(path, manifest)
+        self.min_batch = self.execution.min_batch  # a static (DLA) engine pads smaller batches: not timed there
         pre = manifest.get("preprocessing")
         engine = manifest["engine"]
         precision = "tf32" if engine.get("tf32") else engine.get("precision", "fp32")  # an fp32 build with --tf32
         super().__init__(path, "tensorrt", precision, "cuda",
-                         int(self.trt_runner.chw[-1]),
+                         int(self.execution.chw[-1]),
                          Preprocessing.from_dict(pre, source=f"{path}'s manifest") if pre else None,
-                         manifest.get("class_names"), self.trt_runner.max_batch, None, manifest)
+                         manifest.get("class_names"), self.execution.max_batch, None, manifest)
 
     @property
     def label(self) -> str:
@@ -343,13 +343,13 @@ class TensorRTEngineRunner(Runner):
         return super().label + (f" (unquantized layers {rest})" if rest else "")
 
     def prepare(self, batch: np.ndarray):
-        return self.trt_runner.prepare(batch)
+        return self.execution.prepare(batch)
 
     def run(self, prepared):
-        return self.trt_runner.run(prepared)
+        return self.execution.run(prepared)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.trt_runner.infer(batch)
+        return self.execution.infer(batch)
 
 
 def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None = None, threads: int | None = None,
@@ -392,4 +392,4 @@ def open_runner(path: str | Path, *, device: str = "cpu", precision: str | None 
         return OpenVINORunner(path, device=device, threads=threads, image_size=image_size)
     if tf32:
         raise RunnerError(f"{path}: a TensorRT engine's TF32 is decided at its build (build-engine --tf32)")
-    return TensorRTEngineRunner(path, device=device)
+    return TensorRTRunner(path, device=device)

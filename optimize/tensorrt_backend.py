@@ -17,7 +17,7 @@ optimization profile. Precision by version:
   for the layers it leaves unquantized; where each layer ended up is read from the built engine
   (:func:`dla_placement`), not asked before the build.
 
-:class:`TensorRTRunner` checks an engine's manifest against the running TensorRT version and GPU *before*
+:class:`TensorRTExecution` checks an engine's manifest against the running TensorRT version and GPU *before*
 deserializing (an engine moves neither between GPUs nor TensorRT versions) and runs batches through device
 memory it owns on a stream of its own, with asynchronous copies from pinned host buffers, binding each
 execution's input shape and buffer to the context. All CUDA work goes through :mod:`optimize.cuda_runtime`, in
@@ -287,7 +287,7 @@ class PreparedBatch:
     owner: Any
 
 
-class TensorRTRunner:
+class TensorRTExecution:
     """Run a built engine: ``input_spec()``, ``output_spec()``, ``infer(batch)``; ``prepare`` + ``run`` to time.
 
     The input shape and tensor addresses belong to the execution context, not to a batch: every execution binds

@@ -80,7 +80,7 @@ def test_copies_only_the_rows_of_the_batch_on_the_runners_own_stream(fake_gpu, t
     runner = open_runner(fake_engine(tmp_path, fakes.trt), device="cuda")
     fakes.cudart.CALLS.clear()
     runner.infer(batch(3))
-    stream = runner.trt_runner._handle
+    stream = runner.execution._handle
     assert fakes.cudart.CALLS == [("HostToDevice", 3 * 48 * 4, stream), ("DeviceToHost", 3 * 10 * 4, stream),
                                   ("sync", stream)]
     assert fakes.trt.RUNS[-1]["stream"] == stream
@@ -96,14 +96,14 @@ def test_buffers_take_the_engines_io_dtypes(fake_gpu, tmp_path):
     out = runner.infer(x)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, x.astype(np.float16).reshape(5, -1)[:, :10].astype(np.float32))
-    assert runner.trt_runner.input_spec()[2] == np.float16
-    assert runner.trt_runner.run(runner.prepare(x)) == 5
+    assert runner.execution.input_spec()[2] == np.float16
+    assert runner.execution.run(runner.prepare(x)) == 5
 
 
 def test_a_dla_engine_is_deserialized_on_its_core(fake_gpu, tmp_path):
     fakes = fake_gpu(trt_version="8.6.2")
     runner = open_runner(fake_engine(tmp_path, fakes.trt, profile=(4, 4, 4), dla_core=1), device="cuda")
-    assert runner.trt_runner.runtime.DLA_core == 1
+    assert runner.execution.runtime.DLA_core == 1
     np.testing.assert_array_equal(runner.infer(batch(2)), batch(2).reshape(2, -1)[:, :10])  # padded to 4 rows
     assert fakes.trt.RUNS[-1]["shape"][0] == 4
 
