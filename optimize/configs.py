@@ -33,9 +33,10 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchv
 STEMS = ("imagenet", "cifar", "imagenet-os16")
 STUDENTS = ("resnet18", "resnet34")
 AUGMENTS = ("flip", "crop-flip", "crop-flip-rotate", "random-resized-crop", "random-resized-crop-rotate", "none")
-# the training augmentation each data preset records (optimize/preprocess.py), named here for --help
-FASHION_MNIST_AUGMENT = "flip"
-FOLDER_AUGMENT = "random-resized-crop"
+# the training augmentation and the input side each data preset records (optimize/preprocess.py), named here for
+# --help
+FASHION_MNIST_AUGMENT, FASHION_MNIST_SIZE = "flip", 32
+FOLDER_AUGMENT, FOLDER_SIZE = "random-resized-crop", 224
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup-cosine", "cosine", "step", "plateau", "none")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -123,7 +124,7 @@ def data_field(*, recorded: bool = False, default: str | None = FASHION_MNIST) -
     return option(default, help=DATA_HELP, group="data", default_text=None if default else "the recipe's")
 
 
-def image_size_field(default_text: str = "32 for fashion-mnist, 224 for folders") -> Any:
+def image_size_field(default_text: str = f"{FASHION_MNIST_SIZE} for fashion-mnist, {FOLDER_SIZE} for folders") -> Any:
     return option(None, help="input side in pixels", group="data", default_text=default_text)
 
 
@@ -285,7 +286,8 @@ class TrainConfig(Options):
     trainable_layers: int | None = option(None, metavar="N", default_text="everything",
                                           help="train the classifier and the last N of the 4 residual stages")
     augment: str | None = option(None, help=_AUGMENT_HELP, choices=AUGMENTS,
-                                 default_text=f"{FASHION_MNIST_AUGMENT} for fashion-mnist, {FOLDER_AUGMENT} for folders")
+                                 default_text=f"{FASHION_MNIST_AUGMENT} for fashion-mnist, {FOLDER_AUGMENT} for "
+                                              "folders")
     train_limit: int | None = train_limit_field()
     val_limit: int | None = val_limit_field()
     resume: bool = option(False, help="continue from <out>.last.pth after a kill")

@@ -11,6 +11,7 @@ import pytest
 import cli
 from conftest import ROOT
 from optimize import configs
+from optimize.data import default_preprocessing
 from optimize.errors import ConfigError
 from optimize.options import flag_of
 
@@ -141,3 +142,11 @@ def test_help_states_the_prune_amount_batch_profile_and_acceptance_set_the_code_
         assert f"(default: the engine's profile, else {getattr(build, side + '_batch')})" in package_help
     small, large = configs.acceptance_count(configs.SMALL_IMAGE), configs.acceptance_count(configs.SMALL_IMAGE + 1)
     assert f"(default: {small} up to {configs.SMALL_IMAGE} px, {large} above)" in package_help
+
+
+def test_help_states_each_data_presets_input_side_and_augmentation(tmp_path):
+    """Without --image-size / --augment, train gets the data preset's side and augmentation, as --help says."""
+    train_help = _help("train")
+    for data, name in ((configs.FASHION_MNIST, "fashion-mnist"), (str(tmp_path), "folders")):
+        preset = default_preprocessing(data)
+        assert f"{preset.image_size} for {name}" in train_help and f"{preset.train_augment} for {name}" in train_help
