@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import read_manifest, sha256_file, write_json
+from .configs import SMALL_IMAGE
 from .data import load_data
 from .errors import PackageError
 from .onnx_model import OnnxModel
@@ -40,16 +41,10 @@ from .openvino_backend import available
 logger = logging.getLogger(__name__)
 
 ACCEPTANCE_FORMAT = "edgeopt-acceptance-set"
-SMALL_IMAGE = 64  # sides up to this stay lossless PNG; above, JPEG quality 95
-JPEG_QUALITY = 95
-DEFAULT_COUNT = {True: 256, False: 64}  # small images, large images (a 224 px JPEG is ~20-40 KB)
+JPEG_QUALITY = 95  # for sides above configs.SMALL_IMAGE (smaller ones stay lossless PNG)
 PARITY_IMAGES = {True: 4, False: 1}  # reference tensors kept (a 224 px one is 600 KB)
 # the device may answer differently from the host on this share of images at most, beside the top-1 budget
 MIN_AGREEMENT_FLOOR = 0.98
-
-
-def default_count(image_size: int) -> int:
-    return DEFAULT_COUNT[image_size <= SMALL_IMAGE]
 
 
 def parity_tolerance(std: tuple[float, ...]) -> float:

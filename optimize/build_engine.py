@@ -18,12 +18,14 @@ loading it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import onnx
 
 from .artifacts import Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output, read_manifest, \
@@ -34,7 +36,7 @@ from .onnx_model import OnnxModel
 from .cuda_runtime import device_facts
 from .fp16 import to_fp16_onnx
 from .tensorrt_backend import EngineBuilder, Profile, check_dla, import_tensorrt, trt_version
-from .timing import Spread, compare, cpu_facts, interleaved, time_throughput
+from .timing import Race, Spread, cpu_facts, race
 from . import calibrate, openvino_backend as ovb
 from .runners import OnnxRuntimeRunner, default_threads
 from .batcher import ImageBatcher
@@ -120,31 +122,25 @@ def faster_form(optimized: Spread, original: Spread) -> dict[str, Any]:
     The comparison (ratio optimized / input, its range over the rounds, ``faster``/``slower``/``within noise``)
     goes into the manifest, so a reader sees when the choice was within noise.
     """
-    c = compare(optimized, original)
-    kept = "input" if original.median > optimized.median else "optimized"
-    return {"kept": kept, **c, "optimized_img_per_s": optimized.to_dict(), "input_img_per_s": original.to_dict()}
+    return _kept_facts(Race.of({"optimized": optimized, "input": original}))
+
+
+def _kept_facts(timed: Race) -> dict[str, Any]:
+    """The manifest's record of the race between the optimized model and its input."""
+    return {"kept": timed.kept, **timed.comparison, "optimized_img_per_s": timed.spreads["optimized"].to_dict(),
+            "input_img_per_s": timed.spreads["input"].to_dict()}
 
 
 def time_optimized_against_input(optimized: Path, original: Path, *, batch: int, rounds: int, seconds: float,
                                  threads: int | None) -> dict[str, Any]:
     """Both models on ONNX Runtime's CPU provider at ``batch``, interleaved rounds; :func:`faster_form` of them."""
-    import numpy as np
-
-
-    windows = {}
+    runs = {}
     for name, path in (("optimized", optimized), ("input", original)):
         runner = OnnxRuntimeRunner(path, threads=threads)
         x = runner.prepare(np.random.default_rng(0).standard_normal(
             (batch, 3, runner.image_size, runner.image_size)).astype(np.float32))
-        for _ in range(3):  # warm-up before the first round
-            runner.run(x)
-
-        def window(secs: float, r=runner, x=x) -> float:
-            return time_throughput(lambda: r.run(x), batch=batch, seconds=secs, synchronize=r.synchronize)
-
-        windows[name] = window
-    figures = interleaved(windows, rounds=rounds, seconds=seconds)
-    result = faster_form(Spread.of(figures["optimized"]), Spread.of(figures["input"]))
+        runs[name] = functools.partial(runner.run, x)  # the CPU provider returns finished: nothing to synchronise
+    result = _kept_facts(race(runs, batch=batch, rounds=rounds, seconds=seconds))
     result.update(batch=batch, rounds=rounds, seconds=seconds, machine=cpu_facts())
     return result
 
@@ -169,23 +165,11 @@ def _openvino_int8(cfg: BuildConfig, source: OnnxModel, preprocessing, class_nam
     calib = ImageBatcher(splits.train, batch_size=1, image_size=size)  # NNCF counts samples: one image each
     if calib.count == 0:
         raise ConfigError(f"{splits.name} has no training images to calibrate on")
-    fp32 = ovb.convert(source.path)
-    int8 = ovb.quantize(ovb.convert(source.path), (x for x, _ in calib), count=calib.count, preset=cfg.nncf_preset,
+    fp32 = ovb.convert(source.path)  # the reference and NNCF's input: NNCF quantizes a copy, fp32 stays as it is
+    int8 = ovb.quantize(fp32, (x for x, _ in calib), count=calib.count, preset=cfg.nncf_preset,
                         model_type=cfg.nncf_model_type)
     return int8, {"from": "NNCF post-training quantization", "num_images": calib.count, "preset": cfg.nncf_preset,
                   "model_type": cfg.nncf_model_type}, (fp32, ImageBatcher(splits.val, batch_size=64, image_size=size))
-
-
-def _openvino_predictions(model, batcher, threads: int | None) -> tuple[Any, Any]:
-    import numpy as np
-
-
-    compiled = ovb.import_openvino().Core().compile_model(model, "CPU", ovb.compile_config(threads or default_threads()))
-    preds, labels = [], []
-    for x, y in batcher:
-        preds.append(np.asarray(compiled(x)[0]).argmax(1))
-        labels.append(y)
-    return np.concatenate(preds), np.concatenate(labels)
 
 
 def _build_openvino(cfg: BuildConfig, source: OnnxModel, out: Path, preprocessing,
@@ -197,8 +181,9 @@ def _build_openvino(cfg: BuildConfig, source: OnnxModel, out: Path, preprocessin
         model, figures, check = _openvino_int8(cfg, source, preprocessing, class_names)
         if check is not None:
             fp32_model, val = check
-            fp32_pred, labels = _openvino_predictions(fp32_model, val, cfg.threads)
-            int8_pred, _ = _openvino_predictions(model, val, cfg.threads)
+            threads = cfg.threads or default_threads()
+            fp32_pred, labels = calibrate.predictions(ovb.infer_function(fp32_model, threads=threads), val)
+            int8_pred, _ = calibrate.predictions(ovb.infer_function(model, threads=threads), val)
             figures.update(top1_fp32=float((fp32_pred == labels).mean()), top1_int8=float((int8_pred == labels).mean()),
                            agreement_with_fp32=float((int8_pred == fp32_pred).mean()), val_images=int(len(labels)))
             figures["top1_drop_pt"] = 100 * (figures["top1_fp32"] - figures["top1_int8"])
@@ -267,7 +252,7 @@ def run(cfg: BuildConfig) -> Artifact:
     out = prepare_output(cfg.out)
     preprocessing, class_names = source.preprocessing()
     if cfg.backend == "openvino":
-        check_not_input(str(Path(cfg.out).with_suffix(".bin")), {"--onnx": cfg.onnx})
+        check_not_input(str(ovb.weights_path(cfg.out)), {"--onnx": cfg.onnx})
         engine, calib_metrics = _build_openvino(cfg, source, out, preprocessing, class_names)
     else:
         with tempfile.TemporaryDirectory(prefix="edgeopt-engine-") as tmp_dir:

@@ -72,13 +72,22 @@ def throughput(path: str | Path, image_size: int, *, batch: int = 8, seconds: fl
     return time_throughput(lambda: sess.run(None, {name: x}), batch=batch, seconds=seconds, warmup=3)
 
 
-def predictions(path: str | Path, batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 predictions of ``path`` over ``batcher`` and the labels."""
-    sess = session(path)
-    name = sess.get_inputs()[0].name
+def predictions(model: str | Path | Any, batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 predictions of ``model`` over ``batcher`` and the labels.
+
+    Args:
+        model: an ONNX file (run by ONNX Runtime, :func:`session`), or any inference: a callable from a float32
+            batch to its logits (e.g. :func:`optimize.openvino_backend.infer_function`), so that every backend's
+            accuracy figures come from this one loop.
+        batcher: the images and their labels.
+    """
+    if isinstance(model, (str, Path)):
+        sess = session(model)
+        name = sess.get_inputs()[0].name
+        model = lambda batch: sess.run(None, {name: batch})[0]  # noqa: E731 - the ONNX file's inference
     preds, labels = [], []
     for batch, y in batcher:
-        preds.append(sess.run(None, {name: batch})[0].argmax(1))
+        preds.append(model(batch).argmax(1))
         labels.append(y)
     return np.concatenate(preds), np.concatenate(labels)
 

@@ -33,9 +33,10 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchv
 STEMS = ("imagenet", "cifar", "imagenet-os16")
 STUDENTS = ("resnet18", "resnet34")
 AUGMENTS = ("flip", "crop-flip", "crop-flip-rotate", "random-resized-crop", "random-resized-crop-rotate", "none")
-# the training augmentation each data preset records (optimize/preprocess.py), named here for --help
-FASHION_MNIST_AUGMENT = "flip"
-FOLDER_AUGMENT = "random-resized-crop"
+# the training augmentation and the input side each data preset records (optimize/preprocess.py), named here for
+# --help
+FASHION_MNIST_AUGMENT, FASHION_MNIST_SIZE = "flip", 32
+FOLDER_AUGMENT, FOLDER_SIZE = "random-resized-crop", 224
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup-cosine", "cosine", "step", "plateau", "none")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -53,10 +54,63 @@ SEARCH_TARGETS = ("cpu", "tensorrt")
 SPACES = ("compression", "training")
 OBJECTIVES = ("throughput", "latency")
 
+_TRITON_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+# -- defaults that code works out, each stated once: the code reads them here and --help prints them from here -----
+
+# 2e-3 for AdamW: 87.0% vs 86.6% for 1e-3 (ResNet-18, 20k images, 1 epoch, warm-up cosine)
+TRAIN_LR = {"adamw": 2e-3, "sgd": 0.05}
 # fine-tuning starts from trained weights: half the training default (AdamW 1e-3 gave 89.67% where 2e-4 gave
 # 89.30%, l1-channel 0.5 of a 90.43% ResNet-18, 1 epoch, KD alpha 0.5)
 FINETUNE_LR = {"adamw": 1e-3, "sgd": 0.01}
-_TRITON_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+WEIGHT_DECAY = {"adamw": 0.05, "sgd": 5e-4}  # AdamW's decoupled decay, SGD's L2
+_OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
+PRUNE_AMOUNT = 0.5  # --amount without a value (2:4 always removes half of each group of 4)
+# DataLoader workers without --workers: none when the CPU trains on this few cores (worker processes would take
+# the cores the training steps need), else half the cores, at least 1 and at most WORKERS_CAP
+FEW_CORES, WORKERS_CAP = 2, 8
+
+
+def per_optimizer(values: dict[str, float]) -> str:
+    """``2e-3 AdamW, 0.05 SGD``: a default that depends on --optimizer, as --help states it."""
+    return ", ".join(f"{_number(v)} {_OPTIMIZER_NAMES[k]}" for k, v in values.items())
+
+
+def _number(value: float) -> str:
+    """``2e-3`` below 0.01 (how learning rates are written), else ``0.05``."""
+    if value >= 0.01:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def default_workers(device_type: str, cores: int | None = None) -> int:
+    """DataLoader worker processes when --workers is not given (see :data:`FEW_CORES`).
+
+    Args:
+        device_type: ``cpu`` or ``cuda``: what trains.
+        cores: the machine's CPU cores; this one's when None.
+    """
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if device_type == "cpu" and cores <= FEW_CORES:
+        return 0
+    return min(WORKERS_CAP, max(1, cores // 2))
+
+
+# the batch profile (min / opt / max) build-engine defaults to, and package when nothing records one
+DEFAULT_BATCHES = (1, 8, 64)
+# the acceptance set: sides up to SMALL_IMAGE stay lossless PNG, above JPEG; images in it by default, small images
+# / large ones (a 224 px JPEG is ~20-40 KB)
+SMALL_IMAGE = 64
+ACCEPTANCE_COUNT = {True: 256, False: 64}
+
+
+def acceptance_count(image_size: int) -> int:
+    """Images in a bundle's acceptance set without --check-images."""
+    return ACCEPTANCE_COUNT[image_size <= SMALL_IMAGE]
+
+
+WORKERS_DEFAULT_TEXT = f"0 when a CPU trains on <= {FEW_CORES} cores, else half the cores, 1 to {WORKERS_CAP}"
 
 # -- shared argument groups (Polygraphy-style): the same flag means the same thing in every subcommand --------
 
@@ -70,7 +124,7 @@ def data_field(*, recorded: bool = False, default: str | None = FASHION_MNIST) -
     return option(default, help=DATA_HELP, group="data", default_text=None if default else "the recipe's")
 
 
-def image_size_field(default_text: str = "32 for fashion-mnist, 224 for folders") -> Any:
+def image_size_field(default_text: str = f"{FASHION_MNIST_SIZE} for fashion-mnist, {FOLDER_SIZE} for folders") -> Any:
     return option(None, help="input side in pixels", group="data", default_text=default_text)
 
 
@@ -149,12 +203,12 @@ class LoopConfig(Options):
     # (ResNet-50, 6k images, 1 epoch)
     optimizer: str = option("adamw", help="adamw, or sgd (momentum, nesterov)", choices=OPTIMIZERS,
                             group="training loop")
-    # 2e-3 for AdamW: 87.0% vs 86.6% for 1e-3 (ResNet-18, 20k images, 1 epoch, warm-up cosine)
     lr: float | None = option(None, help="peak learning rate", group="training loop",
-                              default_text="2e-3 AdamW, 0.05 SGD; prune's fine-tuning: 1e-3 AdamW, 0.01 SGD")
+                              default_text=f"{per_optimizer(TRAIN_LR)}; prune's fine-tuning: "
+                                           f"{per_optimizer(FINETUNE_LR)}")
     momentum: float = option(0.9, help="SGD momentum", group="training loop")
     weight_decay: float | None = option(None, help="AdamW's decoupled decay or SGD's L2", group="training loop",
-                                        default_text="0.05 AdamW, 5e-4 SGD")
+                                        default_text=per_optimizer(WEIGHT_DECAY))
     schedule: str = option("warmup-cosine", choices=SCHEDULES, group="training loop",
                            help="warmup-cosine: per step, linear warm-up then cosine to 0; cosine: per epoch to 0; "
                                 "step: x gamma every step-size epochs; plateau: x 0.1 when val top-1 stalls")
@@ -187,7 +241,7 @@ class LoopConfig(Options):
     seed: int = option(0, help="seeds weights, shuffling and augmentation; a resumed run continues the sequence",
                        group="training loop")
     workers: int | None = option(None, help="DataLoader worker processes", group="training loop",
-                                 default_text="0 on <= 2 CPU cores, else up to 8")
+                                 default_text=WORKERS_DEFAULT_TEXT)
     progress: bool = progress_field()
 
     def check(self) -> None:
@@ -205,13 +259,11 @@ class LoopConfig(Options):
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 2e-3)
+        return self.lr if self.lr is not None else TRAIN_LR[self.optimizer]
 
     @property
     def decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 5e-4 if self.optimizer == "sgd" else 0.05
+        return self.weight_decay if self.weight_decay is not None else WEIGHT_DECAY[self.optimizer]
 
 
 _AUGMENT_HELP = "training augmentation; -rotate adds a random rotation of up to 15 degrees"
@@ -234,7 +286,8 @@ class TrainConfig(Options):
     trainable_layers: int | None = option(None, metavar="N", default_text="everything",
                                           help="train the classifier and the last N of the 4 residual stages")
     augment: str | None = option(None, help=_AUGMENT_HELP, choices=AUGMENTS,
-                                 default_text=f"{FASHION_MNIST_AUGMENT} for fashion-mnist, {FOLDER_AUGMENT} for folders")
+                                 default_text=f"{FASHION_MNIST_AUGMENT} for fashion-mnist, {FOLDER_AUGMENT} for "
+                                              "folders")
     train_limit: int | None = train_limit_field()
     val_limit: int | None = val_limit_field()
     resume: bool = option(False, help="continue from <out>.last.pth after a kill")
@@ -278,7 +331,7 @@ class PruneConfig(Options):
     out: str = out_field("pruned checkpoint to write, e.g. runs/pruned.pth")
     method: str = option("l1-unstructured", help="what is removed: single weights, whole channels, or 2 of every 4",
                          choices=PRUNE_METHODS)
-    amount: float | None = option(None, default_text="0.5; not for 2:4 (always half of each group of 4)",
+    amount: float | None = option(None, default_text=f"{PRUNE_AMOUNT:g}; not for 2:4 (always half of each group of 4)",
                                   help="fraction in [0, 1) of prunable weights (unstructured) or channels (channel) "
                                        "to remove")
     finetune_epochs: int = option(0, help="fine-tuning epochs after each pruning round (0: none)")
@@ -325,7 +378,7 @@ class PruneConfig(Options):
 
     @property
     def target(self) -> float:
-        return 0.5 if self.amount is None else self.amount
+        return PRUNE_AMOUNT if self.amount is None else self.amount
 
     @property
     def finetune_loop(self) -> LoopConfig:
@@ -446,9 +499,11 @@ class BuildConfig(Options):
     num_images: int = option(512, help="int8: calibration images", group="int8 calibration")
     calib_val_limit: int | None = option(None, metavar="N", group="int8 calibration", default_text="the whole split",
                                          help="int8: val images for the INT8-vs-FP32 accuracy figures")
-    min_batch: int = option(1, help="smallest batch of the optimization profile", group="batch profile")
-    opt_batch: int = option(8, help="the batch the engine is tuned for", group="batch profile")
-    max_batch: int = option(64, help="largest batch of the optimization profile", group="batch profile")
+    min_batch: int = option(DEFAULT_BATCHES[0], help="smallest batch of the optimization profile",
+                            group="batch profile")
+    opt_batch: int = option(DEFAULT_BATCHES[1], help="the batch the engine is tuned for", group="batch profile")
+    max_batch: int = option(DEFAULT_BATCHES[2], help="largest batch of the optimization profile",
+                            group="batch profile")
     workspace: str = option("2G", help="TensorRT workspace pool limit", group="tensorrt")
     timing_cache: str | None = option(None, help="TensorRT timing cache file to load and update", group="tensorrt")
     sparse_weights: bool = option(False, help="TensorRT: use 2:4 sparse tensor cores (prune with --method 2:4 "
@@ -538,15 +593,18 @@ class PackageConfig(Options):
     precision: str | None = option(None, help="what build_engine.sh builds unless told", choices=PRECISIONS,
                                    default_text="the engine's precision, else the ONNX's")
     min_batch: int | None = option(None, help="smallest batch of build_engine.sh's profile", group="batch profile",
-                                   default_text="the engine's profile, else 1")
+                                   default_text=f"the engine's profile, else {DEFAULT_BATCHES[0]}")
     opt_batch: int | None = option(None, help="the batch build_engine.sh tunes for", group="batch profile",
-                                   default_text="the engine's profile, else 8")
+                                   default_text=f"the engine's profile, else {DEFAULT_BATCHES[1]}")
     max_batch: int | None = option(None, help="Triton max_batch_size and the profile's largest batch",
-                                   group="batch profile", default_text="the engine's profile, else 64")
+                                   group="batch profile",
+                                   default_text=f"the engine's profile, else {DEFAULT_BATCHES[2]}")
     data: str | None = data_field(recorded=True)
     check_images: int | None = option(None, metavar="N", group="acceptance set",
                                       help="val images in the bundle's acceptance set, for 'runner.py --check' on the "
-                                           "device (0: none)", default_text="256 up to 64 px, 64 above")
+                                           "device (0: none)",
+                                      default_text=f"{ACCEPTANCE_COUNT[True]} up to {SMALL_IMAGE} px, "
+                                                   f"{ACCEPTANCE_COUNT[False]} above")
     max_accuracy_drop: float = option(1.0, group="acceptance set",
                                       help="the device check's budget: top-1 points its model may lose against the "
                                            "host's on the acceptance set")

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .bundle.runner import IMAGE_EXTENSIONS
-from .configs import FASHION_MNIST
+from .configs import FASHION_MNIST, FASHION_MNIST_SIZE, FOLDER_SIZE
 from .errors import DataError
 from .preprocess import Preprocessing, fashion_mnist_preset, folder_preset, load_image
 
@@ -378,8 +378,8 @@ def _taken_fingerprint(data: str, splits: dict[str, LabeledImages]) -> str:
 def default_preprocessing(data: str, image_size: int | None = None) -> Preprocessing:
     """The preset for a data source: 32 px Fashion-MNIST statistics, or 224 px ImageNet statistics."""
     if data == FASHION_MNIST:
-        return fashion_mnist_preset(image_size=image_size or 32)
-    return folder_preset(image_size=image_size or 224)
+        return fashion_mnist_preset(image_size=image_size or FASHION_MNIST_SIZE)
+    return folder_preset(image_size=image_size or FOLDER_SIZE)
 
 
 def load_data(data: str, preprocessing: Preprocessing, *, train_limit: int | None = None,

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import unwrap
 from .data import DataSplits, LabeledImages, skip_unreadable_collate
-from .configs import CLASS_WEIGHTS, LoopConfig
+from .configs import CLASS_WEIGHTS, LoopConfig, default_workers
 from .device import torch_device
 from .errors import ConfigError, DivergedError
 
@@ -113,13 +113,6 @@ class _Shard(Sampler[int]):
         return len(self.indices)
 
 
-def default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and cores <= 2:
-        return 0
-    return min(8, max(1, cores // 2))
-
-
 def lone_last_batch(images: int, batch_size: int) -> bool:
     """Whether a training epoch of ``images`` would end on a batch of one image, which BatchNorm cannot train on
     (one value per channel where the feature maps are 1x1); that batch is dropped (:func:`make_loader`)."""
@@ -130,7 +123,7 @@ def make_loader(dataset: LabeledImages, *, batch_size: int, shuffle: bool, devic
                 ctx: DistContext = DistContext(), workers: int | None = None, seed: int = 0) -> DataLoader:
     """The DataLoader every stage uses: sharded under DDP, skipping unreadable images. A training loader
     (``shuffle``) drops a last batch of one image (:func:`lone_last_batch`), saying so."""
-    workers = default_workers(device) if workers is None else workers
+    workers = default_workers(device.type) if workers is None else workers
     if shuffle:
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
             if ctx.enabled else None

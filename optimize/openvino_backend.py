@@ -20,22 +20,22 @@ use :func:`compile_config`'s keys.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from .errors import ConfigError, RunnerError
-from .timing import Spread, compare, interleaved, time_throughput
+from .timing import race
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".xml"  # the IR's graph; its weights sit beside it with the same stem and .bin
-HINTS = ("LATENCY", "THROUGHPUT")
 INSTALL_HINT = "pip install 'edgeopt[openvino]' (openvino and nncf from PyPI)"
 
 
@@ -144,6 +144,13 @@ def compile_model(xml: str | Path, *, threads: int, hint: str | None = "LATENCY"
     return core.compile_model(model, "CPU", compile_config(threads, hint)), side
 
 
+def infer_function(model, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """An in-memory OpenVINO model (one not saved yet, e.g. NNCF's) compiled for the CPU with
+    :func:`compile_config`'s properties, as a function from a float32 batch to its logits."""
+    compiled = import_openvino().Core().compile_model(model, "CPU", compile_config(threads))
+    return lambda batch: np.asarray(compiled(batch)[0])
+
+
 def precision_of(xml: str | Path) -> str:
     """``int8`` when the IR holds quantization (NNCF's FakeQuantize, or INT8 weights from a Q/DQ ONNX), else
     ``fp32``: what a runner reports when the IR has no build-engine manifest."""
@@ -156,26 +163,18 @@ def precision_of(xml: str | Path) -> str:
 
 
 def time_hints(xml: Path, *, batch: int, threads: int, rounds: int, seconds: float, size: int) -> dict[str, Any]:
-    """LATENCY against THROUGHPUT for one request at a time at ``batch``: interleaved rounds, the faster kept."""
-
+    """LATENCY against THROUGHPUT for one request at a time at ``batch``: interleaved rounds, the faster kept
+    (:func:`optimize.timing.race`; LATENCY, the default, on a tie)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-    windows = {}
-    for hint in HINTS:
-        compiled, _ = compile_model(xml, threads=threads, hint=hint)
-        request = compiled.create_infer_request()
-        for _ in range(3):
-            request.infer({0: x})
-
-        def window(secs: float, r=request) -> float:
-            return time_throughput(lambda: r.infer({0: x}), batch=batch, seconds=secs)
-
-        windows[hint] = window
-    figures = interleaved(windows, rounds=rounds, seconds=seconds)
-    latency, throughput = Spread.of(figures["LATENCY"]), Spread.of(figures["THROUGHPUT"])
-    c = compare(throughput, latency)
-    kept = "THROUGHPUT" if throughput.median > latency.median else "LATENCY"
-    return {"kept": kept, "throughput_vs_latency": c, "LATENCY_img_per_s": latency.to_dict(),
-            "THROUGHPUT_img_per_s": throughput.to_dict(), "batch": batch, "rounds": rounds, "seconds": seconds}
+    runs = {}
+    for hint in ("THROUGHPUT", "LATENCY"):  # THROUGHPUT first: the manifest's ratio is THROUGHPUT / LATENCY
+        request = compile_model(xml, threads=threads, hint=hint)[0].create_infer_request()
+        runs[hint] = functools.partial(request.infer, {0: x})
+    timed = race(runs, batch=batch, rounds=rounds, seconds=seconds, ties="LATENCY")
+    return {"kept": timed.kept, "throughput_vs_latency": timed.comparison,
+            "LATENCY_img_per_s": timed.spreads["LATENCY"].to_dict(),
+            "THROUGHPUT_img_per_s": timed.spreads["THROUGHPUT"].to_dict(), "batch": batch, "rounds": rounds,
+            "seconds": seconds}
 
 
 def copy_ir(src: str | Path, dst: str | Path) -> None:

@@ -40,11 +40,11 @@ from typing import Any
 
 import onnx
 
-from .acceptance import default_count, write_acceptance_set
+from .acceptance import write_acceptance_set
 from .artifacts import Artifact, calibration_cache_path, library_versions, manifest_path, read_manifest, \
     remove_stale_temp, resolve_data, sha256_file, write_error, write_json
 from .build_engine import int8_step
-from .configs import CalibConfig, PackageConfig, parse_size
+from .configs import DEFAULT_BATCHES, CalibConfig, PackageConfig, acceptance_count, parse_size
 from .errors import ConfigError, OutputError, PackageError
 from .onnx_model import OnnxModel
 from .runners import backend_of
@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "edgeopt-bundle"
 TEMPLATES = Path(__file__).with_name("bundle")
-DEFAULT_BATCHES = (1, 8, 64)  # min / opt / max when nothing records a profile
 DEFAULT_WORKSPACE = "2G"
 REQUIREMENTS = """\
 # runner.py with model.onnx (onnxruntime-gpu in place of onnxruntime runs it on an NVIDIA GPU)
@@ -372,7 +371,7 @@ def _write_scripts(source: _Source, work: Path, profile: Profile, precision: str
 
 def _write_acceptance(cfg: PackageConfig, source: _Source, work: Path, profile: Profile) -> dict[str, Any] | None:
     """``check/``: the acceptance set ``runner.py --check`` runs on the device (:mod:`optimize.acceptance`)."""
-    count = default_count(source.model.image_size) if cfg.check_images is None else cfg.check_images
+    count = acceptance_count(source.model.image_size) if cfg.check_images is None else cfg.check_images
     if count == 0:
         logger.warning("--check-images 0: the bundle has no acceptance set; runner.py --check cannot run on the "
                        "device")

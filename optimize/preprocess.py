@@ -25,7 +25,7 @@ from torchvision import transforms as T
 
 # the bundle's runner (torch-free, copied into every bundle) holds the image decoding both sides share
 from .bundle.runner import MAX_ASPECT_RATIO, to_rgb
-from .configs import AUGMENTS, FASHION_MNIST_AUGMENT, FOLDER_AUGMENT
+from .configs import AUGMENTS, FASHION_MNIST_AUGMENT, FASHION_MNIST_SIZE, FOLDER_AUGMENT, FOLDER_SIZE
 from .errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,7 +158,7 @@ class Preprocessing:
         return T.Compose([T.Lambda(checked_rgb), *geometric, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
-def fashion_mnist_preset(*, image_size: int = 32) -> Preprocessing:
+def fashion_mnist_preset(*, image_size: int = FASHION_MNIST_SIZE) -> Preprocessing:
     """28x28 grayscale clothing: upscale to ``image_size``, no crop margin, horizontal flips.
 
     Flips only: pad-and-crop costs a short run dearly (ResNet-18, 20k images, 1 epoch: 79.7% with crop-flip,
@@ -168,7 +168,7 @@ def fashion_mnist_preset(*, image_size: int = 32) -> Preprocessing:
                          std=FASHION_MNIST_STD, train_augment=FASHION_MNIST_AUGMENT)
 
 
-def folder_preset(*, image_size: int = 224) -> Preprocessing:
+def folder_preset(*, image_size: int = FOLDER_SIZE) -> Preprocessing:
     """Photos: ImageNet statistics, resize to image_size/0.875 then center crop (torchvision's eval preset)."""
     return Preprocessing(image_size=image_size, resize_size=int(round(image_size / 0.875)),
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment=FOLDER_AUGMENT)

@@ -10,7 +10,8 @@ file) is measured here the same way:
   an order rotated by one each round, so drift of the machine hits all of them alike;
 - a figure is the median over the rounds, its spread the lowest and highest round (:class:`Spread`);
 - two figures are "within noise" of each other when their ranges overlap: neither beats the other in every
-  round, so the run cannot rank them.
+  round, so the run cannot rank them;
+- a choice between two ways of running one model is a :func:`race` of the two: both timed so, the faster kept.
 
 Example::
 
@@ -25,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -139,6 +141,55 @@ def compare(a: Spread, b: Spread) -> dict[str, Any]:
     ratio, low, high = a.ratio(b)
     verdict = "within noise" if a.overlaps(b) else ("faster" if a.median > b.median else "slower")
     return {"ratio": ratio, "ratio_low": low, "ratio_high": high, "verdict": verdict}
+
+
+@dataclass(frozen=True)
+class Race:
+    """Two runs timed against each other: each one's img/s over the rounds, how they compare, the one to keep.
+
+    Attributes:
+        spreads: each run's img/s, in the order given: the first is compared against the second.
+        comparison: :func:`compare` of the first with the second (ratio first / second, its range, the verdict).
+        kept: the run with the higher median (a tie keeps the one :meth:`of` was told).
+    """
+
+    spreads: dict[str, Spread]
+    comparison: dict[str, Any]
+    kept: str
+
+    @classmethod
+    def of(cls, spreads: dict[str, Spread], *, ties: str | None = None) -> "Race":
+        """The race between the two runs of ``spreads``; equal medians keep ``ties`` (the first run when None)."""
+        (first, a), (second, b) = spreads.items()
+        kept = first if a.median > b.median else second if b.median > a.median else ties or first
+        return cls(dict(spreads), compare(a, b), kept)
+
+
+def race(runs: dict[str, Callable[[], Any]], *, batch: int, rounds: int, seconds: float, ties: str | None = None,
+         warmup: int = 3) -> Race:
+    """Time two prepared runs in interleaved rounds and keep the faster (:meth:`Race.of`).
+
+    Every choice edgeopt makes between two ways of running one model (build-engine's optimized graph against its
+    input, OpenVINO's LATENCY hint against THROUGHPUT) is this race, so all are measured alike.
+
+    Args:
+        runs: two named runs, each one inference of ``batch`` images on a prepared input that returns once its
+            work is done (a run that queues device work waits for it itself); the first is compared against the
+            second.
+        batch / rounds / seconds: images per run, interleaved rounds, seconds of each window.
+        ties: the run kept when the medians are equal (the first when None).
+        warmup: untimed runs of each before the first round (kernel selection, caches, lazy allocation).
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    windows = {name: functools.partial(_window, run, batch) for name, run in runs.items()}
+    figures = interleaved(windows, rounds=rounds, seconds=seconds)
+    return Race.of({name: Spread.of(figures[name]) for name in runs}, ties=ties)
+
+
+def _window(run: Callable[[], Any], batch: int, seconds: float) -> float:
+    return time_throughput(run, batch=batch, seconds=seconds)
 
 
 # Instruction sets that decide how fast INT8 and BF16 run on a CPU (x86 flags of /proc/cpuinfo; Arm "Features":

@@ -36,7 +36,7 @@ from optimize.runners import Runner, backend_of, open_runner
 from optimize.timing import (Spread, compare, cpu_facts, images_per_second, interleaved, isa_summary, time_runs,
                              time_throughput)
 from optimize.prune import count_macs_params, prunable_layers, sparsity
-from optimize.openvino_backend import INSTALL_HINT, available
+from optimize.openvino_backend import INSTALL_HINT, SUFFIX, available, weights_path
 from optimize.peak import row_efficiency
 
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ class Row:
 def artifact_bytes(path: str | Path) -> int:
     """The bytes a deployment copies: the file, and an OpenVINO IR's weights (.bin) beside its .xml."""
     path = Path(path)
-    weights = path.with_suffix(".bin")
-    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
+    weights = weights_path(path)
+    return path.stat().st_size + (weights.stat().st_size if path.suffix == SUFFIX and weights.is_file() else 0)
 
 
 def percentiles_ms(times: list[float]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ import torch
 
 from conftest import error_line, run_cli, run_main
 from optimize.export import export_onnx
+from optimize.timing import Race, Spread, race
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,19 @@ def test_the_slower_form_is_not_kept():
     noise = faster_form(Spread.of([1000.0, 1060.0, 1200.0]), Spread.of([1050.0, 1100.0, 1150.0]))
     assert noise["kept"] == "input" and noise["verdict"] == "within noise"
     assert faster_form(Spread.of([1300.0]), Spread.of([1100.0]))["kept"] == "optimized"
+
+
+def test_the_race_keeps_the_faster_run_and_breaks_ties_as_told():
+    """The one race build-engine and OpenVINO's hint choice run: real runs, interleaved, the faster kept."""
+    timed = race({"slow": lambda: time.sleep(0.008), "fast": lambda: time.sleep(0.002)}, batch=4, rounds=3,
+                 seconds=0.04)
+    assert timed.kept == "fast" and list(timed.spreads) == ["slow", "fast"]
+    assert all(len(s.rounds) == 3 for s in timed.spreads.values())
+    assert timed.comparison["verdict"] == "slower" and timed.comparison["ratio"] < 0.5  # slow / fast
+    assert 4 / 0.008 / 2 < timed.spreads["fast"].median <= 4 / 0.002  # img/s: batch / seconds a run
+    tie = {"optimized": Spread.of([1000.0]), "input": Spread.of([1000.0])}
+    assert Race.of(tie).kept == "optimized" and Race.of(tie, ties="input").kept == "input"
+    assert Race.of(tie).comparison["verdict"] == "within noise"
 
 
 def test_compare_rounds_zero_keeps_the_optimized_graph_unmeasured(fp32_onnx, tmp_path):

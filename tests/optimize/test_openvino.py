@@ -18,7 +18,9 @@ from conftest import device_python, error_line, fashion_arrays, run_cli, skip_lo
 if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
     skip_locally_fail_in_ci("openvino / nncf are not installed: pip install 'edgeopt[openvino]'", module=True)
 
+from optimize import openvino_backend as ovb  # noqa: E402
 from optimize.configs import BenchmarkConfig  # noqa: E402
+from optimize.onnx_model import OnnxModel  # noqa: E402
 from optimize.runners import OnnxRuntimeRunner, open_runner  # noqa: E402
 
 BUILD_FAST = ("--compare-rounds", "1", "--compare-seconds", "0.05")
@@ -75,6 +77,18 @@ def test_int8_from_nncf_agrees_with_fp32(ov_models, exported_onnx):
     assert agree >= 0.8
     # INT8 weights: the IR's weights are a quarter of the FP32 one's, give or take the float head and scales
     assert int8.with_suffix(".bin").stat().st_size < 0.4 * int8.with_name("model.ov.bin").stat().st_size
+
+
+def test_nncf_quantizes_a_copy_and_leaves_its_input_as_it_was(exported_onnx):
+    """build-engine converts the ONNX once: the same model is NNCF's input and the FP32 reference its INT8 figures
+    compare against, which holds only while NNCF leaves that model untouched."""
+    model = ovb.convert(exported_onnx)
+    x = _val_batch(OnnxModel.read(exported_onnx).image_size, 16)
+    before = ovb.infer_function(model, threads=1)(x)
+    int8 = ovb.quantize(model, [x[i:i + 1] for i in range(len(x))], count=len(x))
+    kinds = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert "FakeQuantize" in [op.get_type_name() for op in int8.get_ordered_ops()] and "FakeQuantize" not in kinds
+    np.testing.assert_array_equal(ovb.infer_function(model, threads=1)(x), before)
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -11,6 +11,7 @@ import pytest
 import cli
 from conftest import ROOT
 from optimize import configs
+from optimize.data import default_preprocessing
 from optimize.errors import ConfigError
 from optimize.options import flag_of
 
@@ -103,3 +104,49 @@ def test_every_accuracy_budget_is_checked_by_one_rule(value):
                  lambda: SearchConfig(teacher="t.pth", out="o", max_accuracy_drop=value)):
         with pytest.raises(ConfigError, match=r"--max-accuracy-drop must be top-1 points in \[0, 100\)"):
             make().check()  # refused when built (Options check their values), or at the latest here
+
+
+def _help(command: str) -> str:
+    """``cli.py COMMAND --help`` as one line (argparse wraps it at the terminal's width)."""
+    return " ".join(cli.build_parser()._subparsers._group_actions[0].choices[command].format_help().split())
+
+
+@pytest.mark.parametrize("optimizer", configs.OPTIMIZERS)
+def test_help_states_the_learning_rate_and_weight_decay_the_loop_uses(optimizer):
+    """No --lr / --weight-decay: the values --help promises are the ones the training and fine-tuning loops get."""
+    loop = configs.LoopConfig(optimizer=optimizer)
+    fine_tuning = configs.PruneConfig(model="s.pth", out="p.pth", loop=loop).finetune_loop
+    train_help, prune_help = _help("train"), _help("prune")
+    assert f"{configs.per_optimizer({optimizer: loop.peak_lr})}" in train_help.split("prune's fine-tuning")[0]
+    assert f"fine-tuning: {configs.per_optimizer(configs.FINETUNE_LR)}" in prune_help
+    assert configs.per_optimizer({optimizer: fine_tuning.peak_lr}) in prune_help.split("prune's fine-tuning")[1]
+    assert configs.per_optimizer({optimizer: loop.decay}) in train_help
+
+
+def test_help_states_the_data_workers_the_rule_gives():
+    """The --workers help reads off the rule: where it gives none, half the cores, and its bounds."""
+    few = max(cores for cores in range(1, 65) if configs.default_workers("cpu", cores) == 0)
+    cap = max(configs.default_workers(device, cores) for device in ("cpu", "cuda") for cores in range(1, 257))
+    assert [configs.default_workers("cuda", cores) for cores in (1, 2, 6)] == [1, 1, 3]
+    assert configs.default_workers("cpu", few + 1) == (few + 1) // 2
+    assert f"0 when a CPU trains on <= {few} cores, else half the cores, 1 to {cap}" in _help("train")
+
+
+def test_help_states_the_prune_amount_batch_profile_and_acceptance_set_the_code_uses():
+    """The prune target without --amount, package's profile without a recorded one (build-engine's defaults), and
+    the acceptance set's size on each side of the PNG/JPEG threshold, as --help says them."""
+    assert f"(default: {configs.PruneConfig(model='s.pth', out='p.pth').target:g};" in _help("prune")
+    build = configs.BuildConfig(onnx="m.onnx", out="m.ort.onnx")
+    package_help = _help("package")
+    for side in ("min", "opt", "max"):
+        assert f"(default: the engine's profile, else {getattr(build, side + '_batch')})" in package_help
+    small, large = configs.acceptance_count(configs.SMALL_IMAGE), configs.acceptance_count(configs.SMALL_IMAGE + 1)
+    assert f"(default: {small} up to {configs.SMALL_IMAGE} px, {large} above)" in package_help
+
+
+def test_help_states_each_data_presets_input_side_and_augmentation(tmp_path):
+    """Without --image-size / --augment, train gets the data preset's side and augmentation, as --help says."""
+    train_help = _help("train")
+    for data, name in ((configs.FASHION_MNIST, "fashion-mnist"), (str(tmp_path), "folders")):
+        preset = default_preprocessing(data)
+        assert f"{preset.image_size} for {name}" in train_help and f"{preset.train_augment} for {name}" in train_help
