@@ -1,4 +1,5 @@
-"""optimize.batcher: every image once, in the model's input shape and dtype, as calibration and the benchmark read it."""
+"""optimize.batcher: every image once, in the model's input shape and dtype, as calibration and the benchmark
+read it."""
 
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def _with_metadata(tiny_onnx, path, **changes: str | None) -> OnnxModel:
     ({CLASS_NAMES_KEY: json.dumps(["a", "b"])}, "names 2 classes but the graph outputs 5"),
     ({CLASS_NAMES_KEY: json.dumps([1, 2, 3, 4, 5])}, "class names must be a list of strings"),
     ({PREPROCESSING_KEY: "{not json"}, f"its metadata {PREPROCESSING_KEY} is not valid JSON"),
-    ({PREPROCESSING_KEY: json.dumps({"image_size": 8})}, "the recorded preprocessing is invalid: it has no resize_size"),
+    ({PREPROCESSING_KEY: json.dumps({"image_size": 8})},
+     "the recorded preprocessing is invalid: it has no resize_size"),
 ])
 def test_a_damaged_or_disagreeing_record_is_refused_naming_where_it_lies(tiny_onnx, tmp_path, changes, message):
     model = _with_metadata(tiny_onnx, tmp_path / "m.onnx", **changes)
