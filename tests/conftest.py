@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,3 +216,42 @@ def fake_gpu(monkeypatch):
     for name in [k for k in sys.modules if _gpu_module(k)]:
         del sys.modules[name]
     sys.modules.update(saved)
+
+
+@dataclass(frozen=True)
+class TinyOnnx:
+    """A tiny conv net exported here as export writes it, and what went in: for the ONNX-reading tests."""
+
+    model: Any  # the torch module, in eval mode: the reference its ONNX files are checked against
+    path: Path  # symbolic batch axis, with export's preprocessing and class-name metadata
+    fixed_path: Path  # batch axis fixed to FIXED_BATCH, no metadata
+    preprocessing: Any
+    class_names: list[str]
+
+
+TINY_SIDE, TINY_CLASSES, FIXED_BATCH = 8, 5, 2
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> TinyOnnx:
+    """A conv -> ReLU -> pool -> linear net (8 px, 5 classes) through the real exporter in ~2 s: the ONNX facts a
+    stage reads do not need a trained ResNet (the ``exported_onnx`` fixture trains one through the CLI)."""
+    # imported here, as cli in run_main: the conftest itself stays torch-free, so tests/test_layers.py is instant
+    import torch
+    from torch import nn
+
+    from optimize.export import export_onnx
+    from optimize.onnx_model import CLASS_NAMES_KEY, PREPROCESSING_KEY
+    from optimize.preprocess import fashion_mnist_preset
+
+    folder = tmp_path_factory.mktemp("tiny-onnx")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, TINY_CLASSES)).eval()
+    preprocessing = fashion_mnist_preset(image_size=TINY_SIDE)
+    class_names = [f"class{i}" for i in range(TINY_CLASSES)]
+    metadata = {PREPROCESSING_KEY: json.dumps(preprocessing.to_dict()), CLASS_NAMES_KEY: json.dumps(class_names)}
+    example = torch.randn(FIXED_BATCH, 3, TINY_SIDE, TINY_SIDE)
+    export_onnx(model, example, folder / "tiny.onnx", metadata=metadata)
+    export_onnx(model, example, folder / "fixed.onnx", dynamic_batch=False)
+    return TinyOnnx(model, folder / "tiny.onnx", folder / "fixed.onnx", preprocessing, class_names)
