@@ -1,5 +1,5 @@
-"""The shared training loop (optimize/loop.py) and its options: metrics, class weights, frozen layers, gradient
-clipping, rotation, the schedule, bf16, DDP."""
+"""The shared training loop (optimize/loop.py) and its options: class weights, frozen layers, gradient
+clipping, rotation, the schedule, bf16, DDP. The metrics: test_metrics.py."""
 
 from __future__ import annotations
 
@@ -18,37 +18,6 @@ from optimize.configs import LoopConfig
 from optimize.loop import _make_scheduler, class_weights, cross_entropy_loss, train_one_epoch, warmup_cosine
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
-
-
-def test_classification_metrics_match_a_hand_computation():
-    import numpy as np
-
-    from optimize.loop import EvalMetrics, classification_metrics
-
-    # rows: true a, b, c; columns: predicted a, b, c. c is never predicted.
-    confusion = [[5, 1, 0],
-                 [2, 3, 0],
-                 [1, 1, 0]]
-    m = classification_metrics(confusion, ["a", "b", "c"])
-    a, b, c = (m["per_class"][n] for n in "abc")
-    assert (a["precision"], a["recall"], a["support"]) == (5 / 8, 5 / 6, 6)
-    assert (b["precision"], b["recall"], b["support"]) == (3 / 5, 3 / 5, 5)
-    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 2)  # zero division -> 0
-    f1_a, f1_b = 2 * (5 / 8) * (5 / 6) / (5 / 8 + 5 / 6), 0.6
-    assert a["f1"] == pytest.approx(f1_a) and b["f1"] == pytest.approx(f1_b)
-    assert m["macro_precision"] == pytest.approx((5 / 8 + 3 / 5 + 0) / 3)
-    assert m["macro_recall"] == pytest.approx((5 / 6 + 3 / 5 + 0) / 3)
-    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
-    assert m["weighted_f1"] == pytest.approx((6 * f1_a + 5 * f1_b) / 13)
-    assert m["weighted_recall"] == pytest.approx(8 / 13)  # top-1
-
-    metrics = EvalMetrics(loss=1.0, top1=8 / 13, top5=1.0, count=13, confusion=np.array(confusion))
-    assert metrics.classification(["a", "b", "c"]) == m
-    # a class in neither the labels nor the predictions is left out of the macro averages
-    absent = EvalMetrics(loss=1.0, top1=1.0, top5=1.0, count=5, confusion=np.array([[2, 0, 0], [0, 3, 0], [0, 0, 0]]))
-    c = absent.classification()
-    assert c["macro_precision"] == c["macro_recall"] == c["macro_f1"] == 1.0
-    assert list(c["per_class"]) == ["0", "1", "2"]
 
 
 def test_loop_options_run(tmp_path):
