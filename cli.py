@@ -39,7 +39,7 @@ def cmd_train(cfg, args: argparse.Namespace) -> int:
     artifact = train.run(cfg)
     m = artifact.manifest.get("metrics", {})
     _print_artifact(artifact, args.json, f"best epoch {m.get('epoch')}: val top-1 {m.get('val_top1', 0):.2%}, "
-                                         f"top-5 {m.get('val_top5', 0):.2%}")
+                                         f"top-5 {m.get('val_top5', 0):.2%}{_early_stop_note(artifact.manifest)}")
     return 0
 
 
@@ -93,13 +93,20 @@ def _print_artifact(artifact, as_json: bool, summary: str) -> None:
         print(f"wrote {artifact.path} ({summary})")
 
 
+def _early_stop_note(manifest: dict) -> str:
+    """The summary's word that --patience ended a training run early (the manifest's record), or nothing."""
+    stop = manifest.get("early_stop")
+    return f"; stopped early after epoch {stop['after_epoch']} of {stop['epochs']}: {stop['reason']}" if stop else ""
+
+
 def cmd_distill(cfg, args: argparse.Namespace) -> int:
     """Distill a teacher into a ResNet-18/34 student through the shared training loop (logit KD)."""
     from optimize import distill
 
     artifact = distill.run(cfg)
     m = artifact.manifest.get("metrics", {})
-    _print_artifact(artifact, args.json, f"best epoch {m.get('epoch')}: val top-1 {m.get('val_top1', 0):.2%}")
+    _print_artifact(artifact, args.json, f"best epoch {m.get('epoch')}: val top-1 {m.get('val_top1', 0):.2%}"
+                                         f"{_early_stop_note(artifact.manifest)}")
     return 0
 
 

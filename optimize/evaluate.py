@@ -19,7 +19,8 @@ from .checkpoint import LoadedModel, load_checkpoint
 from .configs import EvalConfig
 from .data import DataSplits, default_preprocessing, load_data
 from .device import torch_device
-from .loop import EvalMetrics, classification_metrics, evaluate, make_loader
+from .loop import evaluate, make_loader
+from .metrics import EvalMetrics, classification_metrics
 
 logger = logging.getLogger(__name__)
 

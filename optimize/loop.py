@@ -4,6 +4,11 @@ Teacher training, distillation and fine-tuning all run through :func:`fit`; they
 they plug in. A loss is any callable ``loss_fn(logits, targets, images) -> scalar tensor``: plain
 cross-entropy ignores ``images``, distillation runs its teacher on them.
 
+:func:`fit` is orchestration over three pieces: a :class:`TrainState` (model, optimizer, schedule, scaler, epoch,
+best epoch, history) that saves and restores the resumable checkpoint, :func:`run_epoch`, which trains and
+evaluates one epoch and returns its row, and :func:`early_stop`, which says when ``--patience`` ends the run.
+The metrics themselves live in :mod:`optimize.metrics`.
+
 Example::
 
     cfg = LoopConfig(epochs=3, lr=0.05)
@@ -38,6 +43,7 @@ from .data import DataSplits, LabeledImages, skip_unreadable_collate
 from .configs import CLASS_WEIGHTS, LoopConfig, default_workers
 from .device import torch_device
 from .errors import ConfigError, DivergedError
+from .metrics import EvalMetrics, confusion_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -143,75 +149,6 @@ def make_loader(dataset: LabeledImages, *, batch_size: int, shuffle: bool, devic
 
 
 # -- one epoch --------------------------------------------------------------------------------------
-
-def _precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class precision, recall, F1, support and whether the class occurs at all (zero division -> 0)."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(confusion)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
-    return precision, recall, f1, support, (support > 0) | (predicted > 0)
-
-
-def classification_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (rows true, columns predicted).
-
-    As scikit-learn's ``classification_report`` with ``zero_division=0``, without its warning: a class never
-    predicted has precision 0, a class absent from the labels recall 0, and F1 is 0 where precision + recall is.
-    Macro averages weigh alike every class that occurs in the labels or the predictions (a class in neither is
-    left out, as scikit-learn leaves out labels it never sees); weighted averages weigh by support (weighted
-    recall is top-1).
-
-    Example::
-
-        classification_metrics([[5, 1], [2, 3]], ["cat", "dog"])["per_class"]["cat"]
-        # {"precision": 0.714..., "recall": 0.833..., "f1": 0.769..., "support": 6}
-    """
-    precision, recall, f1, support, seen = _precision_recall_f1(confusion)
-    weights = support / max(support.sum(), 1.0)
-
-    def macro(values: np.ndarray) -> float:
-        return float(values[seen].mean()) if seen.any() else 0.0
-
-    return {
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
-                      for name, p, r, f, n in zip(class_names, precision, recall, f1, support)},
-        "macro_precision": macro(precision), "macro_recall": macro(recall), "macro_f1": macro(f1),
-        "weighted_precision": float((precision * weights).sum()), "weighted_recall": float((recall * weights).sum()),
-        "weighted_f1": float((f1 * weights).sum()),
-    }
-
-
-@dataclass
-class EvalMetrics:
-    """Metrics of one pass over a labelled split.
-
-    Precision, recall and F1 follow :func:`classification_metrics` (zero division gives 0); per-class accuracy
-    is recall, except that a class with no samples gets NaN there.
-    """
-
-    loss: float
-    top1: float
-    top5: float
-    count: int
-    confusion: np.ndarray  # rows: true class, columns: predicted class
-
-    @property
-    def per_class_accuracy(self) -> list[float]:
-        totals = self.confusion.sum(axis=1)
-        return [float(self.confusion[i, i] / t) if t else float("nan") for i, t in enumerate(totals)]
-
-    def classification(self, class_names: list[str] | None = None) -> dict[str, Any]:
-        """:func:`classification_metrics` of this pass; classes are named ``"0"``, ``"1"``... without names."""
-        names = class_names if class_names is not None else [str(i) for i in range(len(self.confusion))]
-        return classification_metrics(self.confusion, names)
-
-    def summary(self) -> dict[str, float]:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count}
-
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower."""
@@ -357,8 +294,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
             raise ConfigError(f"the model has {logits.shape[1]} outputs but the data has {num_classes} classes")
         sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         sums[1] += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
-        confusion += torch.bincount(y.cpu() * num_classes + logits.argmax(1).cpu(),
-                                    minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        confusion += torch.from_numpy(confusion_matrix(y.cpu().numpy(), logits.argmax(1).cpu().numpy(), num_classes))
     confusion = _all_reduce(confusion, ctx)
     sums = _all_reduce(sums, ctx)
     count = int(confusion.sum())
@@ -370,11 +306,38 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
 # -- the whole run ----------------------------------------------------------------------------------
 
 class RunWriter(Protocol):
-    """Where :func:`fit` puts its results (rank 0 only); ``last``, when it has one, is the file ``save_last`` writes."""
+    """Where :func:`fit` puts its results (rank 0 only); ``last``, when it has one, is the file ``save_last`` writes.
+
+    ``save_best`` gets each better epoch's model and row, ``save_last`` every epoch's resumable state
+    (:meth:`TrainState.save`), ``save_stop`` an early stop, and ``discard`` is called when the run diverged.
+    """
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None: ...
 
     def save_last(self, model: nn.Module, train_state: dict[str, Any]) -> None: ...
+
+    def save_stop(self, stop: EarlyStop) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Why and when ``--patience`` ended a run before its ``--epochs``: what the manifest and the log tell the user.
+
+    Attributes:
+        after_epoch: the last epoch run (1-based); the run stopped before the next one.
+        epochs: the epochs asked for.
+        patience: ``--patience``, the epochs without a better val top-1 it waits.
+        best_epoch: the epoch whose model the run delivers.
+        reason: the sentence the log gives.
+    """
+
+    after_epoch: int
+    epochs: int
+    patience: int
+    best_epoch: int
+    reason: str
 
 
 @dataclass
@@ -382,7 +345,11 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     epochs_run: int = 0
-    stopped_early: bool = False
+    early_stop: EarlyStop | None = None  # None: the run went through all its epochs
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.early_stop is not None
 
 
 @dataclass
@@ -432,7 +399,7 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
 
 
 def split_class_weights(splits: DataSplits, cfg: LoopConfig) -> torch.Tensor | None:
-    """:func:`class_weights` of ``splits``' training labels under ``cfg.class_weights``: what every stage's loss uses."""
+    """:func:`class_weights` of ``splits``' training labels under ``cfg.class_weights``: what each stage's loss uses."""
     return class_weights(splits.train.labels, splits.num_classes, cfg.class_weights)
 
 
@@ -477,6 +444,230 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig, steps_per
     return None
 
 
+def optimizer_steps_per_epoch(train_images: int, cfg: LoopConfig, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch (the per-step schedule's length), as the training loader will batch it:
+    ``train_images`` shared out over the ranks, a lone last batch dropped (:func:`lone_last_batch`), ``cfg.accumulate``
+    micro-batches a step."""
+    per_rank = math.ceil(train_images / world_size)
+    batches = per_rank // cfg.batch_size if lone_last_batch(per_rank, cfg.batch_size) else \
+        math.ceil(per_rank / cfg.batch_size)
+    return max(1, math.ceil(batches / cfg.accumulate))
+
+
+# -- the state a run carries from epoch to epoch ----------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Everything :func:`fit` carries from one epoch to the next, and so everything ``--resume`` needs.
+
+    :meth:`save` writes it through a :class:`RunWriter` (the model as the resumable checkpoint's weights, the rest,
+    :meth:`state_dict`, as its ``train_state``); :meth:`restore` reads that back (:meth:`load_state_dict`). The two
+    name the same keys, which are those of every resumable checkpoint written so far: old ones resume too.
+
+    Example::
+
+        state = TrainState.create(model, cfg, device=torch.device("cpu"), steps_per_epoch=8)
+        state.restore(writer.load_last())      # continue after the epoch it holds
+        state.record(run_epoch(state, setup))  # True when that epoch is the best so far
+        state.save(writer)
+    """
+
+    model: nn.Module  # the bare module (DDP wraps it for training only)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler or ReduceLROnPlateau, or None (--schedule none)
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epochs finished
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch (:func:`run_epoch`)
+    best: dict[str, Any] = field(default_factory=dict)  # the row of the best epoch by val top-1
+    since_best: int = 0  # epochs since that one: what --patience counts
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg: LoopConfig, *, device: torch.device, steps_per_epoch: int) -> TrainState:
+        """A fresh state: ``cfg``'s optimizer and schedule over ``model`` (already on ``device``), and a grad
+        scaler that only CUDA float16 uses."""
+        optimizer = _make_optimizer(model, cfg)
+        return cls(model, optimizer, _make_scheduler(optimizer, cfg, steps_per_epoch),
+                   torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"))
+
+    @property
+    def best_top1(self) -> float:
+        """Val top-1 an epoch must beat to become the best (-1 before any, so the first one always does)."""
+        return float(self.best.get("val_top1", -1.0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ``train_state`` a resumable checkpoint holds beside the model's weights."""
+        return {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict(), "history": self.history, "best": self.best,
+                "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take up a :meth:`state_dict`; a scheduler or scaler state that is empty or absent leaves theirs as is."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
+        self.best = dict(state.get("best", {}))
+        self.since_best = int(state.get("since_best", 0))
+
+    def save(self, writer: RunWriter) -> None:
+        """Write the resumable checkpoint: the model's weights and :meth:`state_dict`."""
+        writer.save_last(self.model, self.state_dict())
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from what :meth:`save` wrote, read back as ``CheckpointWriter.load_last`` gives it: the
+        ``train_state`` with the checkpoint's weights under ``"model"``."""
+        unwrap(self.model).load_state_dict(saved["model"])
+        self.load_state_dict(saved)
+
+    def record(self, row: dict[str, float]) -> bool:
+        """Add a finished epoch's row; returns whether it is the best so far (a strictly higher val top-1)."""
+        self.history.append(row)
+        self.epoch = int(row["epoch"])
+        if row["val_top1"] > self.best_top1:
+            self.best, self.since_best = dict(row), 0
+            return True
+        self.since_best += 1
+        return False
+
+
+# -- one epoch of a run, and what ends a run ----------------------------------------------------------------
+
+@dataclass
+class EpochSetup:
+    """What stays the same over a run's epochs: the options, the process group, the data and the loss.
+
+    ``train_model`` is the model wrapped in DistributedDataParallel under torchrun (the bare one otherwise);
+    ``val_loader`` is made once, as the validation split is read in the same order every epoch.
+    """
+
+    cfg: LoopConfig
+    ctx: DistContext
+    device: torch.device
+    splits: DataSplits
+    loss_fn: LossFn
+    train_model: nn.Module
+    val_loader: DataLoader
+
+    @classmethod
+    def of(cls, model: nn.Module, splits: DataSplits, cfg: LoopConfig, loss_fn: LossFn | None, *,
+           ctx: DistContext, device: torch.device) -> EpochSetup:
+        """The setup for training ``model`` (already on ``device``, with its weights final: DDP copies rank 0's to
+        the other ranks here); cross-entropy with ``cfg.label_smoothing`` and class weights when ``loss_fn`` is None."""
+        if loss_fn is None:
+            loss_fn = cross_entropy_loss(cfg.label_smoothing, split_class_weights(splits, cfg))
+        train_model = model
+        if ctx.enabled:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        val_loader = make_loader(splits.val, batch_size=cfg.batch_size * 2, shuffle=False, device=device, ctx=ctx,
+                                 workers=cfg.workers)
+        return cls(cfg, ctx, device, splits, loss_fn, train_model, val_loader)
+
+
+def run_epoch(state: TrainState, setup: EpochSetup) -> dict[str, float]:
+    """Train the epoch after ``state.epoch``, evaluate it and move the schedule on; returns the epoch's row.
+
+    The row: ``epoch`` (1-based), ``lr`` (at the epoch's start), ``train_loss``, ``train_top1``, ``val_loss``,
+    ``val_top1``, ``val_top5``, and ``skipped_steps`` where bfloat16 guards the steps. ``state`` itself only moves
+    in its optimizer, schedule and scaler: :meth:`TrainState.record` takes the row.
+    """
+    cfg, ctx, epoch = setup.cfg, setup.ctx, state.epoch
+    torch.manual_seed(cfg.seed + epoch)  # augmentation draws: the same sequence after a resume
+    loader = make_loader(setup.splits.train, batch_size=cfg.batch_size, shuffle=True, device=setup.device, ctx=ctx,
+                         workers=cfg.workers, seed=cfg.seed + epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    lr = state.optimizer.param_groups[0]["lr"]
+    per_step = cfg.schedule == "warmup-cosine"  # the schedule that moves every optimizer step (_make_scheduler)
+    train = train_one_epoch(setup.train_model, loader, state.optimizer, setup.loss_fn, device=setup.device,
+                            scaler=state.scaler, cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                            on_step=state.scheduler.step if per_step else None)
+    _broadcast_buffers(state.model, ctx)  # every rank evaluates (and rank 0 saves) the same BN statistics
+    val = evaluate(state.model, setup.val_loader, num_classes=setup.splits.num_classes, device=setup.device,
+                   amp=cfg.amp, channels_last=cfg.channels_last, ctx=ctx)
+    if isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        state.scheduler.step(val.top1)
+    elif state.scheduler is not None and not per_step:
+        state.scheduler.step()
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
+           "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5}
+    if "skipped_steps" in train:
+        row["skipped_steps"] = train["skipped_steps"]
+    logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
+                epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
+    return row
+
+
+def divergence(model: nn.Module, row: dict[str, float]) -> str | None:
+    """Why the epoch of ``row`` diverged (a non-finite loss, or weights or BatchNorm statistics holding NaN or inf:
+    BatchNorm keeps the loss finite while its running variance overflows), or None when it did not."""
+    broken = non_finite(unwrap(model))
+    train_loss, val_loss = row["train_loss"], row["val_loss"]
+    if math.isfinite(train_loss) and math.isfinite(val_loss) and not broken:
+        return None
+    loss = train_loss if not math.isfinite(train_loss) else val_loss
+    what = (f"{len(broken)} weight or statistics tensor(s) hold NaN or inf ({', '.join(broken[:3])})"
+            if broken else f"the loss became {loss}")
+    return f"training diverged in epoch {row['epoch']}: {what}; lower --lr"
+
+
+def _raise_if_diverged(model: nn.Module, row: dict[str, float], writer: RunWriter | None) -> None:
+    """:class:`DivergedError` when the epoch of ``row`` diverged (:func:`divergence`), after ``writer`` removed the
+    best checkpoint: no file at the final path, as a run that diverged delivers no model."""
+    diverged = divergence(model, row)
+    if diverged:
+        if writer:
+            writer.discard()
+        raise DivergedError(diverged)
+
+
+def early_stop(state: TrainState, cfg: LoopConfig) -> EarlyStop | None:
+    """Whether ``--patience`` ends the run before its next epoch: that many epochs in a row without a better val
+    top-1 (None: go on, or no ``--patience``)."""
+    if not cfg.patience or state.since_best < cfg.patience:
+        return None
+    return EarlyStop(after_epoch=state.epoch, epochs=cfg.epochs, patience=cfg.patience,
+                     best_epoch=int(state.best.get("epoch", 0)),
+                     reason=f"val top-1 has not improved for {state.since_best} epoch(s)")
+
+
+def _log_precision(device: torch.device, cfg: LoopConfig) -> None:
+    if cfg.cpu_bf16 and device.type == "cpu" and mixed_precision(device, cfg.amp, True) == "float32":
+        logger.warning("cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX) or amp is off: float32")
+    logger.info("training in %s on %s%s", mixed_precision(device, cfg.amp, cfg.cpu_bf16), device,
+                ", channels_last" if cfg.channels_last else "")
+
+
+def _to_training_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def start_run(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossFn | None = None,
+              resume_state: dict[str, Any] | None = None,
+              ctx: DistContext | None = None) -> tuple[TrainState, EpochSetup]:
+    """What :func:`fit` starts from: the process group joined, the seed set, ``model`` on its device, a fresh
+    :class:`TrainState` (or the one ``resume_state`` holds) and the :class:`EpochSetup` its epochs share."""
+    ctx = ctx or init_distributed(cfg.device)
+    device = torch_device(cfg.device, ctx.local_rank)
+    seed_everything(cfg.seed)
+    state = TrainState.create(_to_training_device(model, device, cfg.channels_last), cfg, device=device,
+                              steps_per_epoch=optimizer_steps_per_epoch(len(splits.train), cfg, ctx.world_size))
+    _log_precision(device, cfg)
+    if resume_state:
+        state.restore(resume_state)
+        logger.info("resuming after epoch %d of %d (best val top-1 so far %.4f)", state.epoch, cfg.epochs,
+                    state.best_top1)
+    # after the restore: under torchrun, DDP hands rank 0's weights to every rank as it wraps the model
+    return state, EpochSetup.of(model, splits, cfg, loss_fn, ctx=ctx, device=device)
+
+
 def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossFn | None = None,
         writer: RunWriter | None = None, resume_state: dict[str, Any] | None = None,
         ctx: DistContext | None = None) -> FitResult:
@@ -487,114 +678,33 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
         splits: the data; ``splits.train`` carries the training transform.
         cfg: loop options.
         loss_fn: ``loss_fn(logits, targets, images)``; cross-entropy with ``cfg.label_smoothing`` when None.
-        writer: receives the best model (by val top-1) and, every epoch, the resumable state.
-        resume_state: a ``train_state`` saved by a previous run: training continues after its last epoch.
+        writer: receives the best model (by val top-1), every epoch the resumable state, and an early stop.
+        resume_state: what ``writer.load_last()`` read (:meth:`TrainState.restore`); training goes on after it.
         ctx: the process group; read from torchrun's environment when None.
 
     Returns:
-        the per-epoch history, the best epoch's metrics, and whether early stopping ended the run.
+        the per-epoch history, the best epoch's metrics, and the early stop that ended the run, if one did.
     """
-    ctx = ctx or init_distributed(cfg.device)
-    device = torch_device(cfg.device, ctx.local_rank)
-    seed_everything(cfg.seed)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if loss_fn is None:
-        loss_fn = cross_entropy_loss(cfg.label_smoothing, split_class_weights(splits, cfg))
-    optimizer = _make_optimizer(model, cfg)
-    # optimizer steps per epoch (the per-step schedule's length), as the training loader will make them
-    per_rank = math.ceil(len(splits.train) / ctx.world_size)
-    batches = per_rank // cfg.batch_size if lone_last_batch(per_rank, cfg.batch_size) else \
-        math.ceil(per_rank / cfg.batch_size)
-    scheduler = _make_scheduler(optimizer, cfg, max(1, math.ceil(batches / cfg.accumulate)))
-    per_step = cfg.schedule == "warmup-cosine"
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    result = FitResult()
-    if cfg.cpu_bf16 and device.type == "cpu" and mixed_precision(device, cfg.amp, True) == "float32":
-        logger.warning("cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX) or amp is off: float32")
-    logger.info("training in %s on %s%s", mixed_precision(device, cfg.amp, cfg.cpu_bf16), device,
-                ", channels_last" if cfg.channels_last else "")
-    best_top1, since_best, start = -1.0, 0, 0
-
-    if resume_state:
-        unwrap(model).load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scheduler is not None and resume_state.get("scheduler"):
-            scheduler.load_state_dict(resume_state["scheduler"])
-        if resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        start = int(resume_state["epoch"])
-        result.history = list(resume_state.get("history", []))
-        result.best = dict(resume_state.get("best", {}))
-        best_top1 = float(result.best.get("val_top1", -1.0))
-        since_best = int(resume_state.get("since_best", 0))
-        logger.info("resuming after epoch %d of %d (best val top-1 so far %.4f)", start, cfg.epochs, best_top1)
-
-    train_model = model
-    if ctx.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    val_loader = make_loader(splits.val, batch_size=cfg.batch_size * 2, shuffle=False, device=device, ctx=ctx,
-                             workers=cfg.workers)
-    last = getattr(writer, "last", None) if ctx.is_main else None
-    kept = _Kept(last if resume_state else None, start)  # what --resume would continue from, so far
+    state, setup = start_run(model, splits, cfg, loss_fn=loss_fn, resume_state=resume_state, ctx=ctx)
+    writer = writer if setup.ctx.is_main else None  # only rank 0 writes files
+    kept = _Kept(getattr(writer, "last", None) if resume_state else None, state.epoch)  # what --resume would use
+    stop = None
     with _naming_checkpoint_on_interrupt(kept):
-        for epoch in range(start, cfg.epochs):
-            if cfg.patience and since_best >= cfg.patience:
-                result.stopped_early = True
-                logger.info("early stop: val top-1 has not improved for %d epoch(s)", since_best)
-                break
-            torch.manual_seed(cfg.seed + epoch)  # augmentation draws: the same sequence after a resume
-            train_loader = make_loader(splits.train, batch_size=cfg.batch_size, shuffle=True, device=device,
-                                       ctx=ctx, workers=cfg.workers, seed=cfg.seed + epoch)
-            if isinstance(train_loader.sampler, DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
-                                    cfg=cfg, ctx=ctx, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                    on_step=scheduler.step if per_step else None)
-            _broadcast_buffers(model, ctx)  # every rank evaluates (and rank 0 saves) the same BN statistics
-            val = evaluate(model, val_loader, num_classes=splits.num_classes, device=device, amp=cfg.amp,
-                           channels_last=cfg.channels_last, ctx=ctx)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val.top1)
-            elif scheduler is not None and not per_step:
-                scheduler.step()
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
-                   "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5}
-            if "skipped_steps" in train:
-                row["skipped_steps"] = train["skipped_steps"]
-            result.history.append(row)
-            logger.info("epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f",
-                        epoch + 1, cfg.epochs, train["loss"], train["top1"], val.loss, val.top1, val.top5)
-            broken = non_finite(unwrap(model))
-            if not math.isfinite(train["loss"]) or not math.isfinite(val.loss) or broken:
-                if writer is not None and ctx.is_main and hasattr(writer, "discard"):
-                    writer.discard()  # no file at the final path: a run that diverged delivers no model
-                loss = train["loss"] if not math.isfinite(train["loss"]) else val.loss
-                what = (f"{len(broken)} weight or statistics tensor(s) hold NaN or inf ({', '.join(broken[:3])})"
-                        if broken else f"the loss became {loss}")
-                raise DivergedError(f"training diverged in epoch {epoch + 1}: {what}; lower --lr")
-            improved = val.top1 > best_top1
-            if improved:
-                best_top1, since_best = val.top1, 0
-                result.best = dict(row)
-                if writer and ctx.is_main:
-                    writer.save_best(model, dict(row))
-            else:
-                since_best += 1
-            if writer and ctx.is_main:
-                writer.save_last(model, {
-                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None, "scaler": scaler.state_dict(),
-                    "history": result.history, "best": result.best, "since_best": since_best})
-                kept.checkpoint, kept.epoch = last, epoch + 1
-            if ctx.enabled:
+        while state.epoch < cfg.epochs and (stop := early_stop(state, cfg)) is None:
+            row = run_epoch(state, setup)
+            _raise_if_diverged(model, row, writer)
+            if state.record(row) and writer:
+                writer.save_best(model, dict(row))
+            if writer:
+                state.save(writer)
+                kept.checkpoint, kept.epoch = getattr(writer, "last", None), state.epoch
+            if setup.ctx.enabled:
                 tdist.barrier()
-    result.epochs_run = len(result.history)
-    return result
+    if stop is not None:
+        logger.info("early stop: %s", stop.reason)
+        if writer:
+            writer.save_stop(stop)
+    return FitResult(state.history, state.best, len(state.history), stop)
 
 
 def non_finite(model: nn.Module) -> list[str]:

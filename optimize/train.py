@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import Artifact, last_checkpoint_path, manifest_path, prepare_output, write_manifest
+from .artifacts import (Artifact, last_checkpoint_path, manifest_path, prepare_output, read_manifest, write_json,
+                        write_manifest)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataSplits, default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
 from .configs import TrainConfig
-from .loop import FitResult, LoopConfig, fit, split_class_weights
+from .loop import EarlyStop, FitResult, LoopConfig, fit, split_class_weights
 from .models import build_resnet, set_trainable
 from .preprocess import Preprocessing
 
@@ -85,6 +86,17 @@ class CheckpointWriter:
         save_checkpoint(self.last, model, arch=self.arch, stem=self.stem, class_names=self.class_names,
                         preprocessing=self.preprocessing, metrics=train_state.get("best"),
                         extra={"train_state": train_state, "run_config": self.config})
+
+    def save_stop(self, stop: EarlyStop) -> None:
+        """Add to the best checkpoint's manifest that ``--patience`` ended the run, after which epoch and why:
+        the manifest is where a user (or a pipeline) looks to learn that fewer epochs ran than were asked for.
+        The manifest is that of the best epoch, written before the stop was known; it gains the one key."""
+        manifest = read_manifest(self.out)
+        if manifest is None:  # no best checkpoint to describe: the log line is all there is
+            logger.warning("early stop not recorded: %s has no manifest", self.out)
+            return
+        manifest["early_stop"] = dataclasses.asdict(stop)
+        write_json(manifest_path(self.out), manifest)
 
     def load_last(self) -> dict[str, Any]:
         """The train_state to resume from, checked against this run's config."""

@@ -29,7 +29,7 @@ from optimize.batcher import ImageBatcher
 from optimize.data import DataSplits, default_preprocessing, load_data
 from optimize.device import ort_cuda_missing, ort_has_cuda, require_ort_cuda
 from optimize.errors import ConfigError, DataError, EdgeoptError
-from optimize.loop import classification_metrics
+from optimize.metrics import classification_metrics, confusion_matrix
 from optimize.onnx_model import OnnxModel
 from optimize.preprocess import Preprocessing
 from optimize.runners import Runner, backend_of, open_runner
@@ -282,8 +282,7 @@ def _accuracy(row: Row, runner: Runner, cache: _ValCache, cfg: BenchmarkConfig) 
     row.top1 = float((pred == y).mean())
     row.top5 = float((top5 == y[:, None]).any(axis=1).mean())
     row.val_images = int(len(y))
-    k = splits.num_classes
-    confusion = np.bincount(y.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)
+    confusion = confusion_matrix(y, pred, splits.num_classes)
     row.classification = classification_metrics(confusion, splits.class_names)
     if row.role == "baseline" and cache.baseline_pred is None:
         cache.baseline_pred = pred

@@ -1,5 +1,5 @@
-"""The shared training loop (optimize/loop.py) and its options: metrics, class weights, frozen layers, gradient
-clipping, rotation, the schedule, bf16, DDP."""
+"""The shared training loop (optimize/loop.py) and its options: the train state and its checkpoint, early stopping,
+class weights, frozen layers, gradient clipping, rotation, the schedule, bf16, DDP. The metrics: test_metrics.py."""
 
 from __future__ import annotations
 
@@ -15,40 +15,16 @@ from PIL import Image
 from conftest import TINY, error_line, fashion_arrays, run_cli
 from optimize.checkpoint import load_checkpoint
 from optimize.configs import LoopConfig
-from optimize.loop import _make_scheduler, class_weights, cross_entropy_loss, train_one_epoch, warmup_cosine
+from optimize.data import load_data
+from optimize.errors import DivergedError
+from optimize.loop import (_make_scheduler, class_weights, cpu_has_native_bf16, cross_entropy_loss, fit, run_epoch,
+                           start_run, train_one_epoch, warmup_cosine)
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
+from optimize.train import CheckpointWriter
 
-
-def test_classification_metrics_match_a_hand_computation():
-    import numpy as np
-
-    from optimize.loop import EvalMetrics, classification_metrics
-
-    # rows: true a, b, c; columns: predicted a, b, c. c is never predicted.
-    confusion = [[5, 1, 0],
-                 [2, 3, 0],
-                 [1, 1, 0]]
-    m = classification_metrics(confusion, ["a", "b", "c"])
-    a, b, c = (m["per_class"][n] for n in "abc")
-    assert (a["precision"], a["recall"], a["support"]) == (5 / 8, 5 / 6, 6)
-    assert (b["precision"], b["recall"], b["support"]) == (3 / 5, 3 / 5, 5)
-    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 2)  # zero division -> 0
-    f1_a, f1_b = 2 * (5 / 8) * (5 / 6) / (5 / 8 + 5 / 6), 0.6
-    assert a["f1"] == pytest.approx(f1_a) and b["f1"] == pytest.approx(f1_b)
-    assert m["macro_precision"] == pytest.approx((5 / 8 + 3 / 5 + 0) / 3)
-    assert m["macro_recall"] == pytest.approx((5 / 6 + 3 / 5 + 0) / 3)
-    assert m["macro_f1"] == pytest.approx((f1_a + f1_b) / 3)
-    assert m["weighted_f1"] == pytest.approx((6 * f1_a + 5 * f1_b) / 13)
-    assert m["weighted_recall"] == pytest.approx(8 / 13)  # top-1
-
-    metrics = EvalMetrics(loss=1.0, top1=8 / 13, top5=1.0, count=13, confusion=np.array(confusion))
-    assert metrics.classification(["a", "b", "c"]) == m
-    # a class in neither the labels nor the predictions is left out of the macro averages
-    absent = EvalMetrics(loss=1.0, top1=1.0, top5=1.0, count=5, confusion=np.array([[2, 0, 0], [0, 3, 0], [0, 0, 0]]))
-    c = absent.classification()
-    assert c["macro_precision"] == c["macro_recall"] == c["macro_f1"] == 1.0
-    assert list(c["per_class"]) == ["0", "1", "2"]
+# what every resumable checkpoint's train_state has held: a checkpoint written before TrainState resumes the same
+TRAIN_STATE_KEYS = {"epoch", "optimizer", "scheduler", "scaler", "history", "best", "since_best"}
 
 
 def test_loop_options_run(tmp_path):
@@ -60,6 +36,54 @@ def test_loop_options_run(tmp_path):
     # 512 images / batch 64 = 8 micro-batches an epoch; accumulating 2 makes 4 optimizer steps an epoch
     steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {8}
+
+
+def test_train_state_saves_and_restores_symmetrically(tmp_path):
+    """One epoch through run_epoch, its state saved by the real CheckpointWriter and read back into a fresh model's
+    TrainState: every figure and tensor comes back, under the keys every resumable checkpoint has had."""
+    pre = fashion_mnist_preset(image_size=16)
+    splits = load_data("fashion-mnist", pre, train_limit=64, val_limit=32, augment=False)
+    cfg = LoopConfig(epochs=2, batch_size=32, device="cpu", progress=False, optimizer="sgd")  # per-step schedule
+    torch.manual_seed(0)
+    model = build_resnet("resnet18", 10)
+    state, setup = start_run(model, splits, cfg)
+    row = run_epoch(state, setup)
+    assert state.epoch == 0 and state.history == []  # run_epoch returns the row; the state records it
+    assert set(row) == {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"}
+    assert row["epoch"] == 1
+    assert state.record(row) and (state.epoch, state.history, state.best, state.since_best) == (1, [row], row, 0)
+
+    writer = CheckpointWriter(tmp_path / "m.pth", stage="train", arch="resnet18", stem="imagenet",
+                              class_names=splits.class_names, preprocessing=pre, config=cfg, inputs={})
+    state.save(writer)
+    saved = writer.load_last()
+    assert set(saved) == {"model", *TRAIN_STATE_KEYS}
+    restored, _ = start_run(build_resnet("resnet18", 10), splits, cfg, resume_state=saved)
+    torch.testing.assert_close(restored.model.state_dict(), model.state_dict(), rtol=0, atol=0)
+    before, after = state.state_dict(), restored.state_dict()
+    assert after["scheduler"] == before["scheduler"] and after["scaler"] == before["scaler"]
+    torch.testing.assert_close(after["optimizer"], before["optimizer"], rtol=0, atol=0)
+    rest = sorted(TRAIN_STATE_KEYS - {"optimizer", "scheduler", "scaler"})
+    assert [after[k] for k in rest] == [before[k] for k in rest]
+
+
+def test_patience_stops_a_run_that_cannot_improve_and_says_so(tmp_path):
+    """--patience 1 over 3 epochs where val top-1 cannot rise: a frozen backbone (its BatchNorm statistics frozen
+    too) and a learning rate of 1e-30, far below float32's resolution at the classifier's weights, leave the model
+    as it was, so every epoch repeats the first one's val top-1, and only a strictly higher one counts as better."""
+    out = tmp_path / "stalled.pth"
+    args = [a if a != "1" else "3" for a in TINY]  # --epochs 3
+    proc = run_cli("train", *args, "--freeze-backbone", "--lr", "1e-30", "--patience", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = torch.load(out.with_name("stalled.last.pth"), weights_only=True)["train_state"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2]  # the third epoch never ran
+    assert history[0]["val_top1"] == history[1]["val_top1"]
+    reason = "val top-1 has not improved for 1 epoch(s)"
+    assert f"early stop: {reason}" in proc.stderr
+    manifest = json.loads(out.with_name("stalled.pth.json").read_text())
+    assert manifest["early_stop"] == {"after_epoch": 2, "epochs": 3, "patience": 1, "best_epoch": 1, "reason": reason}
+    assert manifest["metrics"]["epoch"] == 1
+    assert f"stopped early after epoch 2 of 3: {reason}" in proc.stdout
 
 
 def test_ddp_training_with_torchrun_on_cpu(tmp_path):
@@ -212,9 +236,6 @@ def test_warmup_cosine_rises_then_falls_to_zero():
 
 
 def test_cpu_bf16_skips_a_step_with_non_finite_gradients_and_counts_it():
-    from optimize.data import load_data
-    from optimize.loop import LoopConfig, cpu_has_native_bf16, fit
-
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 / AMX): --cpu-bf16 trains in float32 here")
     torch.manual_seed(0)
@@ -252,6 +273,9 @@ class _Saved:
     def save_last(self, model, train_state):
         self.last.append(train_state["epoch"])
 
+    def save_stop(self, stop):
+        self.stop = stop
+
     def discard(self):
         self.discarded = True
 
@@ -259,10 +283,6 @@ class _Saved:
 def test_an_epoch_ending_with_non_finite_statistics_is_a_divergence_and_saves_nothing():
     """Inputs so large that BatchNorm's running variance overflows to inf: every loss stays finite (BatchNorm
     normalizes the batch), so only the weights and buffers show it. Such a model must not be saved as the best."""
-    from optimize.data import load_data
-    from optimize.errors import DivergedError
-    from optimize.loop import LoopConfig, fit
-
     torch.manual_seed(0)
     splits = load_data("fashion-mnist", fashion_mnist_preset(image_size=16), train_limit=128, val_limit=64,
                        augment=False)

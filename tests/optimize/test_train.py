@@ -23,6 +23,7 @@ def test_train_writes_checkpoint_manifest_and_resumable_state(trained):
     assert manifest["class_names"][0] == "T-shirt/top" and len(manifest["class_names"]) == 10
     assert {"torch", "torchvision", "python"} <= set(manifest["versions"])
     assert 0.0 <= manifest["metrics"]["val_top1"] <= 1.0
+    assert "early_stop" not in manifest  # only a run that --patience ended says so
     assert trained.with_name("teacher.last.pth").exists()
     # our checkpoint is plain data: it loads without unpickling any code
     payload = torch.load(trained, weights_only=True)
