@@ -44,7 +44,8 @@ from .artifacts import (Artifact, atomic_path, last_checkpoint_path, prepare_out
                         sha256_file, write_json)
 from .configs import CALIB_METHODS, PRESETS, CalibConfig, PruneConfig, SearchConfig
 from .errors import ConfigError, EdgeoptError, SearchError
-from .pipeline import STAGES, process_running
+from .pipeline import STAGES
+from .lock import locked, process_record, process_running
 from . import distill, pipeline
 from .checkpoint import load_checkpoint
 from .data import load_data
@@ -337,7 +338,7 @@ class _Trials:
 
 
         start = time.perf_counter()
-        trial.set_user_attr("worker", pipeline.process_record())
+        trial.set_user_attr("worker", process_record())
         ahead = [t for t in self.study.get_trials(deepcopy=False)
                  if t.number < trial.number and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")]
         if len(ahead) >= self.cfg.trials:
@@ -560,7 +561,7 @@ def run(cfg: SearchConfig, *, on_trial: Callable[[TrialEvent], None] | None = No
             shutil.rmtree(out, ignore_errors=True)
         raise
     _check_or_record_setup(study, cfg, sha256_file(teacher), data)
-    with pipeline.locked(out / "shared", wait=True):  # several processes: one measures / distils, the others wait
+    with locked(out / "shared", wait=True):  # several processes: one measures / distils, the others wait
         baseline = _baseline(study, cfg, teacher, data)
         student = _shared_student(cfg, teacher, data)
     if not study.get_trials(deepcopy=False) and (point := starting_point(cfg)) is not None:
