@@ -298,7 +298,7 @@ class _Planner:
         models = [p for s in steps if s.stage in ("distill", "prune", "export", "calibrate")
                   for p in s.outputs if p.suffix in (".pth", ".onnx")] + engines
         for size in [None, *input_sizes]:
-            folder = self.out / ("report" if size is None else f"report-{size}")
+            folder = report.report_folder(self.out, size)
             fixed = {"baseline": str(teacher), "models": tuple(str(m) for m in models), "out": str(folder),
                      "data": self.r["data"], "input_size": size, "val_limit": val_limit,
                      "device": bench_device}

@@ -436,16 +436,17 @@ def _write_yaml(path: Path, data: dict[str, Any], header: str = "") -> None:
 
 def trial_figures(folder: Path, cfg: SearchConfig) -> dict[str, Any]:
     """The figures of a finished trial: its benchmark report's final artifact at the target batch."""
-    report = json.loads((folder / "report" / "report.json").read_text())
-    final = report.get("final") or {}
-    row = next((r for r in report["rows"] if r["name"] == final.get("artifact")), None)
+    path = report.report_folder(folder) / report.REPORT_JSON
+    bench = json.loads(path.read_text())
+    final = bench.get("final") or {}
+    row = next((r for r in bench["rows"] if r["name"] == final.get("artifact")), None)
     if row is None:
-        raise SearchError(f"{folder}/report/report.json names no final artifact; see its report.md")
+        raise SearchError(f"{path} names no final artifact; see its report.md")
     b = str(cfg.timed_batch)
     speed = row["latency_ms"].get(b) if cfg.objective == "latency" else row["throughput"].get(b)
     return {"top1": row["top1"], "speed": speed, "artifact": row["path"], "file_bytes": row["file_bytes"],
             "macs": row.get("macs"), "params_count": row.get("params"), "spread": row["throughput_spread"].get(b),
-            "teacher_top1": next((r["top1"] for r in report["rows"] if r["role"] == "baseline"), None)}
+            "teacher_top1": next((r["top1"] for r in bench["rows"] if r["role"] == "baseline"), None)}
 
 
 def completed_rows(study: Any, cfg: SearchConfig) -> list[dict[str, Any]]:
