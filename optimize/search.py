@@ -51,8 +51,9 @@ from .checkpoint import load_checkpoint
 from .data import load_data
 from .evaluate import check_model_fits_data
 from .benchmark import report
+from .benchmark.gates import Contender, fastest_within_budget
 from .benchmark.report import pareto_front
-from .timing import cpu_facts, isa_summary
+from .timing import Spread, cpu_facts, isa_summary
 
 logger = logging.getLogger(__name__)
 
@@ -459,28 +460,21 @@ def completed_rows(study: Any, cfg: SearchConfig) -> list[dict[str, Any]]:
 def choose(rows: list[dict[str, Any]], baseline: dict[str, Any], cfg: SearchConfig) -> dict[str, Any] | None:
     """The chosen trial: the fastest within the budget, but among the trials within the budget whose speed cannot
     be told from the fastest's (their throughput ranges overlap, as ``benchmark`` says "within noise") the most
-    accurate; when none is within the budget, the most accurate (``within`` False).
+    accurate; when none is within the budget, the most accurate (``within`` False). The rule is the benchmark
+    report's (:func:`optimize.benchmark.gates.fastest_within_budget`), with the tie-break for accuracy.
 
     ``rows``: ``{"number", "top1", "speed", "spread"}`` (``spread``: the throughput's low / high over the rounds).
     """
-    if not rows:
+    sign = 1 if cfg.objective == "throughput" else -1  # the rule wants higher = faster; a latency is lower
+    contenders = [Contender(r, r["top1"], sign * r["speed"], Spread.from_dict(r["spread"]) if r.get("spread") else None)
+                  for r in rows]
+    # searching the training options leaves one architecture: speeds differ by noise only
+    ties = "accurate" if cfg.space == "training" else "accurate-within-noise"
+    pick = fastest_within_budget(contenders, baseline["top1"], cfg.max_accuracy_drop, ties=ties)
+    if pick is None:
         return None
-    floor = round(100 * baseline["top1"], 6) - cfg.max_accuracy_drop
-    within = [r for r in rows if round(100 * r["top1"], 6) >= floor - 1e-9]
-    if not within:
-        return {**max(rows, key=lambda r: r["top1"]), "within": False, "fastest": None}
-    faster = (lambda r: r["speed"]) if cfg.objective == "throughput" else (lambda r: -r["speed"])
-    fastest = max(within, key=faster)
-    if cfg.space == "training":  # one architecture: speed differs by noise only
-        ties = within
-    else:
-        ties = [r for r in within if r is fastest or _overlap(r.get("spread"), fastest.get("spread"))]
-    best = max(ties, key=lambda r: (r["top1"], faster(r)))
-    return {**best, "within": True, "fastest": fastest["number"]}
-
-
-def _overlap(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    return bool(a and b) and a["low"] <= b["high"] and b["low"] <= a["high"]
+    fastest = pick.fastest
+    return {**pick.chosen.item, "within": pick.within, "fastest": fastest.item["number"] if fastest else None}
 
 
 # -- shared inputs: the baseline figures and the distilled student ---------------------------------------------------
