@@ -236,8 +236,24 @@ class _Planner:
         return None if opts is False else dict(opts or {})
 
     def steps(self) -> list[_Step]:
-        steps: list[_Step] = []
-        progress, device = self.progress, self.r["device"]
+        """The recipe's steps in pipeline order, each reading the model the steps before it wrote."""
+        teacher = self._teacher_path()
+        model = self._given_student() or teacher
+        steps = [step for step in (self._teacher_step(teacher),) if step]
+        for make in (self._distill_step, self._prune_step):
+            if (step := make(model, teacher)) is not None:  # the next stage starts from what this one wrote
+                steps.append(step)
+                model = step.outputs[0]
+        steps.append(export := self._export_step(model))
+        onnx_path, int8_path = export.outputs[0], None
+        if (calibrate_step := self._calibrate_step(onnx_path)) is not None:
+            steps.append(calibrate_step)
+            int8_path = calibrate_step.outputs[0]
+        steps += self._engine_steps(onnx_path, int8_path)
+        return steps + self._benchmark_steps(teacher, steps)
+
+    def _teacher_path(self) -> Path:
+        """The teacher: the recipe's, else ``<out>/teacher.pth`` (trained by the teacher stage, or there already)."""
         teacher = Path(self.r["teacher"]) if self.r["teacher"] else self.out / "teacher.pth"
         if self.r["teacher"] and not teacher.is_file():
             raise ConfigError(f"--teacher {teacher} does not exist; give a checkpoint or drop --teacher to train one")
@@ -245,70 +261,87 @@ class _Planner:
                 and self.options("distill") is not None:
             raise ConfigError(f"the recipe sets 'teacher: false' but names no teacher ({teacher} does not exist "
                               "either): give --teacher your_model.pth, or let the pipeline train one")
-        model = teacher
-        if self.r["student"]:
-            model = Path(self.r["student"])
-            if not model.is_file():
-                raise ConfigError(f"--student {model} does not exist; give a checkpoint or drop --student to "
-                                  "distill one")
-        if (opts := self.options("teacher")) is not None:
-            fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
-            tcfg = stage_config("teacher", opts, fixed, progress=progress, device=device)
-            steps.append(_Step("teacher", "teacher", tcfg, [], [teacher],
-                               lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True))
-        if (opts := self.options("distill")) is not None:
-            student = self.out / "student.pth"
-            fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
-            dcfg = stage_config("distill", opts, fixed, progress=progress, device=device)
-            steps.append(_Step("distill", "distill", dcfg, [teacher], [student],
-                               lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True))
-            model = student
-        if (opts := self.options("prune")) is not None:
-            pruned = self.out / "pruned.pth"
-            use_teacher = opts.pop("teacher", True)
-            fixed = {"model": str(model), "out": str(pruned), **self.data,
-                     "teacher": str(teacher) if use_teacher else None}
-            pcfg = stage_config("prune", opts, fixed, progress=progress, device=device)
-            steps.append(_Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
-                               lambda resume, c=pcfg: prune.run(c)))
-            model = pruned
+        return teacher
+
+    def _given_student(self) -> Path | None:
+        if not self.r["student"]:
+            return None
+        student = Path(self.r["student"])
+        if not student.is_file():
+            raise ConfigError(f"--student {student} does not exist; give a checkpoint or drop --student to "
+                              "distill one")
+        return student
+
+    def _teacher_step(self, teacher: Path) -> _Step | None:
+        if (opts := self.options("teacher")) is None:
+            return None
+        fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
+        tcfg = stage_config("teacher", opts, fixed, progress=self.progress, device=self.r["device"])
+        return _Step("teacher", "teacher", tcfg, [], [teacher],
+                     lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True)
+
+    def _distill_step(self, _model: Path, teacher: Path) -> _Step | None:
+        """A student distilled from the teacher (a recipe that names its student has no distill stage)."""
+        if (opts := self.options("distill")) is None:
+            return None
+        student = self.out / "student.pth"
+        fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
+        dcfg = stage_config("distill", opts, fixed, progress=self.progress, device=self.r["device"])
+        return _Step("distill", "distill", dcfg, [teacher], [student],
+                     lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True)
+
+    def _prune_step(self, model: Path, teacher: Path) -> _Step | None:
+        if (opts := self.options("prune")) is None:
+            return None
+        pruned = self.out / "pruned.pth"
+        use_teacher = opts.pop("teacher", True)
+        fixed = {"model": str(model), "out": str(pruned), **self.data,
+                 "teacher": str(teacher) if use_teacher else None}
+        pcfg = stage_config("prune", opts, fixed, progress=self.progress, device=self.r["device"])
+        return _Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
+                     lambda resume, c=pcfg: prune.run(c))
+
+    def _export_step(self, model: Path) -> _Step:
         onnx_path = self.out / "model.onnx"
-        ecfg = stage_config("export", self.options("export"),
-                            {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
-        steps.append(_Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c)))
+        fixed = {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}
+        ecfg = stage_config("export", self.options("export"), fixed, progress=self.progress)
+        return _Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c))
 
-        int8_path = None
-        if (opts := self.options("calibrate")) is not None:
-            int8_path = self.out / "model.int8.onnx"
-            fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
-                     "val_limit": self.r["val_limit"]}
-            ccfg = stage_config("calibrate", opts, fixed, progress=progress)
-            steps.append(_Step("calibrate", "calibrate", ccfg, [onnx_path],
-                               [int8_path, calibration_cache_path(int8_path)],
-                               lambda resume, c=ccfg: calibrate.run(c)))
-        engines = self._engine_steps(steps, onnx_path, int8_path)
+    def _calibrate_step(self, onnx_path: Path) -> _Step | None:
+        if (opts := self.options("calibrate")) is None:
+            return None
+        int8_path = self.out / "model.int8.onnx"
+        fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
+                 "val_limit": self.r["val_limit"]}
+        ccfg = stage_config("calibrate", opts, fixed, progress=self.progress)
+        return _Step("calibrate", "calibrate", ccfg, [onnx_path], [int8_path, calibration_cache_path(int8_path)],
+                     lambda resume, c=ccfg: calibrate.run(c))
 
+    def _benchmark_steps(self, teacher: Path, steps: list[_Step]) -> list[_Step]:
+        """One benchmark of every model the steps make, and one more per extra input size (speed only)."""
         bopts = self.options("benchmark")
         input_sizes = bopts.pop("input_sizes", [])
         val_limit = bopts.pop("val_limit", self.r["val_limit"])
         # the recipe's device, as training got it, unless the benchmark stage names its own; auto is resolved when the
         # benchmark runs (CUDA where every artifact can run on it), so a plan is the same on every machine
-        bench_device = bopts.pop("device", device)
+        bench_device = bopts.pop("device", self.r["device"])
         bopts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bopts.items()}
         models = [p for s in steps if s.stage in ("distill", "prune", "export", "calibrate")
-                  for p in s.outputs if p.suffix in (".pth", ".onnx")] + engines
+                  for p in s.outputs if p.suffix in (".pth", ".onnx")]
+        models += [p for s in steps if s.stage == "build-engine" for p in s.outputs]
+        benchmarks = []
         for size in [None, *input_sizes]:
             folder = report.report_folder(self.out, size)
             fixed = {"baseline": str(teacher), "models": tuple(str(m) for m in models), "out": str(folder),
                      "data": self.r["data"], "input_size": size, "val_limit": val_limit,
                      "device": bench_device}
-            bcfg = stage_config("benchmark", bopts, fixed, progress=progress)
-            steps.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
-                               [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
-                               lambda resume, c=bcfg: report.run(c)))
-        return steps
+            bcfg = stage_config("benchmark", bopts, fixed, progress=self.progress)
+            benchmarks.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
+                                    [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
+                                    lambda resume, c=bcfg: report.run(c)))
+        return benchmarks
 
-    def _engine_steps(self, steps: list[_Step], onnx_path: Path, int8_path: Path | None) -> list[Path]:
+    def _engine_steps(self, onnx_path: Path, int8_path: Path | None) -> list[_Step]:
         opts = self.options("build-engine")
         if opts is None:
             return []
@@ -326,7 +359,7 @@ class _Planner:
                 logger.info("TensorRT is not installed: no TensorRT engines (%s) in this run",
                             ", ".join(plan["tensorrt"]))
             plan["tensorrt"] = []
-        engines = []
+        steps = []
         for backend, precisions in plan.items():
             for precision in precisions:
                 out = engine_path(self.out, backend, precision)
@@ -347,8 +380,7 @@ class _Planner:
                 bcfg = stage_config("build-engine", opts, fixed, progress=self.progress)
                 steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, inputs, [out],
                                    lambda resume, c=bcfg: build_engine.run(c)))
-                engines.append(out)
-        return engines
+        return steps
 
 
 def _key(step: _Step, recipe: dict[str, Any]) -> dict[str, Any]:
