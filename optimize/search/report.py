@@ -87,61 +87,71 @@ def _params_text(params: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    """report.md from search.json: the study, the chosen trial, the Pareto front and every trial."""
     cfg = SearchConfig(**{k: v for k, v in report["config"].items()})
-    base = report["baseline"]
-    trials = report["trials"]
-    counts = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    lines = [f"# edgeopt search: {cfg.space}, target {cfg.target}", "",
-             f"Study `{report['study']}` in `{report['storage']}`: {counts['COMPLETE']} complete, "
-             f"{counts['PRUNED']} stopped as hopeless, {counts['FAIL']} failed"
-             + (f", {counts['RUNNING']} still running" if counts["RUNNING"] else "") + "."
-             + (f" This process stopped at its --minutes {cfg.minutes:g} budget." if report.get("out_of_time") else ""),
-             f"Budget: at most {cfg.max_accuracy_drop:g} top-1 points below the teacher "
-             f"`{Path(base['artifact']).name}` ({base['top1']:.2%}, {speed_text(base['speed'], cfg)}).",
-             f"Machine: {report['environment']['isa']}.", ""]
-    chosen = report.get("chosen")
-    if chosen is None:
-        lines += ["No trial has finished yet.", ""]
-    else:
-        t = next(t for t in trials if t["number"] == chosen["number"])
-        ratio = (t["speed"] / base["speed"] if cfg.objective == "throughput" else base["speed"] / t["speed"]) \
-            if base.get("speed") else None
-        verdict = "within the budget" if chosen["within"] else "**no trial is within the budget**: the most accurate"
-        if chosen["within"] and chosen.get("fastest") not in (None, t["number"]):
-            f = next(x for x in trials if x["number"] == chosen["fastest"])
-            verdict += (f"; trial {f['number']} is faster by median ({speed_text(f['speed'], cfg)}, top-1 "
-                        f"{f['top1']:.2%}) but its range overlaps this one's: within noise, so the more accurate")
-        lines += ["## Chosen", "",
-                  f"Trial {t['number']} ({verdict}): top-1 {t['top1']:.2%} "
-                  f"({100 * (t['top1'] - base['top1']):+.2f} pt), {speed_text(t['speed'], cfg)}"
-                  + (f", {ratio:.1f}x the teacher" if ratio else "") + f"; `{t['artifact']}`.",
-                  f"Parameters: {_params_text(t['params'])}.",
-                  f"Recipe: `{BEST_YAML}`; reproduce with `{reproduce_command(cfg)}`.", ""]
+    lines = _summary_lines(report, cfg) + _chosen_lines(report, cfg)
+    trials, chosen = report["trials"], report.get("chosen")
     unit = "p50 ms b1" if cfg.objective == "latency" else f"img/s b{cfg.batch}"
-    head = f"| trial | state | top-1 | {unit} | size MB | MMACs | min | parameters / note |"
-    rule = "|---|---|---|---|---|---|---|---|"
-
-    def row(t: dict[str, Any]) -> str:
-        mark = " **chosen**" if chosen and t["number"] == chosen["number"] else ""
-        mark += " (start)" if t.get("starting_point") else ""
-        mark += f" (retry of {t['retry_of']})" if t.get("retry_of") is not None else ""
-        size = f"{t['file_bytes'] / 1e6:.2f}" if t.get("file_bytes") else "—"
-        macs = f"{t['macs'] / 1e6:.1f}" if t.get("macs") else "—"
-        top1 = f"{t['top1']:.2%}" if t.get("top1") is not None else "—"
-        speed = f"{t['speed']:,.2f}" if t.get("speed") is not None else "—"
-        minutes = f"{t['seconds'] / 60:.1f}" if t.get("seconds") else "—"
-        note = _params_text(t["params"]) + (f" — {t['note']}" if t["note"] else "")
-        cells = [f"{t['number']}{mark}", t["state"].lower(), top1, speed, size, macs, minutes, note]
-        return "| " + " | ".join(cells) + " |"
-
+    head = [f"| trial | state | top-1 | {unit} | size MB | MMACs | min | parameters / note |",
+            "|---|---|---|---|---|---|---|---|"]
     front = [t for t in trials if t.get("pareto")]
     if front:
-        lines += ["## Pareto front (no other trial is both faster and more accurate)", "", head, rule]
-        lines += [row(t) for t in sorted(front, key=lambda t: -t["top1"])] + [""]
-    lines += ["## Every trial", "", head, rule] + [row(t) for t in trials] + [""]
+        lines += ["## Pareto front (no other trial is both faster and more accurate)", "", *head]
+        lines += [_trial_row(t, chosen) for t in sorted(front, key=lambda t: -t["top1"])] + [""]
+    lines += ["## Every trial", "", *head] + [_trial_row(t, chosen) for t in trials] + [""]
     if report.get("plots"):
         lines += [f"![Pareto front]({report['plots'][0]})", ""]
     return "\n".join(lines)
+
+
+def _summary_lines(report: dict[str, Any], cfg: SearchConfig) -> list[str]:
+    """What was searched where, how the trials ended, the budget and the machine."""
+    base, trials = report["baseline"], report["trials"]
+    counts = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    return [f"# edgeopt search: {cfg.space}, target {cfg.target}", "",
+            f"Study `{report['study']}` in `{report['storage']}`: {counts['COMPLETE']} complete, "
+            f"{counts['PRUNED']} stopped as hopeless, {counts['FAIL']} failed"
+            + (f", {counts['RUNNING']} still running" if counts["RUNNING"] else "") + "."
+            + (f" This process stopped at its --minutes {cfg.minutes:g} budget." if report.get("out_of_time") else ""),
+            f"Budget: at most {cfg.max_accuracy_drop:g} top-1 points below the teacher "
+            f"`{Path(base['artifact']).name}` ({base['top1']:.2%}, {speed_text(base['speed'], cfg)}).",
+            f"Machine: {report['environment']['isa']}.", ""]
+
+
+def _chosen_lines(report: dict[str, Any], cfg: SearchConfig) -> list[str]:
+    """The chosen trial against the teacher, and why it and not the fastest by median."""
+    base, trials, chosen = report["baseline"], report["trials"], report.get("chosen")
+    if chosen is None:
+        return ["No trial has finished yet.", ""]
+    t = next(t for t in trials if t["number"] == chosen["number"])
+    ratio = (t["speed"] / base["speed"] if cfg.objective == "throughput" else base["speed"] / t["speed"]) \
+        if base.get("speed") else None
+    verdict = "within the budget" if chosen["within"] else "**no trial is within the budget**: the most accurate"
+    if chosen["within"] and chosen.get("fastest") not in (None, t["number"]):
+        f = next(x for x in trials if x["number"] == chosen["fastest"])
+        verdict += (f"; trial {f['number']} is faster by median ({speed_text(f['speed'], cfg)}, top-1 "
+                    f"{f['top1']:.2%}) but its range overlaps this one's: within noise, so the more accurate")
+    return ["## Chosen", "",
+            f"Trial {t['number']} ({verdict}): top-1 {t['top1']:.2%} "
+            f"({100 * (t['top1'] - base['top1']):+.2f} pt), {speed_text(t['speed'], cfg)}"
+            + (f", {ratio:.1f}x the teacher" if ratio else "") + f"; `{t['artifact']}`.",
+            f"Parameters: {_params_text(t['params'])}.",
+            f"Recipe: `{BEST_YAML}`; reproduce with `{reproduce_command(cfg)}`.", ""]
+
+
+def _trial_row(t: dict[str, Any], chosen: dict[str, Any] | None) -> str:
+    """One trial as a row of the tables: marks (chosen, start, retry), figures, parameters and note."""
+    mark = " **chosen**" if chosen and t["number"] == chosen["number"] else ""
+    mark += " (start)" if t.get("starting_point") else ""
+    mark += f" (retry of {t['retry_of']})" if t.get("retry_of") is not None else ""
+    size = f"{t['file_bytes'] / 1e6:.2f}" if t.get("file_bytes") else "—"
+    macs = f"{t['macs'] / 1e6:.1f}" if t.get("macs") else "—"
+    top1 = f"{t['top1']:.2%}" if t.get("top1") is not None else "—"
+    speed = f"{t['speed']:,.2f}" if t.get("speed") is not None else "—"
+    minutes = f"{t['seconds'] / 60:.1f}" if t.get("seconds") else "—"
+    note = _params_text(t["params"]) + (f" — {t['note']}" if t["note"] else "")
+    cells = [f"{t['number']}{mark}", t["state"].lower(), top1, speed, size, macs, minutes, note]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _plot(done: list[dict[str, Any]], baseline: dict[str, Any], best: dict[str, Any] | None, cfg: SearchConfig,

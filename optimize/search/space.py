@@ -84,31 +84,38 @@ def trial_recipe(params: dict[str, Any], cfg: SearchConfig, *, teacher: Path, st
     stages: dict[str, Any] = {"export": {}, "benchmark": bench}
     if cfg.space == "training":
         stages.update(distill=dict(params), prune=False, calibrate=False, **{"build-engine": False})
-        recipe["stages"] = _in_pipeline_order(stages)
-        return recipe
-    recipe["student"] = str(student.resolve()) if student else None
-    if params["method"] == "none":
-        stages["prune"] = False
     else:
-        prune = {"method": params["method"], "finetune_epochs": params.get("finetune_epochs", 0)}
-        prune.update({k: params[k] for k in ("amount", "steps", "alpha", "temperature") if k in params})
-        if params["method"] == "2:4":
-            prune["amount"], prune["steps"] = None, 1
-        stages["prune"] = prune
-    precision = params["precision"]
-    if cfg.target == "tensorrt":
-        stages["calibrate"] = False
-        stages["build-engine"] = {"onnxruntime": [], "tensorrt": [precision], "opt_batch": cfg.timed_batch,
-                                  "sparse_weights": params["method"] == "2:4"}
-        if precision == "int8":
-            stages["build-engine"].update(calib_method=params["calib_method"], num_images=params["calib_images"])
-    else:
-        stages["build-engine"] = False
-        stages["calibrate"] = False if precision == "fp32" else {
-            "target": "cpu", "form": precision, "method": params["calib_method"],
-            "num_images": params["calib_images"], "timing_seconds": cfg.seconds}
+        recipe["student"] = str(student.resolve()) if student else None
+        stages.update(prune=_prune_stage(params), **_target_stages(params, cfg))
     recipe["stages"] = _in_pipeline_order(stages)
     return recipe
+
+
+def _prune_stage(params: dict[str, Any]) -> dict[str, Any] | bool:
+    """The prune stage of a compression trial (False: no pruning)."""
+    if params["method"] == "none":
+        return False
+    prune = {"method": params["method"], "finetune_epochs": params.get("finetune_epochs", 0)}
+    prune.update({k: params[k] for k in ("amount", "steps", "alpha", "temperature") if k in params})
+    if params["method"] == "2:4":  # the pattern fixes the amount, in one step
+        prune["amount"], prune["steps"] = None, 1
+    return prune
+
+
+def _target_stages(params: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
+    """How a compression trial's model becomes its precision on the target: a TensorRT engine (calibrated by the
+    build) or, on the CPU, the calibrate stage's INT8 form (none for FP32)."""
+    precision = params["precision"]
+    if cfg.target == "tensorrt":
+        engine = {"onnxruntime": [], "tensorrt": [precision], "opt_batch": cfg.timed_batch,
+                  "sparse_weights": params["method"] == "2:4"}
+        if precision == "int8":
+            engine.update(calib_method=params["calib_method"], num_images=params["calib_images"])
+        return {"calibrate": False, "build-engine": engine}
+    calibrate = False if precision == "fp32" else {
+        "target": "cpu", "form": precision, "method": params["calib_method"],
+        "num_images": params["calib_images"], "timing_seconds": cfg.seconds}
+    return {"build-engine": False, "calibrate": calibrate}
 
 
 def _in_pipeline_order(stages: dict[str, Any]) -> dict[str, Any]:

@@ -102,44 +102,19 @@ class Trials:
                 failures = 0
 
     def _objective(self, trial: Any) -> tuple[float, float]:
+        """One trial: its parameters run as a pipeline; returns (top-1, speed), optuna's two objectives."""
         import optuna
-
 
         start = time.perf_counter()
         trial.set_user_attr("worker", process_record())
-        ahead = [t for t in self.study.get_trials(deepcopy=False)
-                 if t.number < trial.number and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")]
-        if len(ahead) >= self.cfg.trials:
-            trial.set_user_attr("surplus", True)
-            raise _Surplus(f"the study already has {self.cfg.trials} trials")
+        self._refuse_surplus(trial)
         params = suggest(trial, self.cfg)
         twin = self._twin(params)
         if twin is not None:  # TPE proposes a finished point again now and then: its figures stand, not rerun
             return self._as_twin(trial, twin, params, start)
-        folder = Path(self.cfg.out) / "trials" / f"trial-{trial.number:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        recipe_path = folder / "recipe.yaml"
-        pcfg = pipeline.PipelineConfig(out=str(folder), preset=self.cfg.preset, recipe=str(recipe_path),
-                                       progress=self.cfg.progress)
-        write_recipe(recipe_path, trial_recipe(params, self.cfg, teacher=self.teacher, student=self.student,
-                                              data=self.data))
-        recipe = pipeline.resolve_recipe(pcfg)  # every option, the preset's too: best.yaml holds if a preset changes
-        write_recipe(recipe_path, recipe)
-        trial.set_user_attr("recipe", recipe)
-        trial.set_user_attr("folder", str(folder))
-        floor = self.baseline["top1"] - (self.cfg.max_accuracy_drop + HOPELESS_MARGIN_PT) / 100
-
-        def on_step(_i: int, _total: int, name: str, event: str, _estimate: float | None) -> None:
-            if event != "done" or name not in ("prune", "distill"):
-                return
-            trained = folder / ("pruned.pth" if name == "prune" else "student.pth")
-            top1 = ((read_manifest(trained) or {}).get("metrics") or {}).get("val_top1")
-            if isinstance(top1, float) and top1 < floor:
-                raise _Stop(f"FP32 top-1 {top1:.2%} after {name} is below {floor:.2%} (the budget "
-                            f"{self.cfg.max_accuracy_drop:g} pt + {HOPELESS_MARGIN_PT} pt): stopped before export")
-
+        folder, pcfg = self._prepare(trial, params)
         try:
-            pipeline.run(pcfg, on_step=on_step)
+            pipeline.run(pcfg, on_step=self._stop_if_hopeless(folder))
         except _Stop as e:
             trial.set_user_attr("stopped", str(e))
             trial.set_user_attr("seconds", time.perf_counter() - start)
@@ -158,6 +133,46 @@ class Trials:
         trial.set_user_attr("seconds", time.perf_counter() - start)
         self._emit(trial, "COMPLETE", params, figures["top1"], figures["speed"], start)
         return figures["top1"], figures["speed"]
+
+    def _refuse_surplus(self, trial: Any) -> None:
+        """Give the trial's number up when enough trials are finished or running ahead of it (other processes')."""
+        ahead = [t for t in self.study.get_trials(deepcopy=False)
+                 if t.number < trial.number and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")]
+        if len(ahead) >= self.cfg.trials:
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"the study already has {self.cfg.trials} trials")
+
+    def _prepare(self, trial: Any, params: dict[str, Any]) -> tuple[Path, pipeline.PipelineConfig]:
+        """The trial's folder with its recipe, and the config of the pipeline that runs it."""
+        folder = Path(self.cfg.out) / "trials" / f"trial-{trial.number:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        recipe_path = folder / "recipe.yaml"
+        pcfg = pipeline.PipelineConfig(out=str(folder), preset=self.cfg.preset, recipe=str(recipe_path),
+                                       progress=self.cfg.progress)
+        write_recipe(recipe_path, trial_recipe(params, self.cfg, teacher=self.teacher, student=self.student,
+                                               data=self.data))
+        recipe = pipeline.resolve_recipe(pcfg)  # every option, the preset's too: best.yaml holds if a preset changes
+        write_recipe(recipe_path, recipe)
+        trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("folder", str(folder))
+        return folder, pcfg
+
+    def _stop_if_hopeless(self, folder: Path) -> Callable[[int, int, str, str, float | None], None]:
+        """The pipeline's ``on_step``: after prune (or distill) it reads the model's FP32 top-1, and a model
+        already more than the budget + :data:`HOPELESS_MARGIN_PT` below the teacher stops the trial (:class:`_Stop`)
+        before export, calibration and benchmark spend minutes on it."""
+        floor = self.baseline["top1"] - (self.cfg.max_accuracy_drop + HOPELESS_MARGIN_PT) / 100
+
+        def on_step(_i: int, _total: int, name: str, event: str, _estimate: float | None) -> None:
+            if event != "done" or name not in ("prune", "distill"):
+                return
+            trained = folder / ("pruned.pth" if name == "prune" else "student.pth")
+            top1 = ((read_manifest(trained) or {}).get("metrics") or {}).get("val_top1")
+            if isinstance(top1, float) and top1 < floor:
+                raise _Stop(f"FP32 top-1 {top1:.2%} after {name} is below {floor:.2%} (the budget "
+                            f"{self.cfg.max_accuracy_drop:g} pt + {HOPELESS_MARGIN_PT} pt): stopped before export")
+
+        return on_step
 
     def _twin(self, params: dict[str, Any]) -> Any:
         """A finished trial (complete or stopped) with exactly these parameters, if any."""
