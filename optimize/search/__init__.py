@@ -84,7 +84,7 @@ def run(cfg: SearchConfig, *, on_trial: Callable[[TrialEvent], None] | None = No
     if not study.get_trials(deepcopy=False) and (point := starting_point(cfg)) is not None:
         study.enqueue_trial(point, user_attrs={"starting_point": cfg.preset}, skip_if_exists=True)
     trials = Trials(cfg, study, storage, teacher=teacher, student=student, data=data, baseline=baseline,
-                     on_trial=on_trial)
+                    on_trial=on_trial)
     trials.run()
     return write_report(study, cfg, baseline, out_of_time=trials.out_of_time)
 
