@@ -289,6 +289,7 @@ def cmd_pipeline(cfg, args: argparse.Namespace) -> int:
     import yaml
 
     from optimize import pipeline
+    from optimize.benchmark import report
 
     if args.dry_run:
         recipe, steps = pipeline.plan(cfg)
@@ -313,7 +314,7 @@ def cmd_pipeline(cfg, args: argparse.Namespace) -> int:
     ran = [r for r in artifact.manifest["last_run"] if r["status"] == "ran"]
     print(f"pipeline finished in {(time.perf_counter() - started) / 60:.1f} min: {len(ran)} step(s) ran, "
           f"{len(artifact.manifest['last_run']) - len(ran)} skipped; state in {artifact.path}")
-    report_md = artifact.path.parent / "report" / "report.md"
+    report_md = report.report_folder(artifact.path.parent) / report.REPORT_MD
     if report_md.exists():
         print(f"report: {report_md}")
     return 0

@@ -24,13 +24,10 @@ run resumes it (training stages from their ``.last.pth``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
-import os
-import socket
 import time
 import types
 import typing
@@ -50,12 +47,12 @@ from . import build_engine, calibrate, distill, export, openvino_backend, prune,
 from .tensorrt_backend import import_tensorrt
 from .device import require_ort_cuda, resolve_device, resolve_for
 from .runners import backend_of
+from .lock import locked
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("teacher", "distill", "prune", "export", "calibrate", "build-engine", "benchmark")
 STATE_FILE = "pipeline.json"
-LOCK_FILE = ".pipeline.lock"
 
 _COMMON = dataclasses.asdict(RecipeCommon())
 
@@ -239,8 +236,24 @@ class _Planner:
         return None if opts is False else dict(opts or {})
 
     def steps(self) -> list[_Step]:
-        steps: list[_Step] = []
-        progress, device = self.progress, self.r["device"]
+        """The recipe's steps in pipeline order, each reading the model the steps before it wrote."""
+        teacher = self._teacher_path()
+        model = self._given_student() or teacher
+        steps = [step for step in (self._teacher_step(teacher),) if step]
+        for make in (self._distill_step, self._prune_step):
+            if (step := make(model, teacher)) is not None:  # the next stage starts from what this one wrote
+                steps.append(step)
+                model = step.outputs[0]
+        steps.append(export := self._export_step(model))
+        onnx_path, int8_path = export.outputs[0], None
+        if (calibrate_step := self._calibrate_step(onnx_path)) is not None:
+            steps.append(calibrate_step)
+            int8_path = calibrate_step.outputs[0]
+        steps += self._engine_steps(onnx_path, int8_path)
+        return steps + self._benchmark_steps(teacher, steps)
+
+    def _teacher_path(self) -> Path:
+        """The teacher: the recipe's, else ``<out>/teacher.pth`` (trained by the teacher stage, or there already)."""
         teacher = Path(self.r["teacher"]) if self.r["teacher"] else self.out / "teacher.pth"
         if self.r["teacher"] and not teacher.is_file():
             raise ConfigError(f"--teacher {teacher} does not exist; give a checkpoint or drop --teacher to train one")
@@ -248,70 +261,87 @@ class _Planner:
                 and self.options("distill") is not None:
             raise ConfigError(f"the recipe sets 'teacher: false' but names no teacher ({teacher} does not exist "
                               "either): give --teacher your_model.pth, or let the pipeline train one")
-        model = teacher
-        if self.r["student"]:
-            model = Path(self.r["student"])
-            if not model.is_file():
-                raise ConfigError(f"--student {model} does not exist; give a checkpoint or drop --student to "
-                                  "distill one")
-        if (opts := self.options("teacher")) is not None:
-            fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
-            tcfg = stage_config("teacher", opts, fixed, progress=progress, device=device)
-            steps.append(_Step("teacher", "teacher", tcfg, [], [teacher],
-                               lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True))
-        if (opts := self.options("distill")) is not None:
-            student = self.out / "student.pth"
-            fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
-            dcfg = stage_config("distill", opts, fixed, progress=progress, device=device)
-            steps.append(_Step("distill", "distill", dcfg, [teacher], [student],
-                               lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True))
-            model = student
-        if (opts := self.options("prune")) is not None:
-            pruned = self.out / "pruned.pth"
-            use_teacher = opts.pop("teacher", True)
-            fixed = {"model": str(model), "out": str(pruned), **self.data,
-                     "teacher": str(teacher) if use_teacher else None}
-            pcfg = stage_config("prune", opts, fixed, progress=progress, device=device)
-            steps.append(_Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
-                               lambda resume, c=pcfg: prune.run(c)))
-            model = pruned
+        return teacher
+
+    def _given_student(self) -> Path | None:
+        if not self.r["student"]:
+            return None
+        student = Path(self.r["student"])
+        if not student.is_file():
+            raise ConfigError(f"--student {student} does not exist; give a checkpoint or drop --student to "
+                              "distill one")
+        return student
+
+    def _teacher_step(self, teacher: Path) -> _Step | None:
+        if (opts := self.options("teacher")) is None:
+            return None
+        fixed = {"out": str(teacher), **self.data, "image_size": self.r["image_size"]}
+        tcfg = stage_config("teacher", opts, fixed, progress=self.progress, device=self.r["device"])
+        return _Step("teacher", "teacher", tcfg, [], [teacher],
+                     lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True)
+
+    def _distill_step(self, _model: Path, teacher: Path) -> _Step | None:
+        """A student distilled from the teacher (a recipe that names its student has no distill stage)."""
+        if (opts := self.options("distill")) is None:
+            return None
+        student = self.out / "student.pth"
+        fixed = {"teacher": str(teacher), "out": str(student), **self.data, "image_size": self.r["image_size"]}
+        dcfg = stage_config("distill", opts, fixed, progress=self.progress, device=self.r["device"])
+        return _Step("distill", "distill", dcfg, [teacher], [student],
+                     lambda resume, c=dcfg: distill.run(dataclasses.replace(c, resume=resume)), True)
+
+    def _prune_step(self, model: Path, teacher: Path) -> _Step | None:
+        if (opts := self.options("prune")) is None:
+            return None
+        pruned = self.out / "pruned.pth"
+        use_teacher = opts.pop("teacher", True)
+        fixed = {"model": str(model), "out": str(pruned), **self.data,
+                 "teacher": str(teacher) if use_teacher else None}
+        pcfg = stage_config("prune", opts, fixed, progress=self.progress, device=self.r["device"])
+        return _Step("prune", "prune", pcfg, [model] + ([teacher] if use_teacher else []), [pruned],
+                     lambda resume, c=pcfg: prune.run(c))
+
+    def _export_step(self, model: Path) -> _Step:
         onnx_path = self.out / "model.onnx"
-        ecfg = stage_config("export", self.options("export"),
-                            {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}, progress=progress)
-        steps.append(_Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c)))
+        fixed = {"model": str(model), "out": str(onnx_path), "data": self.r["data"]}
+        ecfg = stage_config("export", self.options("export"), fixed, progress=self.progress)
+        return _Step("export", "export", ecfg, [model], [onnx_path], lambda resume, c=ecfg: export.run(c))
 
-        int8_path = None
-        if (opts := self.options("calibrate")) is not None:
-            int8_path = self.out / "model.int8.onnx"
-            fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
-                     "val_limit": self.r["val_limit"]}
-            ccfg = stage_config("calibrate", opts, fixed, progress=progress)
-            steps.append(_Step("calibrate", "calibrate", ccfg, [onnx_path],
-                               [int8_path, calibration_cache_path(int8_path)],
-                               lambda resume, c=ccfg: calibrate.run(c)))
-        engines = self._engine_steps(steps, onnx_path, int8_path)
+    def _calibrate_step(self, onnx_path: Path) -> _Step | None:
+        if (opts := self.options("calibrate")) is None:
+            return None
+        int8_path = self.out / "model.int8.onnx"
+        fixed = {"onnx": str(onnx_path), "out": str(int8_path), "data": self.r["data"],
+                 "val_limit": self.r["val_limit"]}
+        ccfg = stage_config("calibrate", opts, fixed, progress=self.progress)
+        return _Step("calibrate", "calibrate", ccfg, [onnx_path], [int8_path, calibration_cache_path(int8_path)],
+                     lambda resume, c=ccfg: calibrate.run(c))
 
+    def _benchmark_steps(self, teacher: Path, steps: list[_Step]) -> list[_Step]:
+        """One benchmark of every model the steps make, and one more per extra input size (speed only)."""
         bopts = self.options("benchmark")
         input_sizes = bopts.pop("input_sizes", [])
         val_limit = bopts.pop("val_limit", self.r["val_limit"])
         # the recipe's device, as training got it, unless the benchmark stage names its own; auto is resolved when the
         # benchmark runs (CUDA where every artifact can run on it), so a plan is the same on every machine
-        bench_device = bopts.pop("device", device)
+        bench_device = bopts.pop("device", self.r["device"])
         bopts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bopts.items()}
         models = [p for s in steps if s.stage in ("distill", "prune", "export", "calibrate")
-                  for p in s.outputs if p.suffix in (".pth", ".onnx")] + engines
+                  for p in s.outputs if p.suffix in (".pth", ".onnx")]
+        models += [p for s in steps if s.stage == "build-engine" for p in s.outputs]
+        benchmarks = []
         for size in [None, *input_sizes]:
-            folder = self.out / ("report" if size is None else f"report-{size}")
+            folder = report.report_folder(self.out, size)
             fixed = {"baseline": str(teacher), "models": tuple(str(m) for m in models), "out": str(folder),
                      "data": self.r["data"], "input_size": size, "val_limit": val_limit,
                      "device": bench_device}
-            bcfg = stage_config("benchmark", bopts, fixed, progress=progress)
-            steps.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
-                               [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
-                               lambda resume, c=bcfg: report.run(c)))
-        return steps
+            bcfg = stage_config("benchmark", bopts, fixed, progress=self.progress)
+            benchmarks.append(_Step("benchmark" if size is None else f"benchmark-{size}", "benchmark", bcfg,
+                                    [teacher, *models], [folder / report.REPORT_JSON, folder / report.REPORT_MD],
+                                    lambda resume, c=bcfg: report.run(c)))
+        return benchmarks
 
-    def _engine_steps(self, steps: list[_Step], onnx_path: Path, int8_path: Path | None) -> list[Path]:
+    def _engine_steps(self, onnx_path: Path, int8_path: Path | None) -> list[_Step]:
         opts = self.options("build-engine")
         if opts is None:
             return []
@@ -329,7 +359,7 @@ class _Planner:
                 logger.info("TensorRT is not installed: no TensorRT engines (%s) in this run",
                             ", ".join(plan["tensorrt"]))
             plan["tensorrt"] = []
-        engines = []
+        steps = []
         for backend, precisions in plan.items():
             for precision in precisions:
                 out = engine_path(self.out, backend, precision)
@@ -350,8 +380,7 @@ class _Planner:
                 bcfg = stage_config("build-engine", opts, fixed, progress=self.progress)
                 steps.append(_Step(f"build-engine {backend} {precision}", "build-engine", bcfg, inputs, [out],
                                    lambda resume, c=bcfg: build_engine.run(c)))
-                engines.append(out)
-        return engines
+        return steps
 
 
 def _key(step: _Step, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -404,118 +433,6 @@ def check_runnable(recipe: dict[str, Any], steps: list[_Step]) -> None:
             backends = [backend_of(p) for p in (step.config.baseline, *step.config.models) if p]
             if resolve_for(step.config.device, backends) == "cuda" and "onnxruntime" in backends:
                 require_ort_cuda()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22); None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces and ')'
-    try:
-        return int(fields[19])  # field 22 counts from 1 and the name is field 2: index 22 - 3
-    except (IndexError, ValueError):
-        return None
-
-
-def process_record() -> dict[str, Any]:
-    """This process as a lock or a search trial records it: pid, start time and host."""
-    return {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}
-
-
-def process_running(record: dict[str, Any]) -> bool:
-    """Whether the process a :func:`process_record` describes still runs: same pid *and* same start time.
-
-    A pid alone is not enough: pids are recycled, and a lock naming pid 1 (or any unrelated process) would block
-    forever. A record of another host cannot be checked from here and counts as running.
-    """
-    pid = record.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
-        return False
-    if record.get("host") not in (None, socket.gethostname()):
-        return True
-    if not _pid_alive(pid):
-        return False
-    start = _process_start(pid)
-    if start is None:  # no /proc (not Linux): the pid is all there is to go by
-        return True
-    if record.get("start") is not None:
-        return record["start"] == start
-    try:  # a bare pid (an older edgeopt's lock): running only if that process is a pipeline
-        return b"pipeline" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _read_lock(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return {}
-    try:
-        record = json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return record if isinstance(record, dict) else {"pid": record} if isinstance(record, int) else {}
-
-
-@contextlib.contextmanager
-def locked(out: Path, *, wait: bool = False):
-    """Hold ``<out>/.pipeline.lock`` so two pipelines never write one folder; a lock whose holder is gone is taken.
-
-    The lock records this process's pid, start time and host, so a recycled pid does not pass for its holder.
-    ``wait``: while another live process holds it, wait for it instead of refusing (``search`` processes sharing
-    one folder take turns making what they share).
-    """
-    path = out / LOCK_FILE
-    out.mkdir(parents=True, exist_ok=True)
-    stale_taken = 0
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            record = _read_lock(path)
-            if not record and _age(path) < 5.0:  # created, its record not written yet
-                time.sleep(0.2)
-                continue
-            if process_running(record):
-                if wait:
-                    time.sleep(1.0)
-                    continue
-                where = f" on {record['host']}" if record.get("host") not in (None, socket.gethostname()) else ""
-                raise ConfigError(f"another pipeline (pid {record['pid']}{where}) is running in {out}; wait for it, "
-                                  f"stop it, or give another --out (if none is running, delete {path})") from None
-            stale_taken += 1
-            if stale_taken > 2:  # pragma: no cover - lost a race twice
-                raise ConfigError(f"cannot take the lock {path}; is another pipeline starting in {out}?") from None
-            logger.warning("removing the stale lock %s (pid %s is gone or is not a pipeline)", path,
-                           record.get("pid", "unknown"))
-            path.unlink(missing_ok=True)
-    os.write(fd, json.dumps(process_record()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def run(cfg: PipelineConfig, *,

@@ -3,7 +3,8 @@
 - the Pareto front over (throughput at the reference batch, top-1);
 - the INT8 gate: each INT8 artifact against its FP32/FP16 sibling (slower beyond noise, or more than
   ``max_accuracy_drop`` points of top-1 lost, flags it) and an optimized INT8 model against the plain one;
-- the final artifact: the fastest within ``max_accuracy_drop`` of the baseline's top-1;
+- the final artifact: the fastest within ``max_accuracy_drop`` of the baseline's top-1 (the rule,
+  :func:`fastest_within_budget`, also picks ``search``'s trial, with another tie-break);
 - the verdicts: the final artifact against ``min_speedup`` and ``max_accuracy_drop``, and each INT8 gate.
 
 No number here is a constant: the budgets are :class:`~optimize.configs.BenchmarkConfig`'s ``min_speedup`` and
@@ -13,10 +14,11 @@ faster in every round (:func:`optimize.timing.compare`), not by a fixed margin.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from optimize.timing import compare
+from optimize.timing import Spread, compare
 
 from .measure import Row, direct_input, throughput_spread
 
@@ -96,13 +98,85 @@ def drop_pt(base: Row, row: Row) -> float | None:
 
     Rounded to 1e-6 pt: 10 of 1000 images is exactly 1.00 pt, not 1.0000000002 over a 1-pt budget.
     """
-    return round(100 * (base.top1 - row.top1), 6) if row.top1 is not None and base.top1 is not None else None
+    return _drop(base.top1, row.top1)
+
+
+def _drop(base_top1: float | None, top1: float | None) -> float | None:
+    return round(100 * (base_top1 - top1), 6) if top1 is not None and base_top1 is not None else None
 
 
 def _speed_against(row: Row, other: Row, ref: str) -> dict[str, Any] | None:
     """:func:`optimize.timing.compare` of two rows' throughput at batch ``ref`` (None when either is untimed)."""
     mine, theirs = throughput_spread(row, ref), throughput_spread(other, ref)
     return compare(mine, theirs) if mine and theirs else None
+
+
+Ties = Literal["fastest", "accurate-within-noise", "accurate"]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """An artifact or a trial as :func:`fastest_within_budget` sees it.
+
+    ``item`` is the caller's own (a :class:`Row`, a trial's figures), handed back untouched. ``top1`` None means no
+    accuracy figure (a speed-only run): never over the budget. ``speed`` is higher when faster (img/s, or minus a
+    latency); ``spread`` is the throughput over the rounds, what "within noise" compares.
+    """
+
+    item: Any
+    top1: float | None
+    speed: float
+    spread: Spread | None
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What :func:`fastest_within_budget` chose, and from what."""
+
+    chosen: Contender
+    within: bool  # False: none keeps within the budget, and ``chosen`` is the most accurate of all
+    ranked: list[Contender]  # those within the budget, fastest first (ties in the callers' order); empty if none
+
+    @property
+    def fastest(self) -> Contender | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def fastest_within_budget(contenders: list[Contender], base_top1: float | None, max_drop: float, *,
+                          ties: Ties = "fastest") -> Pick | None:
+    """The fastest contender losing at most ``max_drop`` top-1 points against ``base_top1``; None if none.
+
+    When none keeps within the budget, the most accurate is chosen (``within`` False). ``ties`` says what wins
+    among those within the budget:
+
+    - ``"fastest"``: the fastest by median, even when its lead is within noise (the benchmark report names the
+      runner-up and whether the two can be told apart; it does not overrule the median).
+    - ``"accurate-within-noise"``: the most accurate of those whose throughput range over the rounds overlaps the
+      fastest's (``search``: a lead the rounds cannot tell from noise buys no accuracy).
+    - ``"accurate"``: the most accurate of all within the budget (``search`` over the training options: one
+      architecture, so speeds differ by noise only).
+
+    Example: with the baseline at 90 % and a 1-pt budget, a 2,000 img/s model at 88 % is over the budget, so of
+    ``A`` (1,000 img/s, 89.1 %) and ``B`` (990 img/s, 89.8 %, ranges overlapping A's) ``"fastest"`` picks A and
+    ``"accurate-within-noise"`` picks B.
+    """
+    if ties not in get_args(Ties):
+        raise ValueError(f"ties must be one of {', '.join(get_args(Ties))}, not {ties!r}")
+    if not contenders:
+        return None
+    within = [c for c in contenders if (d := _drop(base_top1, c.top1)) is None or d <= max_drop]
+    if not within:
+        return Pick(max(contenders, key=lambda c: c.top1 or 0.0), within=False, ranked=[])
+    ranked = sorted(within, key=lambda c: -c.speed)
+    fastest = ranked[0]
+    if ties == "fastest":
+        tied = [fastest]
+    elif ties == "accurate":
+        tied = within
+    else:
+        tied = [c for c in within if c is fastest or (c.spread is not None and fastest.spread is not None
+                                                      and c.spread.overlaps(fastest.spread))]
+    return Pick(max(tied, key=lambda c: (c.top1 or 0.0, c.speed)), within=True, ranked=ranked)
 
 
 def final_artifact(rows: list[Row], base: Row, cfg: BenchmarkConfig) -> dict[str, Any] | None:
@@ -113,22 +187,22 @@ def final_artifact(rows: list[Row], base: Row, cfg: BenchmarkConfig) -> dict[str
     with it: "within noise" means this run cannot tell which of the two is faster.
     """
     ref = str(cfg.reference_batch)
-    candidates = [r for r in rows if r.role != "baseline" and not r.skipped and r.throughput.get(ref)
-                  and r.device == cfg.device]
-    if not candidates:
+    candidates = [Contender(r, r.top1, r.throughput[ref], throughput_spread(r, ref)) for r in rows
+                  if r.role != "baseline" and not r.skipped and r.throughput.get(ref) and r.device == cfg.device]
+    pick = fastest_within_budget(candidates, base.top1, cfg.max_accuracy_drop, ties="fastest")
+    if pick is None:
         return None
-    within = [r for r in candidates if (d := drop_pt(base, r)) is None or d <= cfg.max_accuracy_drop]
-    if within:
-        ranked = sorted(within, key=lambda r: -r.throughput[ref])
-        final, why = ranked[0], (f"the fastest at batch {ref} within {cfg.max_accuracy_drop:g} pt of "
-                                 f"{base.name}'s top-1" if not cfg.input_size else f"the fastest at batch {ref}")
+    if not pick.within:
+        why = f"none keeps within {cfg.max_accuracy_drop:g} pt of {base.name}: the most accurate"
+    elif cfg.input_size:
+        why = f"the fastest at batch {ref}"
     else:
-        ranked = sorted(candidates, key=lambda r: -(r.top1 or 0))
-        final, why = ranked[0], f"none keeps within {cfg.max_accuracy_drop:g} pt of {base.name}: the most accurate"
-    out: dict[str, Any] = {"artifact": final.name, "why": why, "runner_up": None}
-    if len(ranked) > 1 and within:
-        c = compare(throughput_spread(final, ref), throughput_spread(ranked[1], ref))
-        out.update(runner_up=ranked[1].name, vs_runner_up=c["ratio"], vs_runner_up_verdict=c["verdict"])
+        why = f"the fastest at batch {ref} within {cfg.max_accuracy_drop:g} pt of {base.name}'s top-1"
+    out: dict[str, Any] = {"artifact": pick.chosen.item.name, "why": why, "runner_up": None}
+    if len(pick.ranked) > 1:
+        runner_up = pick.ranked[1]
+        c = compare(pick.chosen.spread, runner_up.spread)
+        out.update(runner_up=runner_up.item.name, vs_runner_up=c["ratio"], vs_runner_up_verdict=c["verdict"])
     return out
 
 

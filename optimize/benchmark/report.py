@@ -47,12 +47,19 @@ from .gates import pareto_front
 from .measure import Row, cpu_name, onnx_graph_stats
 from .render import PLOT_LATENCY, PLOT_PARETO, render_markdown
 
-__all__ = ["BenchmarkConfig", "PLOT_LATENCY", "PLOT_PARETO", "REPORT_JSON", "REPORT_MD", "Row", "cpu_name",
-           "onnx_graph_stats", "pareto_front", "render_markdown", "run"]
+__all__ = ["BenchmarkConfig", "PLOT_LATENCY", "PLOT_PARETO", "REPORT_FOLDER", "REPORT_JSON", "REPORT_MD", "Row",
+           "cpu_name", "onnx_graph_stats", "pareto_front", "render_markdown", "report_folder", "run"]
 
 logger = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REPORT_FOLDER = "report"
+
+
+def report_folder(run: Path, input_size: int | None = None) -> Path:
+    """Where a pipeline run in the folder ``run`` keeps its benchmark report: ``report/``, or ``report-<size>/``
+    for the speed-only one at another input size. The pipeline writes there; ``search`` and ``cli.py`` read it."""
+    return Path(run) / (REPORT_FOLDER if input_size is None else f"{REPORT_FOLDER}-{input_size}")
 
 
 def redraw_with_devices(out: Path, checks: tuple[str, ...]) -> Artifact:

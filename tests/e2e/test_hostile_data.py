@@ -126,26 +126,26 @@ def test_recipe_not_utf8_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("content", ["1", json.dumps({"pid": 1, "start": 1, "host": os.uname().nodename})])
 def test_lock_of_another_process_is_stale(tmp_path, content):
-    from optimize import pipeline
+    from optimize import lock
 
     out = tmp_path / "runs"
     out.mkdir()
-    (out / pipeline.LOCK_FILE).write_text(content)
-    with pipeline.locked(out):
-        held = json.loads((out / pipeline.LOCK_FILE).read_text())
+    (out / lock.LOCK_FILE).write_text(content)
+    with lock.locked(out):
+        held = json.loads((out / lock.LOCK_FILE).read_text())
         assert held["pid"] == os.getpid()
-    assert not (out / pipeline.LOCK_FILE).exists()
+    assert not (out / lock.LOCK_FILE).exists()
 
 
 def test_lock_of_a_live_pipeline_is_respected(tmp_path):
-    from optimize import pipeline
+    from optimize import lock
 
     out = tmp_path / "runs"
     out.mkdir()
-    with pipeline.locked(out):
+    with lock.locked(out):
         child = subprocess.run([sys.executable, "-c", (
-            "import sys; from pathlib import Path; from optimize import pipeline\n"
-            f"with pipeline.locked(Path({str(out)!r})): pass")], cwd=ROOT, capture_output=True, text=True)
+            "import sys; from pathlib import Path; from optimize import lock\n"
+            f"with lock.locked(Path({str(out)!r})): pass")], cwd=ROOT, capture_output=True, text=True)
         assert child.returncode != 0 and "ConfigError: another pipeline" in child.stderr, child.stderr
 
 

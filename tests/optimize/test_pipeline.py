@@ -100,7 +100,7 @@ def test_unknown_recipe_option_names_stage_and_choices(tmp_path):
 def test_second_pipeline_in_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "runs"
     out.mkdir()
-    from optimize.pipeline import process_record
+    from optimize.lock import process_record
 
     (out / ".pipeline.lock").write_text(json.dumps(process_record()))  # this test process: alive, so the lock holds
     proc = run_cli("pipeline", "--preset", "quick", "--out", out)
