@@ -84,14 +84,22 @@ def _number(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use: its affinity mask (taskset, a container's cpuset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(device_type: str, cores: int | None = None) -> int:
     """DataLoader worker processes when --workers is not given (see :data:`FEW_CORES`).
 
     Args:
         device_type: ``cpu`` or ``cuda``: what trains.
-        cores: the machine's CPU cores; this one's when None.
+        cores: the machine's CPU cores; the ones this process may use when None.
     """
-    cores = (os.cpu_count() or 1) if cores is None else cores
+    cores = available_cores() if cores is None else cores
     if device_type == "cpu" and cores <= FEW_CORES:
         return 0
     return min(WORKERS_CAP, max(1, cores // 2))

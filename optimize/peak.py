@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from .configs import available_cores
 from .timing import time_runs
 
 logger = logging.getLogger(__name__)
@@ -141,9 +142,7 @@ def measure_peak(device: str, threads: int | None = None, seconds: float = 1.0) 
     try:
         if device == "cuda":
             return cuda_peak(seconds=seconds)
-        import os
-
-        return cpu_peak(threads or os.cpu_count() or 1, seconds=seconds)
+        return cpu_peak(threads or available_cores(), seconds=seconds)
     except Exception as e:  # noqa: BLE001 - a missing peak leaves the fractions empty, never the report
         logger.warning("%s peak not measured: %s", device, e)
         return None

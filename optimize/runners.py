@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 from .artifacts import read_manifest
 from .device import require_ort_cuda, resolve_device, resolve_for
 from .errors import RunnerError
+from .configs import available_cores
 from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
 from .checkpoint import load_checkpoint
@@ -86,10 +86,7 @@ def backend_of(path: str | Path) -> str:
 
 def default_threads() -> int:
     """CPU threads every backend gets unless told otherwise: all the cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return available_cores()
 
 
 @dataclass

@@ -27,6 +27,25 @@ TINY = ["--arch", "resnet18", "--image-size", "16", "--schedule", "none", "--tra
 SLICE = ["--train-limit", "512", "--val-limit", "256", "--batch-size", "64"]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker gets its own share of the cores (its processes and the CLI runs it starts).
+
+    Two workers on two cores, each running PyTorch's and ONNX Runtime's default of one thread per core, put four
+    spinning threads on two cores: OpenMP's threads wait on each other and a training step takes many times
+    longer. Pinned, every backend sizes itself to the worker's share (edgeopt counts the cores it may use), as
+    it would under taskset or a container's cpuset.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or workers < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = cores[int(worker[2:]) % workers::workers]
+    if share:
+        os.sched_setaffinity(0, share)
+        os.environ["OMP_NUM_THREADS"] = str(len(share))
+
+
 def run_cli(*args: str, env: dict | None = None, check: bool | None = None, cwd: Path = ROOT,
             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python cli.py ARGS`` as a user would; returns the completed process (text output)."""
