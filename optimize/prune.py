@@ -219,7 +219,7 @@ class ChannelPruner(Pruner):
 
         self.amount = amount
         self._pruner = tp.pruner.MetaPruner(
-            model, example, importance=scorer or tp.importance.MagnitudeImportance(p=1),
+            model, example, importance=scorer if scorer is not None else tp.importance.MagnitudeImportance(p=1),
             global_pruning=True, pruning_ratio=amount, iterative_steps=steps,
             max_pruning_ratio=max_layer_amount, isomorphic=isomorphic,
             ignored_layers=[model.conv1, model.fc], round_to=round_to)
@@ -308,6 +308,7 @@ class _Inputs:
 
 
 def _load_inputs(cfg: PruneConfig) -> _Inputs:
+    """Load ``cfg.model``, its data and the teacher, with every check that can refuse them before pruning."""
     check_not_input(cfg.out, {"--model": cfg.model, "--teacher": cfg.teacher})
     out = prepare_output(cfg.out)
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
@@ -375,8 +376,8 @@ def _metrics(model: nn.Module, size: int, cfg: PruneConfig, amount: float, top1_
 def run(cfg: PruneConfig) -> Artifact:
     """Prune ``cfg.model``, fine-tune it, and write the pruned checkpoint with its figures.
 
-    The method's pruner comes from :data:`PRUNERS`; each of ``cfg.steps`` rounds prunes, then (channel pruning)
-    re-estimates BatchNorm and fine-tunes.
+    The method's pruner comes from :data:`PRUNERS`; each of ``cfg.steps`` rounds (:func:`_round`) prunes,
+    re-estimates BatchNorm where channels went, and fine-tunes when asked.
     """
     inputs = _load_inputs(cfg)
     out, loaded, splits, teacher = inputs.out, inputs.loaded, inputs.splits, inputs.teacher
