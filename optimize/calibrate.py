@@ -174,7 +174,8 @@ class _Inputs:
 
 
 def _resolve_inputs(cfg: CalibConfig) -> _Inputs:
-    """Read and check the FP32 model, the cache and the data, in the order the errors were always raised."""
+    """Read and check the FP32 model, the cache and the data, every refusal before any long work (in the order
+    that decides which error a user sees first)."""
     src = Path(cfg.onnx)
     model = OnnxModel.read(src)
     check_not_input(cfg.out, {"--onnx": cfg.onnx, "--cache": cfg.cache})
