@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from optimize.artifacts import (Artifact, atomic_path, calibration_cache_path, c
                                 resolve_data, write_json, write_manifest)
 from optimize.batcher import ImageBatcher
 from optimize.configs import CPU_FORMS, FASHION_MNIST, CalibConfig
-from optimize.data import load_data
+from optimize.data import DataSplits, load_data
 from optimize.errors import CalibrationError, DataError
 from optimize.onnx_model import OnnxModel
 from optimize.preprocess import Preprocessing
@@ -153,10 +153,38 @@ def _quantize(src: Path, dst: Path, form: str, method: str, ort_cache: Path) -> 
     return qdq.placement(model)
 
 
-def run(cfg: CalibConfig) -> Artifact:
-    """Calibrate and quantize ``cfg.onnx``; returns the INT8 model written, with figures in its manifest."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+@dataclass(frozen=True)
+class _Inputs:
+    """What the stage works from, resolved and checked before any quantizing starts.
 
+    Attributes:
+        cfg: the stage's options, ``data`` filled in from what the model records when not given.
+        src: the FP32 ONNX file.
+        model: ``src`` read: its input, image size, metadata and sha256.
+        out: the INT8 model to write (prepared: no stale manifest beside it).
+        preprocessing: what ``export`` recorded; calibration and validation images go through it.
+        class_names: what ``export`` recorded, or None.
+        cache_path: the calibration cache read from (``--cache``) or written (beside ``out``).
+        cache: the cache reused instead of calibrating from data, or None.
+        splits: the calibration and validation images; None when quantizing from the cache alone.
+        val: the validation batches accuracy is measured on, or None (no data).
+    """
+
+    cfg: CalibConfig
+    src: Path
+    model: OnnxModel
+    out: Path
+    preprocessing: Preprocessing
+    class_names: list[str] | None
+    cache_path: Path
+    cache: dict[str, Any] | None
+    splits: DataSplits | None
+    val: ImageBatcher | None
+
+
+def _resolve_inputs(cfg: CalibConfig) -> _Inputs:
+    """Read and check the FP32 model, the cache and the data, every refusal before any long work (in the order
+    that decides which error a user sees first)."""
     src = Path(cfg.onnx)
     model = OnnxModel.read(src)
     check_not_input(cfg.out, {"--onnx": cfg.onnx, "--cache": cfg.cache})
@@ -165,11 +193,10 @@ def run(cfg: CalibConfig) -> Artifact:
     if model.precision != "fp32":
         raise CalibrationError(f"{src} is already {model.precision.upper()}: calibrate the FP32 ONNX 'cli.py export' "
                                "wrote")
-    input_name, size = model.input.name, model.image_size
     preprocessing, class_names = model.preprocessing()
-    onnx_sha = model.sha256
     cache_path = Path(cfg.cache) if cfg.cache else calibration_cache_path(out)
-    cache = _read_cache(cache_path, onnx_sha, preprocessing, cfg.method) if cfg.cache and cache_path.exists() else None
+    cache = (_read_cache(cache_path, model.sha256, preprocessing, cfg.method) if cfg.cache and cache_path.exists()
+             else None)
     if cfg.data is None:  # the data the model records; with a cache, a recorded folder that is gone is not needed
         try:
             cfg = replace(cfg, data=resolve_data(None, src, default=None if cache else FASHION_MNIST))
@@ -178,98 +205,158 @@ def run(cfg: CalibConfig) -> Artifact:
                 raise
             logger.warning("%s's recorded data is not here: quantizing from the cache %s alone, no accuracy figures",
                            src, cache_path)
-
     if cfg.data is None and not cache:
         raise CalibrationError("INT8 needs calibration data or an existing calibration cache; pass --calib-data "
                                "(or --data) or --calib-cache")
-    splits, val = None, None
+    splits = val = None
     if cfg.data is not None:
-        splits = load_data(cfg.data, preprocessing, train_limit=cfg.num_images, val_limit=cfg.val_limit,
-                           augment=False, val_only=cache is not None)
-        splits.check_model(src, class_names, model.num_classes)
-        val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=size)
-        if not cache and len(splits.train) < cfg.num_images:
-            if len(splits.train) < cfg.batch_size:
-                raise CalibrationError(f"{splits.name} has {len(splits.train)} training images, less than one batch "
-                                       f"of {cfg.batch_size}; add images or lower --batch-size")
-            logger.warning("%s has only %d training images: calibrating on those (in full batches of %d), not %d",
-                           splits.name, len(splits.train), cfg.batch_size, cfg.num_images)
+        splits = _load_images(cfg, src, model, preprocessing, class_names, calibrating=cache is None)
+        val = ImageBatcher(splits.val, batch_size=cfg.batch_size, image_size=model.image_size)
+    return _Inputs(cfg, src, model, out, preprocessing, class_names, cache_path, cache, splits, val)
 
-    with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        prepared = tmp / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared))
-        ort_cache = tmp / "ort-cache.json"
-        if cache:
-            ort_cache.write_text(json.dumps(cache["ort"]))
-            logger.info("reusing calibration cache %s (%d images, %s)", cache_path, cache["num_images"], cfg.method)
-        else:
-            batcher = ImageBatcher(splits.train, batch_size=cfg.batch_size, image_size=size, drop_last=True)
-            if not batcher.count:
-                raise CalibrationError(f"--num-images {cfg.num_images} gives no full batch of --batch-size "
-                                       f"{cfg.batch_size}; calibrate on more images or lower --batch-size")
-            logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method,
-                        ranges.DEFAULTS[cfg.method])
-            ranges.save(ranges.collect(prepared, ({input_name: batch} for batch, _ in batcher), method=cfg.method,
-                                       work=tmp), ort_cache)
 
-        forms = ["qdq-tensorrt"] if cfg.target == "tensorrt" else [cfg.form] if cfg.form else list(CPU_FORMS)
-        candidates: dict[str, dict[str, Any]] = {}
-        for form in forms:  # every form from the same ranges
-            dst = tmp / f"{form}.onnx"
-            placed = _quantize(prepared, dst, form, cfg.method, ort_cache)
-            candidates[form] = {"path": dst}
-            if placed is not None:
-                candidates[form]["qdq"] = {"activation_pairs": placed.pairs, "by_consumer": placed.by_consumer}
+def _load_images(cfg: CalibConfig, src: Path, model: OnnxModel, preprocessing: Preprocessing,
+                 class_names: list[str] | None, *, calibrating: bool) -> DataSplits:
+    """The validation images and, when ``calibrating`` (no cache), ``cfg.num_images`` training images."""
+    splits = load_data(cfg.data, preprocessing, train_limit=cfg.num_images, val_limit=cfg.val_limit,
+                       augment=False, val_only=not calibrating)
+    splits.check_model(src, class_names, model.num_classes)
+    if calibrating and len(splits.train) < cfg.num_images:
+        if len(splits.train) < cfg.batch_size:
+            raise CalibrationError(f"{splits.name} has {len(splits.train)} training images, less than one batch "
+                                   f"of {cfg.batch_size}; add images or lower --batch-size")
+        logger.warning("%s has only %d training images: calibrating on those (in full batches of %d), not %d",
+                       splits.name, len(splits.train), cfg.batch_size, cfg.num_images)
+    return splits
 
-        figures: dict[str, Any] = {"fp32": {"top1": None}}
-        labels = np.zeros(0)
+
+def _calibrate(inputs: _Inputs, prepared: Path, work: Path) -> tuple[Path, int | None]:
+    """ONNX Runtime's range file for ``prepared``: the reused cache's, or collected from the training images.
+
+    Returns the file and the number of images calibrated on (None when the cache was reused).
+    """
+    cfg, ort_cache = inputs.cfg, work / "ort-cache.json"
+    if inputs.cache:
+        ort_cache.write_text(json.dumps(inputs.cache["ort"]))
+        logger.info("reusing calibration cache %s (%d images, %s)", inputs.cache_path, inputs.cache["num_images"],
+                    cfg.method)
+        return ort_cache, None
+    batcher = ImageBatcher(inputs.splits.train, batch_size=cfg.batch_size, image_size=inputs.model.image_size,
+                           drop_last=True)
+    if not batcher.count:
+        raise CalibrationError(f"--num-images {cfg.num_images} gives no full batch of --batch-size "
+                               f"{cfg.batch_size}; calibrate on more images or lower --batch-size")
+    logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method, ranges.DEFAULTS[cfg.method])
+    feeds = ({inputs.model.input.name: batch} for batch, _ in batcher)
+    ranges.save(ranges.collect(prepared, feeds, method=cfg.method, work=work), ort_cache)
+    return ort_cache, batcher.count
+
+
+def _quantize_forms(cfg: CalibConfig, prepared: Path, ort_cache: Path, work: Path) -> dict[str, dict[str, Any]]:
+    """Every INT8 form the target asks for, from the same ranges: form -> {"path": its file in ``work``, and for
+    ``qdq-tensorrt`` where its Q/DQ pairs are}."""
+    forms = ["qdq-tensorrt"] if cfg.target == "tensorrt" else [cfg.form] if cfg.form else list(CPU_FORMS)
+    candidates: dict[str, dict[str, Any]] = {}
+    for form in forms:
+        dst = work / f"{form}.onnx"
+        placed = _quantize(prepared, dst, form, cfg.method, ort_cache)
+        candidates[form] = {"path": dst}
+        if placed is not None:
+            candidates[form]["qdq"] = {"activation_pairs": placed.pairs, "by_consumer": placed.by_consumer}
+    return candidates
+
+
+def _measure(inputs: _Inputs, candidates: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """Top-1 and agreement on the validation images (when there are any) and, for the CPU target, speed at
+    batch 1 and 8, of the FP32 model and each candidate (whose figures are added to its dict).
+
+    Returns the FP32 model's figures and the number of validation images.
+    """
+    cfg, val, size = inputs.cfg, inputs.val, inputs.model.image_size
+    fp32: dict[str, Any] = {"top1": None}
+    labels = np.zeros(0)
+    if val is not None:
+        fp32_pred, labels = predictions(inputs.src, val)
+        fp32["top1"] = float((fp32_pred == labels).mean())
+    if cfg.target == "cpu":
+        for b in (1, 8):
+            fp32[f"img_per_s_b{b}"] = throughput(inputs.src, size, batch=b, seconds=cfg.timing_seconds)
+    for c in candidates.values():
+        c.update(top1=None, agreement_with_fp32=None)
         if val is not None:
-            fp32_pred, labels = predictions(src, val)
-            figures["fp32"]["top1"] = float((fp32_pred == labels).mean())
+            pred, _ = predictions(c["path"], val)
+            c.update(top1=float((pred == labels).mean()), agreement_with_fp32=float((pred == fp32_pred).mean()))
         if cfg.target == "cpu":
             for b in (1, 8):
-                figures["fp32"][f"img_per_s_b{b}"] = throughput(src, size, batch=b, seconds=cfg.timing_seconds)
-        for form, c in candidates.items():
-            c.update(top1=None, agreement_with_fp32=None)
-            if val is not None:
-                pred, _ = predictions(c["path"], val)
-                c.update(top1=float((pred == labels).mean()), agreement_with_fp32=float((pred == fp32_pred).mean()))
-            if cfg.target == "cpu":
-                for b in (1, 8):
-                    c[f"img_per_s_b{b}"] = throughput(c["path"], size, batch=b, seconds=cfg.timing_seconds)
-                c["speedup_vs_fp32_b1"] = c["img_per_s_b1"] / figures["fp32"]["img_per_s_b1"]
-                c["speedup_vs_fp32"] = c["img_per_s_b8"] / figures["fp32"]["img_per_s_b8"]
-        chosen = max(candidates, key=lambda f: candidates[f].get("img_per_s_b8", 0.0))
-        chosen_model = onnx.load(str(candidates[chosen]["path"]))
-        onnx.helper.set_model_props(chosen_model, dict(model.metadata))
-        with atomic_path(out) as final:
-            onnx.save(chosen_model, str(final))
-        if not cache:
-            write_json(cache_path, {"format": CACHE_FORMAT, "version": 1, "method": cfg.method,
-                                    "collection": dataclasses.asdict(ranges.DEFAULTS[cfg.method]),
-                                    "num_images": batcher.count, "onnx": src.name, "onnx_sha256": onnx_sha,
-                                    "preprocessing": preprocessing.to_dict(),
-                                    "ort": json.loads(ort_cache.read_text())})
+                c[f"img_per_s_b{b}"] = throughput(c["path"], size, batch=b, seconds=cfg.timing_seconds)
+            c["speedup_vs_fp32_b1"] = c["img_per_s_b1"] / fp32["img_per_s_b1"]
+            c["speedup_vs_fp32"] = c["img_per_s_b8"] / fp32["img_per_s_b8"]
+    return fp32, int(len(labels))
 
+
+def _write_int8(inputs: _Inputs, candidates: dict[str, dict[str, Any]], ort_cache: Path,
+                num_images: int | None) -> str:
+    """Save the fastest candidate (the only one for TensorRT) as ``out`` with the FP32 model's metadata, and the
+    calibration cache when this run calibrated; returns the form chosen. The candidates lose their paths."""
+    chosen = max(candidates, key=lambda f: candidates[f].get("img_per_s_b8", 0.0))
+    chosen_model = onnx.load(str(candidates[chosen]["path"]))
+    onnx.helper.set_model_props(chosen_model, dict(inputs.model.metadata))
+    with atomic_path(inputs.out) as final:
+        onnx.save(chosen_model, str(final))
+    if num_images is not None:
+        method = inputs.cfg.method
+        write_json(inputs.cache_path, {"format": CACHE_FORMAT, "version": 1, "method": method,
+                                       "collection": dataclasses.asdict(ranges.DEFAULTS[method]),
+                                       "num_images": num_images, "onnx": inputs.src.name,
+                                       "onnx_sha256": inputs.model.sha256,
+                                       "preprocessing": inputs.preprocessing.to_dict(),
+                                       "ort": json.loads(ort_cache.read_text())})
     for c in candidates.values():
         c.pop("path")
+    return chosen
+
+
+def _metrics(cfg: CalibConfig, chosen: str, candidates: dict[str, dict[str, Any]], fp32: dict[str, Any],
+             val_images: int) -> dict[str, Any]:
+    """The manifest's figures for the form chosen, logging how it compares with FP32."""
     best = candidates[chosen]
     if cfg.target == "cpu" and best["speedup_vs_fp32"] < 1.0:
         logger.warning("no INT8 form beats FP32 on this CPU (best: %s at %.2fx); keep the FP32 model for speed",
                        chosen, best["speedup_vs_fp32"])
     measured = best["top1"] is not None
-    metrics = {"target": cfg.target, "form": chosen, "top1_fp32": figures["fp32"]["top1"], "top1_int8": best["top1"],
-               "top1_drop_pt": 100 * (figures["fp32"]["top1"] - best["top1"]) if measured else None,
-               "agreement_with_fp32": best["agreement_with_fp32"], "val_images": int(len(labels)),
-               "candidates": candidates, "fp32": figures["fp32"], "threads": os.cpu_count()}
+    metrics = {"target": cfg.target, "form": chosen, "top1_fp32": fp32["top1"], "top1_int8": best["top1"],
+               "top1_drop_pt": 100 * (fp32["top1"] - best["top1"]) if measured else None,
+               "agreement_with_fp32": best["agreement_with_fp32"], "val_images": val_images,
+               "candidates": candidates, "fp32": fp32, "threads": os.cpu_count()}
     if cfg.target == "cpu":
         metrics["int8_faster_than_fp32"] = best["speedup_vs_fp32"] > 1.0
     if measured:
         logger.info("INT8 (%s, %s): top-1 %.4f vs FP32 %.4f, agreement %.4f", cfg.target, chosen, best["top1"],
-                    figures["fp32"]["top1"], best["agreement_with_fp32"])
-    write_manifest(out, stage="calibrate", config=cfg, inputs={"onnx": {"path": str(src), "sha256": onnx_sha},
-                                                               "cache": str(cache_path)},
-                   preprocessing=preprocessing.to_dict(), class_names=class_names, metrics=metrics,
-                   extra={"calibration_cache": cache_path.name, "input": input_name})
-    return Artifact.of(out)
+                    fp32["top1"], best["agreement_with_fp32"])
+    return metrics
+
+
+def run(cfg: CalibConfig) -> Artifact:
+    """Calibrate and quantize ``cfg.onnx``; returns the INT8 model written, with figures in its manifest.
+
+    Resolve the inputs (every check before any work), collect the ranges (or reuse the cache), quantize each form
+    the target asks for from them, measure, then write the chosen form, the cache and the manifest.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    inputs = _resolve_inputs(cfg)
+    with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as tmp_dir:
+        work = Path(tmp_dir)
+        prepared = work / "prepared.onnx"
+        quant_pre_process(str(inputs.src), str(prepared))
+        ort_cache, num_images = _calibrate(inputs, prepared, work)
+        candidates = _quantize_forms(inputs.cfg, prepared, ort_cache, work)
+        fp32, val_images = _measure(inputs, candidates)
+        chosen = _write_int8(inputs, candidates, ort_cache, num_images)
+    metrics = _metrics(inputs.cfg, chosen, candidates, fp32, val_images)
+    write_manifest(inputs.out, stage="calibrate", config=inputs.cfg,
+                   inputs={"onnx": {"path": str(inputs.src), "sha256": inputs.model.sha256},
+                           "cache": str(inputs.cache_path)},
+                   preprocessing=inputs.preprocessing.to_dict(), class_names=inputs.class_names, metrics=metrics,
+                   extra={"calibration_cache": inputs.cache_path.name, "input": inputs.model.input.name})
+    return Artifact.of(inputs.out)

@@ -11,6 +11,11 @@ Methods:
     ``2:4``: semi-structured sparsity for sparse tensor cores (Ampere, Orin): in every conv whose input channel
         count is a multiple of 4, each group of 4 weights along the input channels keeps its 2 largest.
 
+Each method is one :class:`Pruner` (``run`` picks it from :data:`PRUNERS` by name) with one face, ``step()``, and
+what it ranks by is a scorer kept apart from it, as Torch-Pruning keeps importances apart from pruners: the weight
+pruners take any :data:`WeightScorer` (default :func:`l1_scores`), the channel pruner any Torch-Pruning importance
+(default the L1 norm of each channel's group).
+
 Channel pruning leaves every BatchNorm's running statistics describing channels that are gone from the layer
 before it, which is why a pruned network used to score chance before fine-tuning; ``bn_images`` training
 images are therefore run through the pruned network first (no gradients, no weight changes) to re-estimate
@@ -23,9 +28,12 @@ Fine-tuning runs the shared loop with the pruning masks held by ``torch.nn.utils
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -39,7 +47,7 @@ from .device import torch_device
 from .distill import distillation_loss
 from .errors import CheckpointError
 from .evaluate import check_model_fits_data
-from .loop import LoopConfig, evaluate, fit, make_loader, split_class_weights
+from .loop import LoopConfig, LossFn, evaluate, fit, make_loader, split_class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -80,50 +88,159 @@ def count_macs_params(model: nn.Module, image_size: int) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-# -- the three methods ----------------------------------------------------------------------------------
+# -- scorers: which weights or channels matter ------------------------------------------------------------
 
-def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
-    """Mask keeping the 2 largest magnitudes of each group of 4 consecutive input channels.
+WeightScorer = Callable[[nn.Module], torch.Tensor]
+"""Scores of one layer's weights, shaped like its ``weight``, non-negative: the higher, the likelier kept."""
 
-    ``weight`` is a conv weight ``[out, in, kh, kw]`` with ``in % 4 == 0``; groups run along ``in`` at every
-    (out, kh, kw) position, as sparse tensor cores read them.
+GroupScorer = Callable[[Any], torch.Tensor]
+"""A Torch-Pruning importance: a dependency group (coupled layers) -> one score per channel, higher kept."""
+
+
+def l1_scores(module: nn.Module) -> torch.Tensor:
+    """|w| of every weight of ``module`` (its effective weight while a pruning mask is held).
+
+    The default scorer of the weight pruners; any other :data:`WeightScorer` takes its place, e.g. keeping the
+    smallest weights instead::
+
+        UnstructuredPruner(layers, amount=0.5, scorer=lambda m: 1 / (l1_scores(m) + 1e-12))
     """
-    o, i, kh, kw = weight.shape
-    groups = weight.detach().abs().permute(0, 2, 3, 1).reshape(o, kh, kw, i // 4, 4)
+    return module.weight.detach().abs()
+
+
+def _scores(scorer: WeightScorer, module: nn.Module) -> torch.Tensor:
+    """``scorer(module)``, refused unless shaped like the weight and non-negative (torch's L1 ranking takes
+    magnitudes, so a negative score would silently count as a large one)."""
+    scores = scorer(module)
+    if scores.shape != module.weight.shape or bool((scores < 0).any()):
+        raise ValueError(f"a weight scorer must return non-negative scores shaped like the weight "
+                         f"{tuple(module.weight.shape)}; got {tuple(scores.shape)}")
+    return scores
+
+
+def keep_two_of_four(scores: torch.Tensor) -> torch.Tensor:
+    """Mask keeping the 2 highest ``scores`` of each group of 4 consecutive input channels.
+
+    ``scores`` is shaped like a conv weight ``[out, in, kh, kw]`` with ``in % 4 == 0``; groups run along ``in``
+    at every (out, kh, kw) position, as sparse tensor cores read them.
+    """
+    o, i, kh, kw = scores.shape
+    groups = scores.permute(0, 2, 3, 1).reshape(o, kh, kw, i // 4, 4)
     keep = groups.topk(2, dim=-1).indices
     mask = torch.zeros_like(groups).scatter_(-1, keep, 1.0)
     return mask.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
 
 
-def apply_two_four(model: nn.Module) -> list[str]:
-    """Mask every eligible conv 2:4 (held by torch.nn.utils.prune); returns the names masked."""
-    names = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels % 4 == 0:
-            tprune.custom_from_mask(m, "weight", two_four_mask(m.weight))
-            names.append(name)
-    return names
+def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
+    """2:4 mask of a conv weight by magnitude: the 2 largest |w| of each group of 4 input channels kept."""
+    return keep_two_of_four(weight.detach().abs())
 
 
-def apply_l1_unstructured(layers: list[tuple[str, nn.Module]], fraction_of_remaining: float) -> None:
-    """Zero ``fraction_of_remaining`` of the still-unpruned weights of ``layers``, ranked together by |w|."""
-    tprune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=tprune.L1Unstructured,
-                               amount=fraction_of_remaining)
+# -- pruners: one per method, the same face -------------------------------------------------------------
+
+class Pruner(abc.ABC):
+    """One pruning method, built on a model: each :meth:`step` is one of ``steps`` rounds, in place.
+
+    Attributes:
+        amount: the fraction removed once every round is done (the manifest's ``amount``).
+        holds_masks: the zeros are held by ``torch.nn.utils.prune`` masks on a network that keeps its shape;
+            False when channels are removed (BatchNorm statistics then need re-estimating).
+    """
+
+    amount: float
+    holds_masks: ClassVar[bool] = True
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, model: nn.Module, cfg: PruneConfig, image_size: int) -> Pruner:
+        """The pruner ``cfg`` asks for, with the default (L1) scorer."""
+
+    @abc.abstractmethod
+    def step(self) -> None:
+        """Prune one round."""
 
 
-def make_channel_pruner(model: nn.Module, cfg: PruneConfig, image_size: int):
-    """Torch-Pruning's global L1 filter pruner for a torchvision ResNet (stem and fc outputs kept)."""
-    import torch_pruning as tp
+class UnstructuredPruner(Pruner):
+    """``l1-unstructured``: single weights of ``layers``, ranked together by ``scorer`` (global ranking).
 
-    if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(getattr(model, "fc", None),
-                                                                                nn.Linear)):
-        raise CheckpointError(f"{cfg.model} is not a torchvision-style ResNet (no conv1/fc); l1-channel needs one")
-    return tp.pruner.MetaPruner(
-        model, _example(model, image_size),
-        importance=tp.importance.MagnitudeImportance(p=1),
-        global_pruning=True, pruning_ratio=cfg.target, iterative_steps=cfg.steps,
-        max_pruning_ratio=cfg.max_layer_amount, isomorphic=cfg.isomorphic,
-        ignored_layers=[model.conv1, model.fc], round_to=cfg.round_to)
+    Round ``k`` of ``steps`` brings the zero fraction to ``amount * k / steps``: it prunes that share of the
+    weights still unpruned (the held masks keep earlier zeros out of the ranking).
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], *, amount: float, steps: int = 1,
+                 scorer: WeightScorer = l1_scores):
+        self.layers, self.amount, self.steps, self.scorer = layers, amount, steps, scorer
+        self._rounds, self._done = 0, 0.0
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: PruneConfig, image_size: int) -> UnstructuredPruner:
+        return cls(prunable_layers(model, include_stem_and_fc=cfg.include_stem_and_fc), amount=cfg.target,
+                   steps=cfg.steps)
+
+    def step(self) -> None:
+        self._rounds += 1
+        goal = self.amount * self._rounds / self.steps
+        params = [(m, "weight") for _, m in self.layers]
+        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured,
+                                   importance_scores={p: _scores(self.scorer, p[0]) for p in params},
+                                   amount=(goal - self._done) / (1.0 - self._done))
+        self._done = goal
+
+
+class TwoFourPruner(Pruner):
+    """``2:4``: in every conv whose input channel count is a multiple of 4, the 2 of each 4 that ``scorer``
+    ranks highest are kept. One round: the pattern is the amount (half)."""
+
+    amount = 0.5
+
+    def __init__(self, model: nn.Module, *, scorer: WeightScorer = l1_scores):
+        self.model, self.scorer = model, scorer
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: PruneConfig, image_size: int) -> TwoFourPruner:
+        return cls(model)
+
+    def step(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels % 4 == 0:
+                tprune.custom_from_mask(m, "weight", keep_two_of_four(_scores(self.scorer, m)))
+
+
+class ChannelPruner(Pruner):
+    """``l1-channel``: whole filters removed by Torch-Pruning's dependency graph, ranked globally by ``scorer``
+    (default: the L1 norm of each channel's group), the stem's and the classifier's outputs kept."""
+
+    holds_masks = False
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, *, amount: float, steps: int = 1,
+                 max_layer_amount: float = 1.0, isomorphic: bool = False, round_to: int | None = None,
+                 scorer: GroupScorer | None = None):
+        import torch_pruning as tp
+
+        self.amount = amount
+        self._pruner = tp.pruner.MetaPruner(
+            model, example, importance=scorer if scorer is not None else tp.importance.MagnitudeImportance(p=1),
+            global_pruning=True, pruning_ratio=amount, iterative_steps=steps,
+            max_pruning_ratio=max_layer_amount, isomorphic=isomorphic,
+            ignored_layers=[model.conv1, model.fc], round_to=round_to)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: PruneConfig, image_size: int) -> ChannelPruner:
+        """Refuses a model that is not a torchvision-style ResNet: the stem and fc it keeps whole must be there."""
+        if not (isinstance(getattr(model, "conv1", None), nn.Conv2d)
+                and isinstance(getattr(model, "fc", None), nn.Linear)):
+            raise CheckpointError(f"{cfg.model} is not a torchvision-style ResNet (no conv1/fc); l1-channel needs "
+                                  "one")
+        return cls(model, _example(model, image_size), amount=cfg.target, steps=cfg.steps,
+                   max_layer_amount=cfg.max_layer_amount, isomorphic=cfg.isomorphic, round_to=cfg.round_to)
+
+    def step(self) -> None:
+        self._pruner.step()
+
+
+PRUNERS: dict[str, type[Pruner]] = {"l1-unstructured": UnstructuredPruner, "l1-channel": ChannelPruner,
+                                    "2:4": TwoFourPruner}
+"""The pruner of each ``--method`` (the keys are :data:`optimize.configs.PRUNE_METHODS`)."""
 
 
 @torch.no_grad()
@@ -180,8 +297,18 @@ def _accuracy(model: nn.Module, splits: DataSplits, loop: LoopConfig) -> float:
     return evaluate(model.to(device), loader, num_classes=splits.num_classes, device=device).top1
 
 
-def run(cfg: PruneConfig) -> Artifact:
-    """Prune ``cfg.model``, fine-tune it, and write the pruned checkpoint with its figures."""
+@dataclass(frozen=True)
+class _Inputs:
+    """The model to prune, its data and the optional teacher, loaded and checked before any work."""
+
+    out: Path
+    loaded: LoadedModel
+    splits: DataSplits
+    teacher: LoadedModel | None
+
+
+def _load_inputs(cfg: PruneConfig) -> _Inputs:
+    """Load ``cfg.model``, its data and the teacher, with every check that can refuse them before pruning."""
     check_not_input(cfg.out, {"--model": cfg.model, "--teacher": cfg.teacher})
     out = prepare_output(cfg.out)
     loaded = load_checkpoint(cfg.model, arch=cfg.arch, trust=cfg.trust_checkpoint)
@@ -198,70 +325,82 @@ def run(cfg: PruneConfig) -> Artifact:
     if cfg.teacher:
         teacher = load_checkpoint(cfg.teacher, trust=cfg.trust_checkpoint)
         check_model_fits_data(teacher, splits)
+    return _Inputs(out, loaded, splits, teacher)
 
+
+def _round(step: int, model: nn.Module, pruner: Pruner, cfg: PruneConfig, splits: DataSplits,
+           loss_fn: LossFn | None) -> dict[str, Any]:
+    """Prune round ``step`` of ``cfg.steps``, re-estimate BatchNorm and fine-tune as asked; the round's figures."""
+    model.cpu()
+    pruner.step()
+    row: dict[str, Any] = {"step": step, "top1_pruned": _accuracy(model, splits, cfg.loop)}
+    if not pruner.holds_masks and cfg.bn_images:
+        row["bn_images"] = reestimate_batchnorm(model, splits, cfg.loop, cfg.bn_images)
+        row["top1_bn"] = _accuracy(model, splits, cfg.loop)
+    if cfg.finetune_epochs:
+        # masks held by torch.nn.utils.prune: plain NCHW weights (its global ranking views them flat) and
+        # float32 (masked zeros were found non-zero after bf16 fine-tuning in 2 of 4 full test runs; cause
+        # not pinned down, see the issue note)
+        held = pruner.holds_masks
+        loop = dataclasses.replace(cfg.finetune_loop, channels_last=cfg.loop.channels_last and not held,
+                                   amp=cfg.loop.amp and not held)
+        fit(model, splits, loop, loss_fn=loss_fn)
+        model.to(memory_format=torch.contiguous_format)
+        row["top1_finetuned"] = _accuracy(model, splits, cfg.loop)
+    logger.info("round %d/%d: top-1 %.4f after pruning%s%s", step, cfg.steps, row["top1_pruned"],
+                f", {row['top1_bn']:.4f} with BatchNorm re-estimated" if "top1_bn" in row else "",
+                f", {row['top1_finetuned']:.4f} after fine-tuning" if "top1_finetuned" in row else "")
+    return row
+
+
+def _metrics(model: nn.Module, size: int, cfg: PruneConfig, amount: float, top1_before: float,
+             before: tuple[int, int], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint's and manifest's figures: accuracy at each point, MACs and parameters, sparsity."""
+    macs_after, params_after = count_macs_params(model, size)
+    report = sparsity(prunable_layers(model, include_stem_and_fc=cfg.include_stem_and_fc))
+    last = rounds[-1]
+    metrics = {
+        "method": cfg.method, "amount": amount,
+        "top1_before": top1_before, "top1_pruned": last["top1_pruned"],
+        # before any fine-tuning: with re-estimated BatchNorm statistics when bn_images > 0
+        "top1_before_finetune": last.get("top1_bn", last["top1_pruned"]),
+        "top1_after": last.get("top1_finetuned", last["top1_pruned"]),
+        "macs_before": before[0], "macs_after": macs_after, "params_before": before[1],
+        "params_after": params_after, "nonzero_params_after": params_after - report["zeros"],
+        "sparsity": report["overall"], "sparsity_per_layer": report["per_layer"], "rounds": rounds,
+    }
+    metrics["val_top1"] = metrics["top1_after"]
+    return metrics
+
+
+def run(cfg: PruneConfig) -> Artifact:
+    """Prune ``cfg.model``, fine-tune it, and write the pruned checkpoint with its figures.
+
+    The method's pruner comes from :data:`PRUNERS`; each of ``cfg.steps`` rounds (:func:`_round`) prunes,
+    re-estimates BatchNorm where channels went, and fine-tunes when asked.
+    """
+    inputs = _load_inputs(cfg)
+    out, loaded, splits, teacher = inputs.out, inputs.loaded, inputs.splits, inputs.teacher
     model, size = loaded.model, loaded.preprocessing.image_size
-    layers = prunable_layers(model, include_stem_and_fc=cfg.include_stem_and_fc)
     macs_before, params_before = count_macs_params(model, size)
     top1_before = _accuracy(model, splits, cfg.loop)
     logger.info("%s: val top-1 %.4f, %.1f M MACs, %.2f M params before pruning", cfg.model, top1_before,
                 macs_before / 1e6, params_before / 1e6)
 
-    pruner = make_channel_pruner(model, cfg, size) if cfg.method == "l1-channel" else None
+    pruner = PRUNERS[cfg.method].from_config(model, cfg, size)
     loss_fn = None
     if teacher:
         loss_fn = distillation_loss(teacher.model, temperature=cfg.temperature, alpha=cfg.alpha,
                                     weight=split_class_weights(splits, cfg.loop))
-    rounds, done = [], 0.0
-    for step in range(1, cfg.steps + 1):
-        model.cpu()
-        if cfg.method == "l1-unstructured":
-            goal = cfg.target * step / cfg.steps
-            apply_l1_unstructured(layers, (goal - done) / (1.0 - done))
-            done = goal
-        elif cfg.method == "l1-channel":
-            pruner.step()
-        else:
-            apply_two_four(model)
-        row: dict[str, Any] = {"step": step, "top1_pruned": _accuracy(model, splits, cfg.loop)}
-        if cfg.method == "l1-channel" and cfg.bn_images:
-            row["bn_images"] = reestimate_batchnorm(model, splits, cfg.loop, cfg.bn_images)
-            row["top1_bn"] = _accuracy(model, splits, cfg.loop)
-        if cfg.finetune_epochs:
-            # masks held by torch.nn.utils.prune: plain NCHW weights (its global ranking views them flat) and
-            # float32 (masked zeros were found non-zero after bf16 fine-tuning in 2 of 4 full test runs; cause
-            # not pinned down, see the issue note)
-            held = cfg.method != "l1-channel"
-            loop = dataclasses.replace(cfg.finetune_loop,
-                                       channels_last=cfg.loop.channels_last and not held,
-                                       amp=cfg.loop.amp and not held)
-            fit(model, splits, loop, loss_fn=loss_fn)
-            model.to(memory_format=torch.contiguous_format)
-            row["top1_finetuned"] = _accuracy(model, splits, cfg.loop)
-        rounds.append(row)
-        logger.info("round %d/%d: top-1 %.4f after pruning%s%s", step, cfg.steps, row["top1_pruned"],
-                    f", {row['top1_bn']:.4f} with BatchNorm re-estimated" if "top1_bn" in row else "",
-                    f", {row['top1_finetuned']:.4f} after fine-tuning" if "top1_finetuned" in row else "")
+    rounds = [_round(step, model, pruner, cfg, splits, loss_fn) for step in range(1, cfg.steps + 1)]
 
     model.cpu().eval()  # masks still held: save_checkpoint folds them (checkpoint.fold_prune_masks)
-    layers = prunable_layers(model, include_stem_and_fc=cfg.include_stem_and_fc)
-    macs_after, params_after = count_macs_params(model, size)
-    report = sparsity(layers)
-    metrics = {
-        "method": cfg.method, "amount": 0.5 if cfg.method == "2:4" else cfg.target,
-        "top1_before": top1_before, "top1_pruned": rounds[-1]["top1_pruned"],
-        # before any fine-tuning: with re-estimated BatchNorm statistics when bn_images > 0
-        "top1_before_finetune": rounds[-1].get("top1_bn", rounds[-1]["top1_pruned"]),
-        "top1_after": rounds[-1].get("top1_finetuned", rounds[-1]["top1_pruned"]),
-        "macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
-        "params_after": params_after, "nonzero_params_after": params_after - report["zeros"],
-        "sparsity": report["overall"], "sparsity_per_layer": report["per_layer"], "rounds": rounds,
-    }
-    metrics["val_top1"] = metrics["top1_after"]
+    metrics = _metrics(model, size, cfg, pruner.amount, top1_before, (macs_before, params_before), rounds)
     save_checkpoint(out, model, arch=loaded.arch, stem=loaded.stem, class_names=splits.class_names,
                     preprocessing=loaded.preprocessing, metrics=metrics)
-    inputs = {"model": loaded.describe(), "data": splits.describe()}
+    described = {"model": loaded.describe(), "data": splits.describe()}
     if teacher:
-        inputs["teacher"] = teacher.describe()
-    write_manifest(out, stage="prune", config=cfg, inputs=inputs, preprocessing=loaded.preprocessing.to_dict(),
+        described["teacher"] = teacher.describe()
+    write_manifest(out, stage="prune", config=cfg, inputs=described, preprocessing=loaded.preprocessing.to_dict(),
                    class_names=splits.class_names, metrics=metrics, extra={"arch": loaded.arch, "stem": loaded.stem})
     return Artifact.of(out)

@@ -6,10 +6,16 @@ import json
 
 import pytest
 import torch
+import torch_pruning as tp
+from torch import nn
 
 from conftest import SLICE, TINY, error_line, run_cli
 from optimize.checkpoint import load_checkpoint
-from optimize.prune import count_macs_params, prunable_layers, two_four_mask
+from optimize.configs import PRUNE_METHODS, PruneConfig
+from optimize.errors import CheckpointError
+from optimize.models import build_resnet
+from optimize.prune import (PRUNERS, ChannelPruner, TwoFourPruner, UnstructuredPruner, count_macs_params, l1_scores,
+                            prunable_layers, two_four_mask)
 
 
 def _prune(student, out, *args):
@@ -89,6 +95,80 @@ def test_two_four_mask_keeps_the_two_largest():
     assert two_four_mask(w).flatten().tolist() == [0, 1, 1, 0, 1, 1, 0, 0]
 
 
+# -- pruners and scorers: every method has a pruner, and the scorer it is given decides what goes ----------------
+
+def test_every_method_has_a_pruner():
+    assert set(PRUNERS) == set(PRUNE_METHODS)
+
+
+def _inverse_l1(module: nn.Module) -> torch.Tensor:
+    """A custom scorer: the smaller |w|, the higher the score (L1 turned around)."""
+    return 1 / l1_scores(module)
+
+
+def _ramp_conv(in_channels: int) -> nn.Conv2d:
+    """A 1x1 conv whose weights are +-1 .. +-n in a shuffled order, signs alternating: |w| ranks them."""
+    conv = nn.Conv2d(in_channels, 2, 1, bias=False)
+    n = conv.weight.numel()
+    values = torch.arange(1, n + 1, dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(n // 2)
+    with torch.no_grad():
+        conv.weight.copy_(values[torch.randperm(n, generator=torch.Generator().manual_seed(0))].view_as(conv.weight))
+    return conv
+
+
+def _kept(conv: nn.Conv2d) -> set[int]:
+    return {int(v) for v in conv.weight.detach().abs().flatten() if v != 0}
+
+
+def test_a_custom_scorer_decides_which_weights_go():
+    conv, inverse = _ramp_conv(8), _ramp_conv(8)  # 16 weights, |w| = 1 .. 16
+    UnstructuredPruner([("conv", conv)], amount=0.5).step()
+    UnstructuredPruner([("conv", inverse)], amount=0.5, scorer=_inverse_l1).step()
+    assert _kept(conv) == set(range(9, 17))  # L1: the largest half stays
+    assert _kept(inverse) == set(range(1, 9))  # inverted: the smallest half stays
+
+    model, inverse = nn.Sequential(_ramp_conv(4)), nn.Sequential(_ramp_conv(4))  # two outputs x one group of 4
+    TwoFourPruner(model).step()
+    TwoFourPruner(inverse, scorer=_inverse_l1).step()
+    groups = [sorted(abs(int(v)) for v in row) for row in _ramp_conv(4).weight.detach().view(2, 4)]
+    assert _kept(model[0]) == {v for g in groups for v in g[2:]}  # the 2 largest of each 4
+    assert _kept(inverse[0]) == {v for g in groups for v in g[:2]}  # the 2 smallest
+
+
+def test_a_weight_scorer_must_give_non_negative_scores_shaped_like_the_weight():
+    # torch's L1 ranking takes the scores' magnitudes: a negative score would count as a large one, silently
+    for scorer in (lambda m: -l1_scores(m), lambda m: l1_scores(m).flatten()):
+        with pytest.raises(ValueError, match="non-negative scores shaped like the weight"):
+            UnstructuredPruner([("conv", _ramp_conv(8))], amount=0.5, scorer=scorer).step()
+
+
+def _ramped_block(model: nn.Module) -> nn.Module:
+    """``model.layer1[0]`` with channel j of its inner group (conv1's outputs, bn1, conv2's inputs) weighing
+    j + 1 everywhere: any magnitude ranks that group's channels by j."""
+    block = model.layer1[0]
+    ramp = torch.arange(1, block.conv1.out_channels + 1, dtype=torch.float32)
+    with torch.no_grad():
+        block.conv1.weight.copy_(0.01 * ramp.view(-1, 1, 1, 1).expand_as(block.conv1.weight))
+        block.bn1.weight.copy_(ramp)
+        block.bn1.bias.copy_(ramp)
+        block.conv2.weight.copy_(0.01 * ramp.view(1, -1, 1, 1).expand_as(block.conv2.weight))
+    return block
+
+
+def test_a_custom_group_scorer_decides_which_channels_go():
+    l1 = tp.importance.MagnitudeImportance(p=1)  # the channel pruner's default, made here to turn it around
+    kept = {}
+    for name, scorer in (("l1", None), ("inverse", lambda group: -l1(group))):
+        model = build_resnet("resnet18", 10, stem="cifar")
+        block = _ramped_block(model)
+        ChannelPruner(model, torch.zeros(1, 3, 16, 16), amount=0.5, scorer=scorer).step()
+        kept[name] = sorted(int(round(float(v) / 0.01)) - 1 for v in block.conv1.weight.detach()[:, 0, 0, 0])
+    channels = list(range(64))
+    assert 0 < len(kept["l1"]) < 64 and 0 < len(kept["inverse"]) < 64, kept
+    assert kept["l1"] == channels[-len(kept["l1"]):]  # L1: the largest channels stay
+    assert kept["inverse"] == channels[:len(kept["inverse"])]  # inverted: the smallest stay
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--amount", "1.0"], "--amount"),
     (["--amount", "-0.1"], "--amount"),
@@ -133,16 +213,12 @@ def test_channel_pruning_needs_a_resnet():
     Called directly: every model the CLI loads as trainable is rebuilt as a torchvision ResNet, so this check cannot
     be reached from the command line. A ResNet with a custom head (``fc`` a Sequential) is what it guards against.
     """
-    from optimize.errors import CheckpointError
-    from optimize.models import build_resnet
-    from optimize.prune import PruneConfig, make_channel_pruner
-
     cfg = PruneConfig(model="custom-head.pth", out="p.pth", method="l1-channel")
     resnet = build_resnet("resnet18", 10, stem="cifar")
-    assert make_channel_pruner(resnet, cfg, 16) is not None  # the plain ResNet passes: the check tells them apart
+    assert ChannelPruner.from_config(resnet, cfg, 16) is not None  # the plain ResNet passes: the check tells them apart
     resnet.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), resnet.fc)
     with pytest.raises(CheckpointError, match=r"custom-head\.pth is not a torchvision-style ResNet.*l1-channel needs"):
-        make_channel_pruner(resnet, cfg, 16)
+        ChannelPruner.from_config(resnet, cfg, 16)
 
 
 def test_the_tracing_example_sits_where_the_model_is():
