@@ -29,16 +29,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from optimize.artifacts import read_manifest, write_manifest
-from optimize.configs import BenchmarkConfig, BuildConfig, CalibConfig
-
-from optimize.benchmark.measure import cpu_name
-from .results_doc import write_section
 from optimize import build_engine, calibrate, openvino_backend as ovb
+from optimize.artifacts import read_manifest, write_manifest
 from optimize.batcher import ImageBatcher
+from optimize.benchmark import report
+from optimize.benchmark.measure import cpu_name
+from optimize.configs import BenchmarkConfig, BuildConfig, CalibConfig
 from optimize.data import load_data
 from optimize.onnx_model import OnnxModel
-from optimize.benchmark import report
+
+from .results_doc import write_section
 
 logger = logging.getLogger("benchmarks.cpu_runtimes")
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from optimize.benchmark.report import cpu_name
 from benchmarks.results_doc import write_section
 from optimize import train
 from optimize.artifacts import Artifact, read_manifest
+from optimize.benchmark.report import cpu_name
 from optimize.errors import ConfigError
 from optimize.loop import LoopConfig
 

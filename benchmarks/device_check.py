@@ -36,12 +36,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from optimize import train
 from optimize.configs import PRESETS, GpuCheckConfig
 from optimize.cuda_runtime import CudaRuntime
-from optimize.runners import open_runner
 from optimize.peak import cuda_peak
-from optimize import train
 from optimize.pipeline import stage_config
+from optimize.runners import open_runner
 
 logger = logging.getLogger("benchmarks.device_check")
 ROOT = Path(__file__).resolve().parents[1]

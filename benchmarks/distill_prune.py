@@ -20,10 +20,10 @@ import json
 import logging
 from pathlib import Path
 
-from optimize.benchmark.report import cpu_name
 from benchmarks.results_doc import write_section
 from optimize import distill, prune, train
 from optimize.artifacts import Artifact, library_versions, read_manifest
+from optimize.benchmark.report import cpu_name
 from optimize.checkpoint import load_checkpoint
 from optimize.loop import LoopConfig
 

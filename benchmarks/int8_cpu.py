@@ -27,8 +27,8 @@ from optimize.models import build_resnet
 from optimize.onnx_model import OnnxModel
 from optimize.preprocess import fashion_mnist_preset
 
-from optimize.benchmark.report import cpu_name
 from .results_doc import write_section
+from optimize.benchmark.report import cpu_name
 
 logger = logging.getLogger("benchmarks.int8_cpu")
 

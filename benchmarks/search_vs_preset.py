@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from optimize.benchmark import report
 from benchmarks.results_doc import write_section
+from optimize.benchmark import report
 from optimize.timing import Spread, compare
 
 

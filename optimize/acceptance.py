@@ -33,10 +33,10 @@ from .configs import SMALL_IMAGE
 from .data import load_data
 from .errors import PackageError
 from .onnx_model import OnnxModel
-from .preprocess import load_image
-from .timing import cpu_facts
-from .runners import open_runner
 from .openvino_backend import available
+from .preprocess import load_image
+from .runners import open_runner
+from .timing import cpu_facts
 
 logger = logging.getLogger(__name__)
 

@@ -28,20 +28,20 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
+from . import calibrate, openvino_backend as ovb
 from .artifacts import Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output, read_manifest, \
     sha256_file, write_manifest
+from .batcher import ImageBatcher
 from .configs import BuildConfig, CalibConfig, parse_size
-from .errors import ConfigError
-from .onnx_model import OnnxModel
 from .cuda_runtime import device_facts
+from .data import load_data
+from .errors import ConfigError
 from .fp16 import to_fp16_onnx
+from .onnx_model import OnnxModel
+from .openvino_backend import SUFFIX, import_openvino
+from .runners import OnnxRuntimeRunner, default_threads
 from .tensorrt_backend import EngineBuilder, Profile, check_dla, import_tensorrt, trt_version
 from .timing import Race, Spread, cpu_facts, race
-from . import calibrate, openvino_backend as ovb
-from .runners import OnnxRuntimeRunner, default_threads
-from .batcher import ImageBatcher
-from .data import load_data
-from .openvino_backend import SUFFIX, import_openvino
 
 logger = logging.getLogger(__name__)
 

@@ -24,24 +24,23 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 
-from optimize.artifacts import (Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output,
+from .artifacts import (Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output,
                                 resolve_data, write_json, write_manifest)
-from optimize.batcher import ImageBatcher
-from optimize.configs import CPU_FORMS, FASHION_MNIST, CalibConfig
-from optimize.data import DataSplits, load_data
-from optimize.errors import CalibrationError, DataError
-from optimize.onnx_model import OnnxModel
-from optimize.preprocess import Preprocessing
-from optimize.timing import time_throughput
+from .batcher import ImageBatcher
+from .configs import CPU_FORMS, FASHION_MNIST, CalibConfig, available_cores
+from .data import DataSplits, load_data
+from .errors import CalibrationError, DataError
+from .onnx_model import OnnxModel
+from .preprocess import Preprocessing
+from .timing import time_throughput
 
 from calib import qdq, ranges
 
@@ -57,10 +56,10 @@ def _ort():
 
 
 def session(path: str | Path):
-    """An ONNX Runtime CPU session using every core (the same threads for every model compared)."""
+    """An ONNX Runtime CPU session using every core this process may use (the same threads for every model compared)."""
     ort = _ort()
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.intra_op_num_threads = available_cores()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -72,7 +71,8 @@ def throughput(path: str | Path, image_size: int, *, batch: int = 8, seconds: fl
     return time_throughput(lambda: sess.run(None, {name: x}), batch=batch, seconds=seconds, warmup=3)
 
 
-def predictions(model: str | Path | Any, batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
+def predictions(model: str | Path | Callable[[np.ndarray], np.ndarray],
+                batcher: ImageBatcher) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 predictions of ``model`` over ``batcher`` and the labels.
 
     Args:
@@ -327,7 +327,7 @@ def _metrics(cfg: CalibConfig, chosen: str, candidates: dict[str, dict[str, Any]
     metrics = {"target": cfg.target, "form": chosen, "top1_fp32": fp32["top1"], "top1_int8": best["top1"],
                "top1_drop_pt": 100 * (fp32["top1"] - best["top1"]) if measured else None,
                "agreement_with_fp32": best["agreement_with_fp32"], "val_images": val_images,
-               "candidates": candidates, "fp32": fp32, "threads": os.cpu_count()}
+               "candidates": candidates, "fp32": fp32, "threads": available_cores()}
     if cfg.target == "cpu":
         metrics["int8_faster_than_fp32"] = best["speedup_vs_fp32"] > 1.0
     if measured:

@@ -25,8 +25,8 @@ from torch import nn
 
 from .artifacts import Artifact, check_not_input, prepare_output
 from .checkpoint import load_checkpoint
-from .data import default_preprocessing, load_data
 from .configs import DistillConfig
+from .data import default_preprocessing, load_data
 from .errors import CheckpointError
 from .evaluate import check_model_fits_data
 from .loop import LossFn, split_class_weights

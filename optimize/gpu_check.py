@@ -28,17 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from optimize.artifacts import Artifact, atomic_path, engine_path, prepare_output, write_json
-from optimize.configs import GpuCheckConfig
-from optimize.cuda_runtime import CudaRuntime, cuda_text, driver_cuda_version, install_hint, native_handle
-from optimize.device import DeviceError, cuda_available, ort_cuda_missing, ort_has_cuda, torch_cuda_missing
-from optimize.errors import ConfigError, EdgeoptError
-
-from .benchmark import report
-from optimize.tensorrt_backend import import_tensorrt
-from optimize.runners import open_runner
 from . import build_engine
-from optimize.onnx_model import OnnxModel
+from .artifacts import Artifact, atomic_path, engine_path, prepare_output, write_json
+from .benchmark import report
+from .configs import GpuCheckConfig
+from .cuda_runtime import CudaRuntime, cuda_text, driver_cuda_version, install_hint, native_handle
+from .device import DeviceError, cuda_available, ort_cuda_missing, ort_has_cuda, torch_cuda_missing
+from .errors import ConfigError, EdgeoptError
+from .onnx_model import OnnxModel
+from .runners import open_runner
+from .tensorrt_backend import import_tensorrt
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from PIL import Image
 
 from .batcher import ImageBatcher
 from .bundle.runner import expand
-from .data import LabeledImages
 from .configs import InferConfig
+from .data import LabeledImages
 from .errors import DataError, NonFiniteOutputError
 from .preprocess import Preprocessing, folder_preset, load_image
 from .runners import Runner, RunnerError, backend_of, open_runner

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import unwrap
-from .data import DataSplits, LabeledImages, skip_unreadable_collate
 from .configs import CLASS_WEIGHTS, LoopConfig, default_workers
+from .data import DataSplits, LabeledImages, skip_unreadable_collate
 from .device import torch_device
 from .errors import ConfigError, DivergedError
 from .metrics import EvalMetrics, confusion_matrix

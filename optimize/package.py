@@ -46,11 +46,11 @@ from .artifacts import Artifact, calibration_cache_path, library_versions, manif
 from .build_engine import int8_step
 from .configs import DEFAULT_BATCHES, CalibConfig, PackageConfig, acceptance_count, parse_size
 from .errors import ConfigError, OutputError, PackageError
-from .onnx_model import OnnxModel
-from .runners import backend_of
 from .fp16 import to_fp16_onnx
-from .tensorrt_backend import MIN_VERSION, Profile
+from .onnx_model import OnnxModel
 from .openvino_backend import copy_ir, weights_path
+from .runners import backend_of
+from .tensorrt_backend import MIN_VERSION, Profile
 
 logger = logging.getLogger(__name__)
 

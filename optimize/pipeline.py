@@ -37,17 +37,17 @@ from typing import Any, Callable
 
 import yaml
 
+from . import build_engine, calibrate, distill, export, openvino_backend, prune, train
 from .artifacts import (Artifact, calibration_cache_path, engine_path, last_checkpoint_path, prepare_output,
                         sha256_file, write_json)
+from .benchmark import report
 from .configs import PRESETS, STAGE_CONFIGS, LoopConfig, PipelineConfig, RecipeCommon
 from .data import FASHION_MNIST, data_fingerprint
-from .errors import ConfigError, EdgeoptError
-from .benchmark import report
-from . import build_engine, calibrate, distill, export, openvino_backend, prune, train
-from .tensorrt_backend import import_tensorrt
 from .device import require_ort_cuda, resolve_device, resolve_for
-from .runners import backend_of
+from .errors import ConfigError, EdgeoptError
 from .lock import locked
+from .runners import backend_of
+from .tensorrt_backend import import_tensorrt
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from torch.nn.utils import prune as tprune
 
 from .artifacts import Artifact, check_not_input, prepare_output, read_manifest, write_manifest
 from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from .data import DataSplits, load_data
 from .configs import PruneConfig
+from .data import DataSplits, load_data
 from .device import torch_device
 from .distill import distillation_loss
 from .errors import CheckpointError

@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from . import openvino_backend as ovb
 from .artifacts import read_manifest
+from .checkpoint import load_checkpoint
+from .configs import available_cores
 from .device import require_ort_cuda, resolve_device, resolve_for
 from .errors import RunnerError
-from .configs import available_cores
 from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
-from .checkpoint import load_checkpoint
-from . import openvino_backend as ovb
 from .tensorrt_backend import TensorRTExecution
 
 logger = logging.getLogger(__name__)

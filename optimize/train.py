@@ -18,9 +18,9 @@ from torch import nn
 from .artifacts import (Artifact, last_checkpoint_path, manifest_path, prepare_output, read_manifest, write_json,
                         write_manifest)
 from .checkpoint import load_checkpoint, save_checkpoint
+from .configs import TrainConfig
 from .data import DataSplits, default_preprocessing, load_data
 from .errors import CheckpointError, ConfigError
-from .configs import TrainConfig
 from .loop import EarlyStop, FitResult, LoopConfig, fit, split_class_weights
 from .models import build_resnet, set_trainable
 from .preprocess import Preprocessing

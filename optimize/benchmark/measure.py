@@ -31,13 +31,13 @@ from optimize.device import ort_cuda_missing, ort_has_cuda, require_ort_cuda
 from optimize.errors import ConfigError, DataError, EdgeoptError
 from optimize.metrics import classification_metrics, confusion_matrix
 from optimize.onnx_model import OnnxModel
+from optimize.openvino_backend import INSTALL_HINT, SUFFIX, available, weights_path
+from optimize.peak import row_efficiency
 from optimize.preprocess import Preprocessing
+from optimize.prune import count_macs_params, prunable_layers, sparsity
 from optimize.runners import Runner, backend_of, open_runner
 from optimize.timing import (Spread, compare, cpu_facts, images_per_second, interleaved, isa_summary, time_runs,
                              time_throughput)
-from optimize.prune import count_macs_params, prunable_layers, sparsity
-from optimize.openvino_backend import INSTALL_HINT, SUFFIX, available, weights_path
-from optimize.peak import row_efficiency
 
 if TYPE_CHECKING:
     from optimize.configs import BenchmarkConfig

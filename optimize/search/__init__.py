@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import Artifact, prepare_output, resolve_data, sha256_file
+from .choose import choose
 from ..configs import SearchConfig
 from ..errors import ConfigError, EdgeoptError
 from ..lock import locked
-from .choose import choose
 from .report import BEST_YAML, REPORT_JSON, REPORT_MD, render_markdown, reproduce_command, speed_text, write_report
 from .shared import baseline_figures, check_teacher_fits, shared_student
 from .space import starting_point, suggest, trial_recipe

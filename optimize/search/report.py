@@ -8,10 +8,10 @@ from typing import Any
 
 from ..artifacts import Artifact, atomic_path, write_json
 from ..benchmark.gates import pareto_front
-from ..configs import SearchConfig
-from ..timing import cpu_facts, isa_summary
 from .choose import choose
+from ..configs import SearchConfig
 from .space import write_recipe
+from ..timing import cpu_facts, isa_summary
 
 REPORT_JSON = "search.json"
 REPORT_MD = "report.md"

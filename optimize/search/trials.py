@@ -18,10 +18,10 @@ from typing import Any, Callable
 from .. import pipeline
 from ..artifacts import read_manifest
 from ..benchmark import report as benchmark_report
+from .choose import choose, completed_rows
 from ..configs import SearchConfig
 from ..errors import EdgeoptError, SearchError
 from ..lock import process_record
-from .choose import choose, completed_rows
 from .space import suggest, trial_recipe, write_recipe
 from .study import counts, fail_dead_trials, load_optuna
 
