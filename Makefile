@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUNS ?= runs/demo
 PYTEST_ARGS ?=
-# one worker per core, a test file per worker (module fixtures stay shared): 8 min instead of 12 on 2 cores
+# one worker per core, a test file per worker (module fixtures stay shared), each worker pinned to its core
+# (tests/conftest.py): 9:45 for 647 tests on 2 cores instead of 13:40 for 418 unpinned
 PYTEST_PARALLEL ?= -n auto --dist loadfile
 
 .PHONY: help setup data test test-modelopt gpu-check device-check device-check-prepare demo clean

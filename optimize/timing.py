@@ -94,6 +94,13 @@ def interleaved(windows: dict[K, Callable[[float], T]], *, rounds: int, seconds:
     return results
 
 
+NOISE_FLOOR = 0.03
+"""Two figures closer than this (3%) are within noise even when the ranges of their rounds do not touch. Two ONNX
+Runtime sessions of the same bytes, pinned to one core, measured 1.6% apart in every one of 7 interleaved rounds
+(the suite, 2026-12-04): where each session's memory landed is a difference between sessions that no number of
+rounds removes, so a lead that small ranks nothing."""
+
+
 @dataclass(frozen=True)
 class Spread:
     """A figure measured in several rounds: the median, the lowest and the highest round."""
@@ -116,8 +123,10 @@ class Spread:
         return (self.high - self.low) / 2
 
     def overlaps(self, other: "Spread") -> bool:
-        """True when the two ranges overlap: the rounds cannot tell the two figures apart ("within noise")."""
-        return self.low <= other.high and other.low <= self.high
+        """True when the rounds cannot tell the two figures apart ("within noise"): their ranges overlap once each
+        reaches :data:`NOISE_FLOOR` further up."""
+        reach = 1 + NOISE_FLOOR
+        return self.low <= other.high * reach and other.low <= self.high * reach
 
     def ratio(self, other: "Spread") -> tuple[float, float, float]:
         """``self / other``: the ratio of the medians, and the lowest and highest ratio the two ranges allow."""
@@ -136,7 +145,8 @@ class Spread:
 def compare(a: Spread, b: Spread) -> dict[str, Any]:
     """How ``a`` compares with ``b`` (higher is better, e.g. img/s): ratio, its range, and the verdict.
 
-    ``verdict`` is ``faster`` / ``slower`` when the ranges do not overlap, else ``within noise``.
+    ``verdict`` is ``faster`` / ``slower`` when the ranges do not overlap (:meth:`Spread.overlaps`: nor come within
+    :data:`NOISE_FLOOR` of each other), else ``within noise``.
     """
     ratio, low, high = a.ratio(b)
     verdict = "within noise" if a.overlaps(b) else ("faster" if a.median > b.median else "slower")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize.artifacts import atomic_path
-from optimize.timing import isa_summary
+from optimize.timing import NOISE_FLOOR, isa_summary
 
 PLOT_PARETO, PLOT_LATENCY = "accuracy_vs_throughput.png", "latency_vs_batch.png"
 
@@ -88,8 +88,8 @@ def _title(v: _View) -> list[str]:
             f"{cfg['rounds']} rounds; in each, every artifact takes its turn for a {cfg['seconds']:g} s window per "
             f"batch size (order rotated each round; {cfg['warmup']} warm-up runs before the first). Figures are "
             "medians over the rounds, ± half the range between the slowest and fastest round; a speedup whose "
-            "range overlaps the baseline's is marked *within noise*. Inputs preallocated (device memory on CUDA, "
-            "synchronised).", ""]
+            f"range overlaps the baseline's, or comes within {NOISE_FLOOR:.0%} of it, is marked *within noise*. "
+            "Inputs preallocated (device memory on CUDA, synchronised).", ""]
 
 
 def _table(v: _View) -> list[str]:

@@ -7,7 +7,8 @@ size, and an end-to-end figure that includes preprocessing. The runners (:mod:`o
 face, so every backend is timed by the same loop: the input is prepared once (device memory on CUDA, where each
 run is synchronised), a few warm-up runs, then ``rounds`` rounds in which every artifact takes its turn for one
 window per batch size (:mod:`optimize.timing`). Each speed figure is the median over the rounds with the
-slowest and fastest round beside it; a speedup whose two ranges overlap is "within noise". The final artifact
+slowest and fastest round beside it; a speedup whose two ranges overlap (or come within
+:data:`optimize.timing.NOISE_FLOOR` of each other) is "within noise". The final artifact
 and every "A beats B" statement (INT8 gate, verdicts) are read from those medians, against the user's budgets
 (``max_accuracy_drop``, ``min_speedup``).
 
