@@ -27,6 +27,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -371,6 +373,28 @@ def _naming_checkpoint_on_interrupt(kept: _Kept):
         raise TrainingInterrupted(kept.checkpoint, kept.epoch) from e
 
 
+@contextlib.contextmanager
+def _interrupt_after_saving():
+    """Hold a Ctrl-C that lands while an epoch's checkpoints are written until they are, then raise it.
+
+    A checkpoint is in place before its manifest is written (the first manifest of a process imports every library
+    it records: seconds); a Ctrl-C in between used to say "no checkpoint to resume from" beside the checkpoint it
+    had just written. Only the main thread can take signals; elsewhere this holds nothing.
+    """
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):  # another thread, a handler set outside Python, or Ctrl-C ignored
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def cross_entropy_loss(label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> LossFn:
     ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
@@ -693,11 +717,12 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
         while state.epoch < cfg.epochs and (stop := early_stop(state, cfg)) is None:
             row = run_epoch(state, setup)
             _raise_if_diverged(model, row, writer)
-            if state.record(row) and writer:
-                writer.save_best(model, dict(row))
-            if writer:
-                state.save(writer)
-                kept.checkpoint, kept.epoch = getattr(writer, "last", None), state.epoch
+            with _interrupt_after_saving():
+                if state.record(row) and writer:
+                    writer.save_best(model, dict(row))
+                if writer:
+                    state.save(writer)
+                    kept.checkpoint, kept.epoch = getattr(writer, "last", None), state.epoch
             if setup.ctx.enabled:
                 tdist.barrier()
     if stop is not None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +20,8 @@ from optimize.checkpoint import load_checkpoint
 from optimize.configs import LoopConfig
 from optimize.data import load_data
 from optimize.errors import DivergedError
-from optimize.loop import (_make_scheduler, class_weights, cpu_has_native_bf16, cross_entropy_loss, fit, run_epoch,
-                           start_run, train_one_epoch, warmup_cosine)
+from optimize.loop import (TrainingInterrupted, _make_scheduler, class_weights, cpu_has_native_bf16, cross_entropy_loss,
+                           fit, run_epoch, start_run, train_one_epoch, warmup_cosine)
 from optimize.models import build_resnet
 from optimize.preprocess import fashion_mnist_preset
 from optimize.train import CheckpointWriter
@@ -302,3 +305,31 @@ def test_a_last_batch_of_one_image_sits_out(tmp_path):
                    "--batch-size", "50", "--epochs", "1", "--schedule", "none", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "leave a last batch of one" in proc.stderr and out.is_file()
+
+
+class _InterruptedWhileSaving(_Saved):
+    """A writer whose resumable checkpoint is in place (``last``) when Ctrl-C comes, before its save returns (as
+    when the manifest beside it is still being written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[int] = []
+        self.last = None
+
+    def save_last(self, model, train_state):
+        self.epochs.append(train_state["epoch"])
+        self.last = Path("killed.last.pth")
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_names_that_checkpoint():
+    """The interrupt waits for the epoch's checkpoints, so its message names the one just written instead of
+    saying there is none to resume from."""
+    torch.manual_seed(0)
+    splits = load_data("fashion-mnist", fashion_mnist_preset(image_size=16), train_limit=128, val_limit=64,
+                       augment=False)
+    writer = _InterruptedWhileSaving()
+    cfg = LoopConfig(epochs=3, batch_size=64, device="cpu", progress=False, schedule="none")
+    with pytest.raises(TrainingInterrupted, match=r"checkpoint of epoch 1, killed\.last\.pth, is kept") as caught:
+        fit(build_resnet("resnet18", 10), splits, cfg, writer=writer)
+    assert caught.value.checkpoint == Path("killed.last.pth") and writer.epochs == [1]
