@@ -59,26 +59,30 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return found
 
 
-def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The FP16 copy of ``model`` (see the module docstring) and what was kept float32."""
+def _prepared(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool, int]:
+    """A copy of ``model`` to edit in place (moved to opset 19 first when it is Q/DQ), whether it is Q/DQ, and the
+    opset it came with."""
     qdq = any(n.op_type in QDQ_OPS for n in model.graph.node)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if qdq and opset < QDQ_FP16_OPSET:
         model = onnx.version_converter.convert_version(model, QDQ_FP16_OPSET)
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    floats = _float_tensors(model)
-    outputs = {o.name for o in g.output}
-    blocked = _blocked_ops()
-    originals = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]
-    keep = {i for i, n in enumerate(originals) if n.op_type in blocked or outputs & set(n.output)}  # stay FP32
+    return onnx.ModelProto.FromString(model.SerializeToString()), qdq, opset
+
+
+def _consumers(nodes: list[onnx.NodeProto]) -> dict[str, list[int]]:
+    """Tensor name -> indices of the nodes reading it."""
     consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(originals):
+    for i, node in enumerate(nodes):
         for name in node.input:
             consumers.setdefault(name, []).append(i)
+    return consumers
 
-    # float32 initializers read only by FP16 nodes become float16; the rest stay and get Casts
-    half: set[str] = set()  # float tensors that are float16 in the copy
+
+def _halve(g: onnx.GraphProto, originals: list[onnx.NodeProto], floats: set[str], keep: set[int]) -> set[str]:
+    """Turn to float16 the initializers read only by FP16 nodes and the FP16 nodes' Constants (in place); returns
+    the float tensors that are float16 in the copy. Initializers that a kept node reads stay and get Casts."""
+    consumers = _consumers(originals)
+    half: set[str] = set()
     for init in g.initializer:
         readers = consumers.get(init.name, [])
         if init.name in floats and readers and all(i not in keep for i in readers):
@@ -94,7 +98,14 @@ def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
                     attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16),
                                                             attr.t.name))
         half.update(out for out in node.output if out in floats)
+    return half
 
+
+def _with_casts(originals: list[onnx.NodeProto], keep: set[int], floats: set[str], half: set[str],
+                outputs: set[str]) -> list[onnx.NodeProto]:
+    """``originals`` (edited in place) with a Cast before each input whose precision differs from its node's, one
+    per tensor and precision, placed where first needed so the graph stays sorted; FP16 nodes writing a graph
+    output write ``<name>_fp16`` and a final Cast gives back the float32 output."""
     casts: dict[tuple[str, int], str] = {}
     nodes: list[onnx.NodeProto] = []
 
@@ -120,6 +131,20 @@ def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
         nodes.append(node)
     for name, inner in renamed_outputs.items():
         nodes.append(helper.make_node("Cast", [inner], [name], to=TensorProto.FLOAT, name=f"{name}_as_fp32_cast"))
+    return nodes
+
+
+def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The FP16 copy of ``model`` (see the module docstring) and what was kept float32."""
+    model, qdq, opset = _prepared(model)
+    g = model.graph
+    floats = _float_tensors(model)
+    outputs = {o.name for o in g.output}
+    blocked = _blocked_ops()
+    originals = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]
+    keep = {i for i, n in enumerate(originals) if n.op_type in blocked or outputs & set(n.output)}  # stay FP32
+    half = _halve(g, originals, floats, keep)
+    nodes = _with_casts(originals, keep, floats, half, outputs)
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
