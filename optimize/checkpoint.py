@@ -222,6 +222,70 @@ def _check_edgeopt_fields(obj: Mapping, path: Path) -> None:
         raise CheckpointError(f"{path}: the checkpoint records arch {obj['arch']!r} but holds {looks}; {fix}")
 
 
+def _check_file(path: Path) -> None:
+    """Refuse a path that is no readable checkpoint file before anything reads it."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, a FIFO or a socket)"
+        raise CheckpointError(f"checkpoint {path} is {kind}; give the checkpoint file itself")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (train one with 'cli.py train')")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty; copy it again or re-save it")
+
+
+def _load_torchscript(path: Path, digest: str, manifest: Mapping) -> LoadedModel:
+    """A TorchScript file: forward only; class names and preprocessing only from its manifest."""
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} looks like TorchScript but does not load: {str(e).splitlines()[0]}") from e
+    pre = manifest.get("preprocessing")
+    return LoadedModel(module.eval(), "torchscript", path, digest, class_names=manifest.get("class_names"),
+                       preprocessing=_recorded_preprocessing(pre or None, f"{path}'s manifest"))
+
+
+def _load_edgeopt(obj: Mapping, path: Path, digest: str, arch: str | None) -> LoadedModel:
+    """Our own format: its version and fields checked, the model rebuilt as recorded."""
+    version = obj.get("version")
+    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is an edgeopt checkpoint of format version {version!r}; this edgeopt "
+                              f"reads versions 1 to {CHECKPOINT_VERSION}: update edgeopt to load it")
+    _check_edgeopt_fields(obj, path)
+    preprocessing = _recorded_preprocessing(obj["preprocessing"], str(path))
+    if arch and arch != obj["arch"]:
+        raise CheckpointError(f"{path} holds a {obj['arch']}, not --arch {arch}; drop --arch or fix it")
+    model, _, _ = model_from_state_dict(obj["state_dict"], arch=obj["arch"], stem=obj["stem"], source=str(path))
+    extra = {k: v for k, v in obj.items() if k not in {"format", "version", "arch", "stem", "num_classes",
+                                                        "class_names", "preprocessing", "state_dict", "metrics"}}
+    return LoadedModel(model.eval(), "edgeopt", path, digest, obj["arch"], obj["stem"], obj["num_classes"],
+                       list(obj["class_names"]), preprocessing,
+                       dict(obj.get("metrics") or {}), extra)
+
+
+def _load_module(obj: nn.Module, path: Path, digest: str, arch: str | None) -> LoadedModel:
+    """A pickled whole module (only reachable with trust=True): rebuilt as a ResNet when its weights are one, else
+    kept as it is, forward only."""
+    sd = _as_state_dict(obj.state_dict(), str(path))
+    if sd is not None and guess_arch(sd) is not None:
+        model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
+        return LoadedModel(model.eval(), "pickled-module", path, digest, found_arch, stem, model.fc.out_features)
+    logger.warning("%s is a %s, not a torchvision ResNet: usable forward-only (as a teacher)", path,
+                   type(obj).__name__)
+    return LoadedModel(obj.eval(), "pickled-module", path, digest)
+
+
+def _load_state_dict(obj: Any, path: Path, digest: str, arch: str | None, manifest: Mapping) -> LoadedModel:
+    """A foreign state_dict (see :func:`_as_state_dict`); class names and preprocessing only from its manifest."""
+    sd = _as_state_dict(obj, str(path))
+    if sd is None:
+        raise CheckpointError(f"{path} is a PyTorch file but holds no model weights (found {type(obj).__name__}); "
+                              "give an edgeopt checkpoint, a ResNet state_dict or a TorchScript file")
+    model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
+    pre = manifest.get("preprocessing")
+    return LoadedModel(model.eval(), "state_dict", path, digest, found_arch, stem, model.fc.out_features,
+                       manifest.get("class_names"), _recorded_preprocessing(pre or None, f"{path}'s manifest"))
+
+
 def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
     """Load any checkpoint edgeopt accepts; the model comes back on the CPU in eval mode.
 
@@ -235,57 +299,14 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, trust: bool = 
         CheckpointError: missing, truncated, foreign or untrusted file; an ``arch`` that does not match.
     """
     path = Path(path)
-    if path.exists() and not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a device, a FIFO or a socket)"
-        raise CheckpointError(f"checkpoint {path} is {kind}; give the checkpoint file itself")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (train one with 'cli.py train')")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty; copy it again or re-save it")
+    _check_file(path)
     digest = sha256_file(path)
     manifest = read_manifest(path) or {}
-
     if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} looks like TorchScript but does not load: {str(e).splitlines()[0]}") from e
-        pre = manifest.get("preprocessing")
-        return LoadedModel(module.eval(), "torchscript", path, digest, class_names=manifest.get("class_names"),
-                           preprocessing=_recorded_preprocessing(pre or None, f"{path}'s manifest"))
-
+        return _load_torchscript(path, digest, manifest)
     obj = _read(path, trust)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
-        version = obj.get("version")
-        if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:
-            raise CheckpointError(f"{path} is an edgeopt checkpoint of format version {version!r}; this edgeopt "
-                                  f"reads versions 1 to {CHECKPOINT_VERSION}: update edgeopt to load it")
-        _check_edgeopt_fields(obj, path)
-        preprocessing = _recorded_preprocessing(obj["preprocessing"], str(path))
-        if arch and arch != obj["arch"]:
-            raise CheckpointError(f"{path} holds a {obj['arch']}, not --arch {arch}; drop --arch or fix it")
-        model, _, _ = model_from_state_dict(obj["state_dict"], arch=obj["arch"], stem=obj["stem"], source=str(path))
-        extra = {k: v for k, v in obj.items() if k not in {"format", "version", "arch", "stem", "num_classes",
-                                                            "class_names", "preprocessing", "state_dict", "metrics"}}
-        return LoadedModel(model.eval(), "edgeopt", path, digest, obj["arch"], obj["stem"], obj["num_classes"],
-                           list(obj["class_names"]), preprocessing,
-                           dict(obj.get("metrics") or {}), extra)
-
+        return _load_edgeopt(obj, path, digest, arch)
     if isinstance(obj, nn.Module):  # only reachable with trust=True
-        sd = _as_state_dict(obj.state_dict(), str(path))
-        if sd is not None and guess_arch(sd) is not None:
-            model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
-            return LoadedModel(model.eval(), "pickled-module", path, digest, found_arch, stem,
-                               model.fc.out_features)
-        logger.warning("%s is a %s, not a torchvision ResNet: usable forward-only (as a teacher)", path,
-                       type(obj).__name__)
-        return LoadedModel(obj.eval(), "pickled-module", path, digest)
-
-    sd = _as_state_dict(obj, str(path))
-    if sd is None:
-        raise CheckpointError(f"{path} is a PyTorch file but holds no model weights (found {type(obj).__name__}); "
-                              "give an edgeopt checkpoint, a ResNet state_dict or a TorchScript file")
-    model, found_arch, stem = model_from_state_dict(sd, arch=arch, source=str(path))
-    pre = manifest.get("preprocessing")
-    return LoadedModel(model.eval(), "state_dict", path, digest, found_arch, stem, model.fc.out_features,
-                       manifest.get("class_names"), _recorded_preprocessing(pre or None, f"{path}'s manifest"))
+        return _load_module(obj, path, digest, arch)
+    return _load_state_dict(obj, path, digest, arch, manifest)
