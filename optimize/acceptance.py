@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -79,28 +79,10 @@ def _runtime(runner) -> str:
     return f"onnxruntime {ort.__version__} CPUExecutionProvider"
 
 
-def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int, max_accuracy_drop: float,
-                         batch_sizes: tuple[int, ...], served: Path | None = None) -> dict[str, Any]:
-    """Write ``work/check/`` for the bundled ``model_path`` (see the module docstring); returns its summary.
-
-    ``served``: the bundled model runner.py serves when it is not ``model_path`` (an OpenVINO ``model.xml``): the
-    host's reference is its logits, and ``model_path`` (the ONNX it was made from) gives the FP32 predictions.
-
-    Raises:
-        PackageError: the data has no val images, or the model's classes are not the data's.
-    """
-    model = OnnxModel.read(model_path)
-    preprocessing, class_names = model.preprocessing()
-    splits = load_data(data, preprocessing, val_limit=count, augment=False, val_only=True)
-    splits.check_model(model_path, class_names, model.num_classes)
-    raw = splits.val.without_transform()
-    if not len(raw):
-        raise PackageError(f"{splits.name} has no val images for the bundle's acceptance set; give --data with a "
-                           "val split, or --check-images 0")
-    folder = work / "check"
+def _write_images(raw, folder: Path, transform: Callable) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Write each val image of ``raw`` under ``folder/images/``; returns their entries and the host's tensors, made
+    from the written files (so a JPEG's losses are in the reference too)."""
     (folder / "images").mkdir(parents=True)
-    small = preprocessing.image_size <= SMALL_IMAGE
-    transform = preprocessing.eval_transform()
     entries, tensors = [], []
     for i in range(len(raw)):
         img, label = raw[i]
@@ -113,41 +95,85 @@ def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int,
             img.convert("RGB").save(folder / name, quality=JPEG_QUALITY)
         tensors.append(transform(load_image(folder / name)).numpy())  # the host's tensor, from the written file
         entries.append({"file": name, "label": int(label)})
-    x = np.stack(tensors).astype(np.float32)
-    labels = np.asarray([e["label"] for e in entries])
-    host_runner = _runner(served or model_path)
-    precision = host_runner.precision
-    logits = _predict(host_runner, x).astype(np.float32)
+    return entries, np.stack(tensors).astype(np.float32)
+
+
+def _fp32_reference(model: OnnxModel, model_path: Path, served: Path | None, x: np.ndarray,
+                    labels: np.ndarray) -> dict[str, Any] | None:
+    """The FP32 model's predictions on ``x`` beside a quantized bundled model: ``model_path`` itself when it is the
+    FP32 ONNX an OpenVINO model was made from, else the source its manifest records; None when that is gone."""
+    source = model_path if served is not None and model.precision == "fp32" else fp32_source(model_path)
+    if source is None:
+        logger.warning("%s is %s and its FP32 source ONNX is not here: the acceptance set has no FP32 "
+                       "predictions", model_path, model.precision)
+        return None
+    fp32_pred = _predict(_runner(source), x).argmax(1)
+    return {"model": source.name, "sha256": sha256_file(source), "predictions": fp32_pred.tolist(),
+            "top1": float((fp32_pred == labels).mean())}
+
+
+def _val_images(model: OnnxModel, model_path: Path, data: str, count: int) -> tuple[str, Any]:
+    """The data's name and up to ``count`` of its val images, untransformed, after checking the model's classes are
+    the data's."""
+    preprocessing, class_names = model.preprocessing()
+    splits = load_data(data, preprocessing, val_limit=count, augment=False, val_only=True)
+    splits.check_model(model_path, class_names, model.num_classes)
+    raw = splits.val.without_transform()
+    if not len(raw):
+        raise PackageError(f"{splits.name} has no val images for the bundle's acceptance set; give --data with a "
+                           "val split, or --check-images 0")
+    return splits.name, raw
+
+
+def _host_reference(host_model: Path, x: np.ndarray, labels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """``reference.json``'s ``host`` entry for the model runner.py serves (run here on the CPU), and its logits."""
+    runner = _runner(host_model)
+    logits = _predict(runner, x).astype(np.float32)
     predictions = logits.argmax(1)
-    fp32 = None
-    if precision != "fp32":
-        source = model_path if served is not None and model.precision == "fp32" else fp32_source(model_path)
-        if source is None:
-            logger.warning("%s is %s and its FP32 source ONNX is not here: the acceptance set has no FP32 "
-                           "predictions", model_path, model.precision)
-        else:
-            fp32_pred = _predict(_runner(source), x).argmax(1)
-            fp32 = {"model": source.name, "sha256": sha256_file(source), "predictions": fp32_pred.tolist(),
-                    "top1": float((fp32_pred == labels).mean())}
+    return {"model": host_model.name, "sha256": sha256_file(host_model), "precision": runner.precision,
+            "runtime": _runtime(runner), "machine": cpu_facts(),
+            "top1": float((predictions == labels).mean()), "predictions": predictions.tolist()}, logits
+
+
+def _summary(folder: Path, reference: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`write_acceptance_set` returns (and logs) about the set written in ``folder``."""
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    host_top1 = reference["host"]["top1"]
+    logger.info("acceptance set: %d images (%s), host top-1 %.2f%%, %.0f KB", len(reference["images"]),
+                reference["encoding"], 100 * host_top1, size / 1024)
+    return {"images": len(reference["images"]), "bytes": size, "encoding": reference["encoding"],
+            "host_top1": host_top1, "budget": reference["budget"]}
+
+
+def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int, max_accuracy_drop: float,
+                         batch_sizes: tuple[int, ...], served: Path | None = None) -> dict[str, Any]:
+    """Write ``work/check/`` for the bundled ``model_path`` (see the module docstring); returns its summary.
+
+    ``served``: the bundled model runner.py serves when it is not ``model_path`` (an OpenVINO ``model.xml``): the
+    host's reference is its logits, and ``model_path`` (the ONNX it was made from) gives the FP32 predictions.
+
+    Raises:
+        PackageError: the data has no val images, or the model's classes are not the data's.
+    """
+    model = OnnxModel.read(model_path)
+    preprocessing, class_names = model.preprocessing()
+    data_name, raw = _val_images(model, model_path, data, count)
+    folder = work / "check"
+    small = preprocessing.image_size <= SMALL_IMAGE
+    entries, x = _write_images(raw, folder, preprocessing.eval_transform())
+    labels = np.asarray([e["label"] for e in entries])
+    host, logits = _host_reference(served or model_path, x, labels)
+    fp32 = None if host["precision"] == "fp32" else _fp32_reference(model, model_path, served, x, labels)
     np.save(folder / "logits.npy", logits)
     np.save(folder / "tensors.npy", x[:PARITY_IMAGES[small]])
-    host_top1 = float((predictions == labels).mean())
-    host_model = served or model_path
     reference = {
-        "format": ACCEPTANCE_FORMAT, "version": 1, "data": splits.name, "images": entries,
+        "format": ACCEPTANCE_FORMAT, "version": 1, "data": data_name, "images": entries,
         "class_names": class_names, "encoding": "png" if small else f"jpeg quality {JPEG_QUALITY}",
-        "host": {"model": host_model.name, "sha256": sha256_file(host_model), "precision": precision,
-                 "runtime": _runtime(host_runner), "machine": cpu_facts(),
-                 "top1": host_top1, "predictions": predictions.tolist()},
-        "fp32": fp32,
+        "host": host, "fp32": fp32,
         "budget": {"max_accuracy_drop_pt": max_accuracy_drop,
                    "min_agreement": min(MIN_AGREEMENT_FLOOR, 1 - 2 * max_accuracy_drop / 100)},
         "parity": {"images": int(len(x[:PARITY_IMAGES[small]])), "tolerance": parity_tolerance(preprocessing.std)},
         "batch_sizes": sorted(set(batch_sizes)),
     }
     write_json(folder / "reference.json", reference)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    logger.info("acceptance set: %d images (%s), host top-1 %.2f%%, %.0f KB", len(entries), reference["encoding"],
-                100 * host_top1, size / 1024)
-    return {"images": len(entries), "bytes": size, "encoding": reference["encoding"], "host_top1": host_top1,
-            "budget": reference["budget"]}
+    return _summary(folder, reference)
