@@ -382,6 +382,69 @@ def _write_acceptance(cfg: PackageConfig, source: _Source, work: Path, profile: 
                                 served=work / "model.xml" if source.openvino else None)
 
 
+def _work_folder(out: Path) -> Path:
+    """A fresh hidden folder beside ``out`` to write the bundle in (then renamed into place, see :func:`_place`)."""
+    try:
+        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise (write_error(out, e) or OutputError(f"cannot write beside {out}: {e}; choose another --out")) from e
+
+
+def _write_models(cfg: PackageConfig, source: _Source, work: Path, profile: Profile) -> tuple[Path | None, str, bool]:
+    """The model files into ``work``: model.onnx, its FP16 copy when TensorRT builds from one, the engine and the
+    OpenVINO IR with their manifests. Returns the calibration cache (if any), the precision build_engine.sh builds
+    and whether model.onnx is a Q/DQ INT8 ONNX."""
+    cache, bundled = _write_onnx(source, work)
+    issue = bundled.tensorrt_issue()
+    qdq = issue is None and bundled.precision == "int8"
+    precision = cfg.precision or source.engine_facts.get("precision") or ("int8" if qdq else "fp32")
+    if precision == "int8" and not qdq:
+        raise ConfigError(f"--precision int8 needs a Q/DQ ONNX ('cli.py calibrate --target tensorrt'); "
+                          f"{source.onnx} is not one")
+    _check_dla(source, precision, profile)
+    if issue:
+        logger.warning("build_engine.sh cannot build from %s: %s; package the FP32 ONNX from 'export' or a Q/DQ "
+                       "one from 'calibrate --target tensorrt' for TensorRT", source.onnx, issue)
+    if precision == "fp16" or qdq:  # strongly typed TensorRT builds FP16 layers from it (INT8 ones for Q/DQ)
+        to_fp16_onnx(work / "model.onnx", work / "model.fp16.onnx")
+    if source.engine is not None:
+        shutil.copyfile(source.engine, work / "model.plan")
+        shutil.copyfile(manifest_path(source.engine), work / "model.plan.json")
+    if source.openvino is not None:
+        copy_ir(source.openvino, work / "model.xml")
+        shutil.copyfile(manifest_path(source.openvino), manifest_path(work / "model.xml"))
+    return cache, precision, qdq
+
+
+def _bundle_payload(source: _Source, work: Path, name: str, profile: Profile, *, precision: str, qdq: bool,
+                    platform: str, cache: Path | None, acceptance: dict[str, Any] | None) -> dict[str, Any]:
+    """``bundle.json``: what the bundle holds and how it was made, with every file written so far in ``work``."""
+    preprocessing, class_names = source.model.preprocessing()
+    return {
+        "format": BUNDLE_FORMAT, "version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(source.path), "sha256": sha256_file(source.path),
+                   "stage": source.manifest.get("stage")},
+        "name": name, "precision": precision, "qdq": qdq,
+        "serves": {"file": "model.xml" if source.openvino else "model.plan" if source.engine else "model.onnx",
+                   "precision": (source.manifest.get("engine") or {}).get("precision") or precision},
+        "profile": {"min_batch": profile.min_batch, "opt_batch": profile.opt_batch,
+                    "max_batch": profile.max_batch},
+        "input": {"name": source.model.input.name, "shape": ["batch", 3, *[source.model.image_size] * 2],
+                  "dtype": "float32"},
+        "output": {"name": source.model.output.name, "shape": ["batch", source.model.num_classes],
+                   "dtype": "float32"},
+        "preprocessing": preprocessing.to_dict(), "class_names": class_names,
+        "triton": {"repository": "model_repository", "model": name, "platform": platform,
+                   "max_batch_size": profile.max_batch},
+        "calibration_cache": cache.name if cache else None,
+        "acceptance_set": acceptance,
+        "versions": library_versions(),
+        "files": {str(p.relative_to(work)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                  for p in sorted(work.rglob("*")) if p.is_file()},
+    }
+
+
 def run(cfg: PackageConfig) -> Artifact:
     """Write the bundle for ``cfg.model``; returns the bundle folder with ``bundle.json`` as its manifest."""
     source = _source(cfg)
@@ -391,31 +454,9 @@ def run(cfg: PackageConfig) -> Artifact:
     recorded = source.manifest.get("engine", {}).get("profile")
     profile = _profile(cfg, recorded, binding=source.engine is not None)
     name = cfg.name or re.sub(r"[^A-Za-z0-9_-]", "_", source.path.stem)
-
+    work = _work_folder(out)
     try:
-        work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise (write_error(out, e) or OutputError(f"cannot write beside {out}: {e}; choose another --out")) from e
-    try:
-        cache, bundled = _write_onnx(source, work)
-        issue = bundled.tensorrt_issue()
-        qdq = issue is None and bundled.precision == "int8"
-        precision = cfg.precision or source.engine_facts.get("precision") or ("int8" if qdq else "fp32")
-        if precision == "int8" and not qdq:
-            raise ConfigError(f"--precision int8 needs a Q/DQ ONNX ('cli.py calibrate --target tensorrt'); "
-                              f"{source.onnx} is not one")
-        _check_dla(source, precision, profile)
-        if issue:
-            logger.warning("build_engine.sh cannot build from %s: %s; package the FP32 ONNX from 'export' or a Q/DQ "
-                           "one from 'calibrate --target tensorrt' for TensorRT", source.onnx, issue)
-        if precision == "fp16" or qdq:  # strongly typed TensorRT builds FP16 layers from it (INT8 ones for Q/DQ)
-            to_fp16_onnx(work / "model.onnx", work / "model.fp16.onnx")
-        if source.engine is not None:
-            shutil.copyfile(source.engine, work / "model.plan")
-            shutil.copyfile(manifest_path(source.engine), work / "model.plan.json")
-        if source.openvino is not None:
-            copy_ir(source.openvino, work / "model.xml")
-            shutil.copyfile(manifest_path(source.openvino), manifest_path(work / "model.xml"))
+        cache, precision, qdq = _write_models(cfg, source, work, profile)
         labels = "".join(n.replace("\n", " ") + "\n" for n in class_names)
         (work / "labels.txt").write_text(labels)
         write_json(work / "preprocess.json", preprocessing.to_dict())
@@ -423,29 +464,8 @@ def run(cfg: PackageConfig) -> Artifact:
         _write_scripts(source, work, profile, precision, qdq,
                        f"model_repository/{name}/1/model.plan" if platform == "tensorrt_plan" else "")
         acceptance = _write_acceptance(cfg, source, work, profile)
-        payload = {
-            "format": BUNDLE_FORMAT, "version": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(source.path), "sha256": sha256_file(source.path),
-                       "stage": source.manifest.get("stage")},
-            "name": name, "precision": precision, "qdq": qdq,
-            "serves": {"file": "model.xml" if source.openvino else "model.plan" if source.engine else "model.onnx",
-                       "precision": (source.manifest.get("engine") or {}).get("precision") or precision},
-            "profile": {"min_batch": profile.min_batch, "opt_batch": profile.opt_batch,
-                        "max_batch": profile.max_batch},
-            "input": {"name": source.model.input.name, "shape": ["batch", 3, *[source.model.image_size] * 2],
-                      "dtype": "float32"},
-            "output": {"name": source.model.output.name, "shape": ["batch", source.model.num_classes],
-                       "dtype": "float32"},
-            "preprocessing": preprocessing.to_dict(), "class_names": class_names,
-            "triton": {"repository": "model_repository", "model": name, "platform": platform,
-                       "max_batch_size": profile.max_batch},
-            "calibration_cache": cache.name if cache else None,
-            "acceptance_set": acceptance,
-            "versions": library_versions(),
-            "files": {str(p.relative_to(work)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                      for p in sorted(work.rglob("*")) if p.is_file()},
-        }
+        payload = _bundle_payload(source, work, name, profile, precision=precision, qdq=qdq, platform=platform,
+                                  cache=cache, acceptance=acceptance)
         write_json(work / "bundle.json", payload)
         _place(work, out)
     except BaseException as e:
