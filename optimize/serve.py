@@ -21,7 +21,7 @@ Example::
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (``Request``, imported
-# inside create_app so that FastAPI stays optional) at definition time.
+# inside the functions that add the endpoints, so that FastAPI stays optional) at definition time.
 import asyncio
 import contextlib
 import importlib.util
@@ -39,7 +39,7 @@ from .artifacts import sha256_file
 from .configs import ServeConfig
 from .errors import EdgeoptError, NonFiniteOutputError, RequestError, ServeError
 from .infer import image_tensor, model_inputs, top_k
-from .preprocess import check_image_size
+from .preprocess import Preprocessing, check_image_size
 from .runners import open_runner
 
 logger = logging.getLogger(__name__)
@@ -220,18 +220,10 @@ async def _uploads(request, cfg: ServeConfig) -> list[tuple[str, bytes]]:
     return uploads
 
 
-def create_app(cfg: ServeConfig):
-    """The FastAPI app serving ``cfg.model`` (opened now, so a bad model fails before listening).
-
-    Raises:
-        ServeError: FastAPI, uvicorn or python-multipart is not installed.
-        RunnerError: the model cannot be opened.
-    """
-    require_serve_dependencies()
-    from fastapi import FastAPI, Query, Request
-    from fastapi.responses import JSONResponse
-    from starlette.requests import ClientDisconnect
-
+def _open_model(cfg: ServeConfig) -> tuple[ThreadPoolExecutor, Any, Preprocessing, list[str] | None]:
+    """The one-thread worker, the runner of ``cfg.model`` opened in it (a TensorRT runner's stream and buffers
+    belong to the thread that made them, so every batch runs there too), its preprocessing and class names. The
+    worker is shut down when the model does not open."""
     worker = ThreadPoolExecutor(1, thread_name_prefix="edgeopt-infer")  # opens the model, then runs every batch
     try:
         runner = worker.submit(open_runner, cfg.model, device=cfg.device, threads=cfg.threads,
@@ -240,15 +232,22 @@ def create_app(cfg: ServeConfig):
     except BaseException:
         worker.shutdown()
         raise
-    transform = preprocessing.eval_transform()
-    batcher = MicroBatcher(runner.infer, worker=worker, max_wait_s=cfg.max_wait_ms / 1000, max_queue=cfg.max_queue,
-                           max_batch=min(cfg.max_batch, runner.max_batch or cfg.max_batch))
-    metadata = {"model": runner.path.name, "sha256": sha256_file(runner.path), "backend": runner.backend,
-                "precision": runner.precision, "device": runner.device, "image_size": runner.image_size,
-                "class_names": class_names, "preprocessing": preprocessing.to_dict(),
-                "max_batch": batcher.max_batch, "limits": {"max_upload_bytes": cfg.max_upload_bytes,
-                                                           "max_images": cfg.max_images,
-                                                           "max_pixels": cfg.max_pixels}}
+    return worker, runner, preprocessing, class_names
+
+
+def _metadata(cfg: ServeConfig, runner, batcher: MicroBatcher, preprocessing: Preprocessing,
+              class_names: list[str] | None) -> dict[str, Any]:
+    """What ``GET /metadata`` answers."""
+    return {"model": runner.path.name, "sha256": sha256_file(runner.path), "backend": runner.backend,
+            "precision": runner.precision, "device": runner.device, "image_size": runner.image_size,
+            "class_names": class_names, "preprocessing": preprocessing.to_dict(),
+            "max_batch": batcher.max_batch, "limits": {"max_upload_bytes": cfg.max_upload_bytes,
+                                                       "max_images": cfg.max_images,
+                                                       "max_pixels": cfg.max_pixels}}
+
+
+def _lifespan(runner, batcher: MicroBatcher, worker: ThreadPoolExecutor) -> Callable:
+    """The app's lifespan: the batcher runs while the app serves; at shutdown it stops, then the worker."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -260,8 +259,15 @@ def create_app(cfg: ServeConfig):
             await batcher.stop()
             worker.shutdown(wait=True)
 
-    app = FastAPI(title="edgeopt", description=__doc__.split("\n\n")[0], lifespan=lifespan)
-    app.state.batcher = batcher
+    return lifespan
+
+
+def _add_error_handlers(app) -> None:
+    """Every failure as JSON ``{"detail": ...}``: a refused request with its status, a model writing non-finite
+    logits 500 (logged once), another of our errors 422, anything else 500 naming only the exception's type."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
     app.state.non_finite_logged = False
 
     @app.exception_handler(RequestError)
@@ -283,6 +289,13 @@ def create_app(cfg: ServeConfig):
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # a bug of ours; uvicorn logs the traceback
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def _add_routes(app, cfg: ServeConfig, batcher: MicroBatcher, metadata: dict[str, Any], transform: Callable,
+                class_names: list[str] | None) -> None:
+    """``GET /health``, ``GET /metadata`` and ``POST /predict`` (see the module docstring)."""
+    from fastapi import Query, Request
+    from starlette.requests import ClientDisconnect
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -306,6 +319,26 @@ def create_app(cfg: ServeConfig):
         return {"predictions": [{"file": name, "top_k": [s.to_dict() for s in scores]}
                                 for (name, _), scores in zip(uploads, top_k(logits, class_names, k))]}
 
+
+def create_app(cfg: ServeConfig):
+    """The FastAPI app serving ``cfg.model`` (opened now, so a bad model fails before listening).
+
+    Raises:
+        ServeError: FastAPI, uvicorn or python-multipart is not installed.
+        RunnerError: the model cannot be opened.
+    """
+    require_serve_dependencies()
+    from fastapi import FastAPI
+
+    worker, runner, preprocessing, class_names = _open_model(cfg)
+    batcher = MicroBatcher(runner.infer, worker=worker, max_wait_s=cfg.max_wait_ms / 1000, max_queue=cfg.max_queue,
+                           max_batch=min(cfg.max_batch, runner.max_batch or cfg.max_batch))
+    app = FastAPI(title="edgeopt", description=__doc__.split("\n\n")[0],
+                  lifespan=_lifespan(runner, batcher, worker))
+    app.state.batcher = batcher
+    _add_error_handlers(app)
+    _add_routes(app, cfg, batcher, _metadata(cfg, runner, batcher, preprocessing, class_names),
+                preprocessing.eval_transform(), class_names)
     return app
 
 
