@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks.results_doc import write_section
 from optimize import train
 from optimize.artifacts import Artifact, read_manifest
-from optimize.benchmark.report import cpu_name
+from optimize.benchmark.report import REPORT_JSON, cpu_name, report_folder
 from optimize.errors import ConfigError
 from optimize.loop import LoopConfig
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     state = json.loads((run / "pipeline.json").read_text())
     teacher, student, pruned = (_manifest(run / n) for n in ("teacher.pth", "student.pth", "pruned.pth"))
-    report = json.loads((run / "report" / "report.json").read_text())
+    report = json.loads((report_folder(run) / REPORT_JSON).read_text())
     scratch = _reuse_or_train(scratch_config(student, Path(args.work) / "scratch_r18.pth")).manifest
 
     t1, s1, k1 = (m["metrics"]["val_top1"] for m in (teacher, scratch, student))

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     found = json.loads((args.search / "search.json").read_text())
     chosen = next(t for t in found["trials"] if t["number"] == found["chosen"]["number"])
-    preset_report = json.loads((args.preset_run / "report" / "report.json").read_text())
+    preset_report = json.loads((report.report_folder(args.preset_run) / report.REPORT_JSON).read_text())
     preset_row = next(r for r in preset_report["rows"] if r["name"] == preset_report["final"]["artifact"])
     preset_final = preset_row["path"]
     # the chosen trial may trade accuracy for speed within the budget; the fastest trial more accurate than the
