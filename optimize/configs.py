@@ -44,6 +44,13 @@ DEVICES = ("auto", "cpu", "cuda")
 PRUNE_METHODS = ("l1-unstructured", "l1-channel", "2:4")
 CALIB_METHODS = ("entropy", "minmax", "percentile")
 CALIB_TARGETS = ("tensorrt", "cpu")
+# the percentile method's cut: calibrate passes it to calib.ranges (whose RangeOptions default is the same value, a
+# test holds them together), and --help reads it here without importing numpy
+CALIB_PERCENTILE = 99.999
+# the cpu target times each INT8 form and FP32 at these batches and keeps the form fastest at CALIB_CHOOSING_BATCH
+# (the manifest's img_per_s_b<batch> keys, and speedup_vs_fp32 at the choosing batch)
+CALIB_TIMED_BATCHES = (1, 8)
+CALIB_CHOOSING_BATCH = 8
 CPU_FORMS = ("qoperator-u8s8", "qdq-s8s8")
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 NNCF_PRESETS = ("performance", "mixed")  # OpenVINO INT8: symmetric activations / asymmetric ones
@@ -449,15 +456,17 @@ class CalibConfig(Options):
     # with an existing cache and no recorded data that is here, quantize from the cache alone, without accuracy
     data: str | None = data_field(recorded=True)
     num_images: int = option(512, help="class-stratified calibration images (from the training split)")
-    method: str = option("entropy", help="entropy (KL), minmax or percentile (99.999th)", choices=CALIB_METHODS)
+    method: str = option("entropy", help=f"entropy (KL), minmax or percentile ({CALIB_PERCENTILE:g}th)",
+                         choices=CALIB_METHODS)
     target: str = option("tensorrt", help="tensorrt: symmetric S8S8 Q/DQ; cpu: the faster measured form",
                          choices=CALIB_TARGETS)
     cache: str | None = option(None, help="calibration cache to reuse (no data read), or to write if missing",
                                default_text="<out stem>.calib.json")
     val_limit: int | None = val_limit_field(help="val images for the INT8-vs-FP32 accuracy figures")
     batch_size: int = option(32, help="images per calibration / evaluation batch", bounds=(1, None))
-    timing_seconds: float = option(2.0, help="cpu target: time each form this long at batch 1 and 8 (chosen by "
-                                             "batch 8)")
+    timing_seconds: float = option(2.0, help=f"cpu target: time each form this long at batch "
+                                             f"{' and '.join(map(str, CALIB_TIMED_BATCHES))} (chosen by batch "
+                                             f"{CALIB_CHOOSING_BATCH})")
     form: str | None = option(None, choices=CPU_FORMS, default_text="both, the faster is kept",
                               help="cpu target: write this INT8 form without comparing (tensorrt has one form)")
 
