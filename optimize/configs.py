@@ -171,7 +171,10 @@ def device_field(default: str = "auto") -> Any:
                   group="device")
 
 
-MAX_BENCHMARK_BATCH = 4096  # 4096 images at 224 px are 2.5 GB of float32 input alone
+# the largest batch one inference call may take, asked of a benchmark (--batch-sizes) or of an engine's profile
+# (--max-batch): one fact, since the benchmark times an engine at its batch sizes and a profile is built for the
+# batches that will be served and timed. 4096 images at 224 px are 2.5 GB of float32 input alone
+MAX_BATCH = 4096
 # more threads than this only adds contention (a few per core is the most any backend uses well)
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
@@ -481,8 +484,8 @@ def check_profile(min_batch: int, opt_batch: int, max_batch: int) -> None:
     _check((1 <= min_batch <= opt_batch <= max_batch,
             f"batch sizes must satisfy 1 <= --min-batch ({min_batch}) <= --opt-batch ({opt_batch}) <= --max-batch "
             f"({max_batch})"),
-           (max_batch <= 4096, f"--max-batch {max_batch} is beyond any device's memory for a classifier; use "
-                               "4096 or less"))
+           (max_batch <= MAX_BATCH, f"--max-batch {max_batch} is beyond any device's memory for a classifier; use "
+                                    f"{MAX_BATCH} or less"))
 
 
 def parse_size(text: str | int) -> int:
@@ -716,8 +719,8 @@ class BenchmarkConfig(Options):
                 "give at least one model to benchmark (--models) or a --baseline (or --device-results to add to a "
                 "report)"),
                (bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "--batch-sizes must be positive integers"),
-               (max(self.batch_sizes, default=1) <= MAX_BENCHMARK_BATCH,
-                f"--batch-sizes above {MAX_BENCHMARK_BATCH} images are no deployment batch, and their inputs alone "
+               (max(self.batch_sizes, default=1) <= MAX_BATCH,
+                f"--batch-sizes above {MAX_BATCH} images are no deployment batch, and their inputs alone "
                 "take gigabytes at 224 px; time the batch sizes you will serve"),
                (self.seconds > 0 and self.warmup >= 0 and self.e2e_batch >= 1 and self.rounds >= 1,
                 "--seconds must be > 0, --rounds >= 1, --warmup >= 0 and --e2e-batch >= 1"),
