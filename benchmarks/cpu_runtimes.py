@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     listed = tuple(str(models[k]) for k in LABELS if k != "ort_fp32")
     common = dict(baseline=str(models["ort_fp32"]), models=listed, data=data, rounds=args.rounds,
                   seconds=args.seconds, threads=args.threads, progress=False)
-    at_32 = report.run(BenchmarkConfig(**common, out=str(out / "report"), val_limit=args.val_limit,
+    folder_32, folder_224 = report.report_folder(out), report.report_folder(out, 224)
+    at_32 = report.run(BenchmarkConfig(**common, out=str(folder_32), val_limit=args.val_limit,
                                        batch_sizes=(1, 8, 32))).manifest
-    at_224 = report.run(BenchmarkConfig(**common, out=str(out / "report-224"), input_size=224,
+    at_224 = report.run(BenchmarkConfig(**common, out=str(folder_224), input_size=224,
                                         batch_sizes=(1, 8))).manifest
     env = at_32["environment"]
     peak = env.get("peak") or {}
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ]) + "\n"
     write_section(args.doc, "cpu-runtimes", body)
     (out / "cpu_runtimes.json").write_text(json.dumps({"models": {k: str(v) for k, v in models.items()},
-                                                       "report": str(out / "report"),
-                                                       "report_224": str(out / "report-224")}, indent=2) + "\n")
+                                                       "report": str(folder_32),
+                                                       "report_224": str(folder_224)}, indent=2) + "\n")
     logger.info("wrote section 'cpu-runtimes' of %s:\n%s", args.doc, body)
     return 0
 

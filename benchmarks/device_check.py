@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from optimize import train
+from optimize.benchmark.report import REPORT_MD as PIPELINE_REPORT_MD, report_folder
 from optimize.configs import PRESETS, GpuCheckConfig
 from optimize.cuda_runtime import CudaRuntime
 from optimize.peak import cuda_peak
@@ -84,7 +85,7 @@ def pipeline_step(runs: Path, data: str) -> Callable[[bool], dict[str, Any]]:
             return {"planned": proc.stdout.strip().splitlines()[-1], "device": "cuda (planned on auto)"}
         state = json.loads((runs / "pipeline.json").read_text())
         return {"stage_seconds": {k: round(v.get("seconds", 0), 1) for k, v in state["steps"].items()},
-                "report": str(runs / "report" / "report.md")}
+                "report": str(report_folder(runs) / PIPELINE_REPORT_MD)}
 
     return run
 
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     sent = os.environ.get("OUT")
     if sent and not args.dry_run:  # a lent machine sends back what is under $OUT (at most 8 files)
         for path in (args.out / REPORT_JSON, args.out / REPORT_MD, args.out / "gpu-check" / "gpu_check.md",
-                     args.out / "gpu-check" / "gpu_check.json", args.out / "runs" / "report" / "report.md",
+                     args.out / "gpu-check" / "gpu_check.json",
+                     report_folder(args.out / "runs") / PIPELINE_REPORT_MD,
                      args.out / "pipeline.log"):
             if path.is_file():
                 shutil.copyfile(path, Path(sent) / (path.parent.name + "-" + path.name))

@@ -18,7 +18,9 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.results_doc import write_section
 from optimize import distill, prune, train
@@ -44,7 +46,7 @@ def _reuse_or_run(stage_run, cfg) -> Artifact:
     return stage_run(cfg)
 
 
-def main(argv=None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--train-limit", type=int, default=10000)
@@ -53,60 +55,101 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs of each pruned row")
     parser.add_argument("--work", default="runs/bench-distill-prune", help="folder for the artifacts")
     parser.add_argument("--doc", default="docs/RESULTS.md", help="markdown file to (re)write")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return parser.parse_args(argv)
 
+
+@dataclass
+class Measured:
+    """Every artifact's figures: the four trained models, each pruned student's metrics by (method, amount), and
+    one table row per model in the order the table lists them."""
+
+    teacher: Artifact
+    scratch: Artifact
+    student: Artifact  # distilled, alpha=0.9: the student every pruned row starts from
+    student_a5: Artifact  # distilled, alpha=0.5
+    pruned: dict[tuple[str, float], dict[str, Any]] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _train_models(args: argparse.Namespace, loop: LoopConfig, common: dict[str, Any]) -> Measured:
+    """The teacher, the scratch ResNet-18 and the two distilled ones, with a table row each."""
     work = Path(args.work)
-    common = dict(data=args.data, train_limit=args.train_limit, val_limit=args.val_limit)
-    loop = LoopConfig(epochs=args.epochs, progress=False)
-    rows = []
-
     teacher = _reuse_or_run(train.run, train.TrainConfig(out=str(work / "teacher_r50.pth"), arch="resnet50",
-                                                              loop=loop, **common))
+                                                         loop=loop, **common))
     scratch = _reuse_or_run(train.run, train.TrainConfig(out=str(work / "scratch_r18.pth"), arch="resnet18",
-                                                              loop=loop, **common))
+                                                         loop=loop, **common))
     student = _reuse_or_run(distill.run, distill.DistillConfig(teacher=str(teacher.path),
-                                                                    out=str(work / "distilled_r18.pth"), loop=loop,
-                                                                    **common))
+                                                               out=str(work / "distilled_r18.pth"), loop=loop,
+                                                               **common))
     # the same distillation with half the weight on the teacher: shows how much a weak teacher's soft targets cost
     student_a5 = _reuse_or_run(distill.run, distill.DistillConfig(teacher=str(teacher.path), alpha=0.5,
-                                                                        out=str(work / "distilled_r18_alpha05.pth"),
-                                                                        loop=loop, **common))
+                                                                  out=str(work / "distilled_r18_alpha05.pth"),
+                                                                  loop=loop, **common))
+    measured = Measured(teacher, scratch, student, student_a5)
     for label, art in (("teacher ResNet-50", teacher), ("ResNet-18 from scratch", scratch),
                        ("ResNet-18 distilled (T=4, alpha=0.9)", student),
                        ("ResNet-18 distilled (T=4, alpha=0.5)", student_a5)):
-        m = art.manifest["metrics"]
         macs, params = prune.count_macs_params(load_checkpoint(art.path).model,
                                                art.manifest["preprocessing"]["image_size"])
-        rows.append({"row": label, "top1_before": None, "top1": m["val_top1"], "macs": macs, "params": params,
-                     "nonzero": params, "budget": f"{args.epochs} ep"})
+        measured.rows.append({"row": label, "top1_before": None, "top1": art.manifest["metrics"]["val_top1"],
+                              "macs": macs, "params": params, "nonzero": params, "budget": f"{args.epochs} ep"})
+    return measured
 
+
+def _prune_student(args: argparse.Namespace, measured: Measured, loop: LoopConfig, common: dict[str, Any]) -> None:
+    """Prune the distilled student with each method and amount, fine-tuning with the teacher; adds to
+    ``measured``."""
     ft_loop = dataclasses.replace(loop, epochs=1, lr=2e-4)  # the CLI's fine-tuning default for AdamW
     configs = [(method, amount) for method in ("l1-unstructured", "l1-channel") for amount in AMOUNTS]
     configs.append(("2:4", None))
-    pruned = {}
     for method, amount in configs:
         name = f"pruned_{method.replace(':', 'of')}_{amount or 0.5}.pth"
-        cfg = prune.PruneConfig(model=str(student.path), out=str(work / name), method=method, amount=amount,
-                                finetune_epochs=args.finetune_epochs, teacher=str(teacher.path), loop=ft_loop,
-                                **common)
-        art = _reuse_or_run(prune.run, cfg)
-        m = art.manifest["metrics"]
-        pruned[(method, amount or 0.5)] = m
-        rows.append({"row": f"{method} {amount or 0.5:.1f}", "top1_before": m["top1_pruned"], "top1": m["top1_after"],
-                     "macs": m["macs_after"], "params": m["params_after"], "nonzero": m["nonzero_params_after"],
-                     "budget": f"+{args.finetune_epochs} ep FT"})
+        cfg = prune.PruneConfig(model=str(measured.student.path), out=str(Path(args.work) / name), method=method,
+                                amount=amount, finetune_epochs=args.finetune_epochs,
+                                teacher=str(measured.teacher.path), loop=ft_loop, **common)
+        m = _reuse_or_run(prune.run, cfg).manifest["metrics"]
+        measured.pruned[(method, amount or 0.5)] = m
+        measured.rows.append({"row": f"{method} {amount or 0.5:.1f}", "top1_before": m["top1_pruned"],
+                              "top1": m["top1_after"], "macs": m["macs_after"], "params": m["params_after"],
+                              "nonzero": m["nonzero_params_after"], "budget": f"+{args.finetune_epochs} ep FT"})
 
-    # -- targets -----------------------------------------------------------------------------------------
-    base = student.manifest["metrics"]["val_top1"]
-    best_kd = max(base, student_a5.manifest["metrics"]["val_top1"])
-    kd_gain = best_kd - scratch.manifest["metrics"]["val_top1"]
-    channel_ok = [(a, m) for (meth, a), m in pruned.items() if meth == "l1-channel"
+
+def measure(args: argparse.Namespace) -> Measured:
+    """Train (or reuse) every artifact under ``--work`` and collect its figures."""
+    common = dict(data=args.data, train_limit=args.train_limit, val_limit=args.val_limit)
+    loop = LoopConfig(epochs=args.epochs, progress=False)
+    measured = _train_models(args, loop, common)
+    _prune_student(args, measured, loop, common)
+    return measured
+
+
+def _targets(measured: Measured) -> list[str]:
+    """The ``Targets:`` lines: distillation's gain over scratch, and l1-channel's accuracy at 2x fewer MACs."""
+    base = measured.student.manifest["metrics"]["val_top1"]
+    scratch_top1 = measured.scratch.manifest["metrics"]["val_top1"]
+    best_kd = max(base, measured.student_a5.manifest["metrics"]["val_top1"])
+    kd_gain = best_kd - scratch_top1
+    channel_ok = [(a, m) for (meth, a), m in measured.pruned.items() if meth == "l1-channel"
                   and m["macs_before"] / m["macs_after"] >= TARGET_MAC_RATIO]
     best_channel = max(channel_ok, key=lambda am: am[1]["top1_after"], default=None)
-    kd_met = kd_gain >= TARGET_KD_GAIN
-    ch_met = best_channel is not None and base - best_channel[1]["top1_after"] <= TARGET_CHANNEL_DROP
+    lines = [f"- distilled ≥ scratch + 0.5 pt: **{'met' if kd_gain >= TARGET_KD_GAIN else 'missed'}** (best "
+             f"distilled {best_kd:.2%} vs {scratch_top1:.2%}, {kd_gain * 100:+.2f} pt; the teacher itself reached "
+             f"{measured.teacher.manifest['metrics']['val_top1']:.2%} in the same budget)."]
+    if best_channel:
+        a, m = best_channel
+        ch_met = base - m["top1_after"] <= TARGET_CHANNEL_DROP
+        lines.append(f"- l1-channel at ≥ 2× fewer MACs within 1.0 pt of the unpruned student: "
+                     f"**{'met' if ch_met else 'missed'}** (amount {a}: {m['macs_before'] / m['macs_after']:.2f}× "
+                     f"fewer MACs, {m['top1_after']:.2%}, {(m['top1_after'] - base) * 100:+.2f} pt).")
+    else:
+        lines.append("- l1-channel at ≥ 2× fewer MACs within 1.0 pt: **missed** (no amount reached 2× fewer MACs).")
+    return lines
 
+
+def section(args: argparse.Namespace, measured: Measured) -> str:
+    """The ``distill-prune`` section of docs/RESULTS.md: how it was made, the table, the targets."""
+    base = measured.student.manifest["metrics"]["val_top1"]
+    data, size = measured.teacher.manifest["inputs"]["data"], measured.teacher.manifest["preprocessing"]["image_size"]
     lines = [
         "## Distillation and pruning (`benchmarks/distill_prune.py`)",
         "",
@@ -114,9 +157,8 @@ def main(argv=None) -> int:
         f"`python -m benchmarks.distill_prune --train-limit {args.train_limit} --epochs {args.epochs} "
         f"--finetune-epochs {args.finetune_epochs}`"
         + (f" --val-limit {args.val_limit}" if args.val_limit else "") + ".",
-        f"Data: {args.data}, {teacher.manifest['inputs']['data']['train_images']} training images (class-stratified), "
-        f"top-1 on {teacher.manifest['inputs']['data']['val_images']} val images, "
-        f"{teacher.manifest['preprocessing']['image_size']}x{teacher.manifest['preprocessing']['image_size']} input. "
+        f"Data: {args.data}, {data['train_images']} training images (class-stratified), top-1 on "
+        f"{data['val_images']} val images, {size}x{size} input. "
         f"Machine: {cpu_name()}, CPU only; torch {library_versions().get('torch')}.",
         "Pruned rows start from the distilled ResNet-18 (alpha=0.9) and fine-tune with the teacher (KD, T=4, "
         "alpha=0.9); Δ is against that student.",
@@ -126,26 +168,19 @@ def main(argv=None) -> int:
         "| model | budget | top-1 pruned, before FT | top-1 | Δ vs distilled | MACs (M) | params (M) | non-zero (M) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
+    for r in measured.rows:
         before = f"{r['top1_before']:.2%}" if r["top1_before"] is not None else "—"
         lines.append(f"| {r['row']} | {r['budget']} | {before} | {r['top1']:.2%} | {(r['top1'] - base) * 100:+.2f} pt "
                      f"| {r['macs'] / 1e6:.1f} | {r['params'] / 1e6:.2f} | {r['nonzero'] / 1e6:.2f} |")
-    lines += [
-        "",
-        "Targets:",
-        f"- distilled ≥ scratch + 0.5 pt: **{'met' if kd_met else 'missed'}** (best distilled {best_kd:.2%} vs "
-        f"{scratch.manifest['metrics']['val_top1']:.2%}, {kd_gain * 100:+.2f} pt; the teacher itself reached "
-        f"{teacher.manifest['metrics']['val_top1']:.2%} in the same budget).",
-    ]
-    if best_channel:
-        a, m = best_channel
-        lines.append(f"- l1-channel at ≥ 2× fewer MACs within 1.0 pt of the unpruned student: "
-                     f"**{'met' if ch_met else 'missed'}** (amount {a}: {m['macs_before'] / m['macs_after']:.2f}× "
-                     f"fewer MACs, {m['top1_after']:.2%}, {(m['top1_after'] - base) * 100:+.2f} pt).")
-    else:
-        lines.append("- l1-channel at ≥ 2× fewer MACs within 1.0 pt: **missed** (no amount reached 2× fewer MACs).")
-    write_section(Path(args.doc), "distill-prune", "\n".join(lines))
-    logger.info("wrote %s:\n%s", args.doc, "\n".join(lines))
+    return "\n".join(lines + ["", "Targets:", *_targets(measured)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    text = section(args, measure(args))
+    write_section(Path(args.doc), "distill-prune", text)
+    logger.info("wrote %s:\n%s", args.doc, text)
     return 0
 
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from benchmarks.results_doc import write_section
+from optimize.benchmark.report import REPORT_FOLDER, REPORT_MD, report_folder
 
 
 def section(run_dir: Path, command: str, note: str = "") -> str:
@@ -29,7 +30,7 @@ def section(run_dir: Path, command: str, note: str = "") -> str:
     lines += [f"| {name} | {s.get('seconds', 0):.0f} |" for name, s in steps.items()]
     if note:
         lines += ["", note]
-    for report in [run_dir / "report" / "report.md", *sorted(run_dir.glob("report-*/report.md"))]:
+    for report in [report_folder(run_dir) / REPORT_MD, *sorted(run_dir.glob(f"{REPORT_FOLDER}-*/{REPORT_MD}"))]:
         text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", report.read_text(), flags=re.M)
         lines += ["", text.rstrip()]
     return "\n".join(lines)

@@ -7,8 +7,9 @@ Targets:
         Model Optimizer places them (:mod:`calib.qdq`; ONNX Runtime's ``quantize_static`` does the arithmetic).
     ``cpu``: whichever INT8 form runs fastest on this CPU under ONNX Runtime, *measured*: U8S8 in QOperator form
         (reduce_range, as ONNX Runtime advises for AVX2 without VNNI) against S8S8 in QDQ form. Both are
-        written and timed against the FP32 model at batch 8; the faster becomes ``out``. INT8 is not assumed to
-        be faster: the manifest says which form won and by how much.
+        written and timed against the FP32 model (``configs.CALIB_TIMED_BATCHES``); the faster at batch 8
+        (``configs.CALIB_CHOOSING_BATCH``) becomes ``out``. INT8 is not assumed to be faster: the manifest says
+        which form won and by how much.
 
 The ranges come from :mod:`calib.ranges` (ONNX Runtime's calibrators fed one batch at a time, histograms merged,
 as NVIDIA Model Optimizer collects them; ``quantize_static``'s all-at-once histogram turned entropy into min/max).
@@ -35,7 +36,8 @@ import onnx
 from .artifacts import (Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output,
                                 resolve_data, write_json, write_manifest)
 from .batcher import ImageBatcher
-from .configs import CPU_FORMS, FASHION_MNIST, CalibConfig, available_cores
+from .configs import (CALIB_CHOOSING_BATCH, CALIB_PERCENTILE, CALIB_TIMED_BATCHES, CPU_FORMS, FASHION_MNIST,
+                      CalibConfig, available_cores)
 from .data import DataSplits, load_data
 from .errors import CalibrationError, DataError
 from .onnx_model import OnnxModel
@@ -47,6 +49,12 @@ from calib import qdq, ranges
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "edgeopt-calibration-cache"
+
+
+def range_options(method: str) -> ranges.RangeOptions:
+    """How ``method``'s ranges are collected: calib.ranges' measured default for it, with the percentile cut that
+    --help states (configs.CALIB_PERCENTILE; calib/ may not read optimize/, so it is passed in)."""
+    return dataclasses.replace(ranges.DEFAULTS[method], percentile=CALIB_PERCENTILE)
 
 
 def _ort():
@@ -246,9 +254,10 @@ def _calibrate(inputs: _Inputs, prepared: Path, work: Path) -> tuple[Path, int |
     if not batcher.count:
         raise CalibrationError(f"--num-images {cfg.num_images} gives no full batch of --batch-size "
                                f"{cfg.batch_size}; calibrate on more images or lower --batch-size")
-    logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method, ranges.DEFAULTS[cfg.method])
+    options = range_options(cfg.method)
+    logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method, options)
     feeds = ({inputs.model.input.name: batch} for batch, _ in batcher)
-    ranges.save(ranges.collect(prepared, feeds, method=cfg.method, work=work), ort_cache)
+    ranges.save(ranges.collect(prepared, feeds, method=cfg.method, work=work, options=options), ort_cache)
     return ort_cache, batcher.count
 
 
@@ -268,7 +277,7 @@ def _quantize_forms(cfg: CalibConfig, prepared: Path, ort_cache: Path, work: Pat
 
 def _measure(inputs: _Inputs, candidates: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], int]:
     """Top-1 and agreement on the validation images (when there are any) and, for the CPU target, speed at
-    batch 1 and 8, of the FP32 model and each candidate (whose figures are added to its dict).
+    each of ``CALIB_TIMED_BATCHES``, of the FP32 model and each candidate (whose figures are added to its dict).
 
     Returns the FP32 model's figures and the number of validation images.
     """
@@ -279,7 +288,7 @@ def _measure(inputs: _Inputs, candidates: dict[str, dict[str, Any]]) -> tuple[di
         fp32_pred, labels = predictions(inputs.src, val)
         fp32["top1"] = float((fp32_pred == labels).mean())
     if cfg.target == "cpu":
-        for b in (1, 8):
+        for b in CALIB_TIMED_BATCHES:
             fp32[f"img_per_s_b{b}"] = throughput(inputs.src, size, batch=b, seconds=cfg.timing_seconds)
     for c in candidates.values():
         c.update(top1=None, agreement_with_fp32=None)
@@ -287,10 +296,11 @@ def _measure(inputs: _Inputs, candidates: dict[str, dict[str, Any]]) -> tuple[di
             pred, _ = predictions(c["path"], val)
             c.update(top1=float((pred == labels).mean()), agreement_with_fp32=float((pred == fp32_pred).mean()))
         if cfg.target == "cpu":
-            for b in (1, 8):
+            for b in CALIB_TIMED_BATCHES:
                 c[f"img_per_s_b{b}"] = throughput(c["path"], size, batch=b, seconds=cfg.timing_seconds)
-            c["speedup_vs_fp32_b1"] = c["img_per_s_b1"] / fp32["img_per_s_b1"]
-            c["speedup_vs_fp32"] = c["img_per_s_b8"] / fp32["img_per_s_b8"]
+            for b in CALIB_TIMED_BATCHES:  # after the timings: the manifest's keys keep their order
+                speedup = c[f"img_per_s_b{b}"] / fp32[f"img_per_s_b{b}"]
+                c["speedup_vs_fp32" if b == CALIB_CHOOSING_BATCH else f"speedup_vs_fp32_b{b}"] = speedup
     return fp32, int(len(labels))
 
 
@@ -298,7 +308,7 @@ def _write_int8(inputs: _Inputs, candidates: dict[str, dict[str, Any]], ort_cach
                 num_images: int | None) -> str:
     """Save the fastest candidate (the only one for TensorRT) as ``out`` with the FP32 model's metadata, and the
     calibration cache when this run calibrated; returns the form chosen. The candidates lose their paths."""
-    chosen = max(candidates, key=lambda f: candidates[f].get("img_per_s_b8", 0.0))
+    chosen = max(candidates, key=lambda f: candidates[f].get(f"img_per_s_b{CALIB_CHOOSING_BATCH}", 0.0))
     chosen_model = onnx.load(str(candidates[chosen]["path"]))
     onnx.helper.set_model_props(chosen_model, dict(inputs.model.metadata))
     with atomic_path(inputs.out) as final:
@@ -306,7 +316,7 @@ def _write_int8(inputs: _Inputs, candidates: dict[str, dict[str, Any]], ort_cach
     if num_images is not None:
         method = inputs.cfg.method
         write_json(inputs.cache_path, {"format": CACHE_FORMAT, "version": 1, "method": method,
-                                       "collection": dataclasses.asdict(ranges.DEFAULTS[method]),
+                                       "collection": dataclasses.asdict(range_options(method)),
                                        "num_images": num_images, "onnx": inputs.src.name,
                                        "onnx_sha256": inputs.model.sha256,
                                        "preprocessing": inputs.preprocessing.to_dict(),

@@ -44,6 +44,13 @@ DEVICES = ("auto", "cpu", "cuda")
 PRUNE_METHODS = ("l1-unstructured", "l1-channel", "2:4")
 CALIB_METHODS = ("entropy", "minmax", "percentile")
 CALIB_TARGETS = ("tensorrt", "cpu")
+# the percentile method's cut: calibrate passes it to calib.ranges (whose RangeOptions default is the same value, a
+# test holds them together), and --help reads it here without importing numpy
+CALIB_PERCENTILE = 99.999
+# the cpu target times each INT8 form and FP32 at these batches and keeps the form fastest at CALIB_CHOOSING_BATCH
+# (the manifest's img_per_s_b<batch> keys, and speedup_vs_fp32 at the choosing batch)
+CALIB_TIMED_BATCHES = (1, 8)
+CALIB_CHOOSING_BATCH = 8
 CPU_FORMS = ("qoperator-u8s8", "qdq-s8s8")
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 NNCF_PRESETS = ("performance", "mixed")  # OpenVINO INT8: symmetric activations / asymmetric ones
@@ -164,7 +171,10 @@ def device_field(default: str = "auto") -> Any:
                   group="device")
 
 
-MAX_BENCHMARK_BATCH = 4096  # 4096 images at 224 px are 2.5 GB of float32 input alone
+# the largest batch one inference call may take, asked of a benchmark (--batch-sizes) or of an engine's profile
+# (--max-batch): one fact, since the benchmark times an engine at its batch sizes and a profile is built for the
+# batches that will be served and timed. 4096 images at 224 px are 2.5 GB of float32 input alone
+MAX_BATCH = 4096
 # more threads than this only adds contention (a few per core is the most any backend uses well)
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
@@ -449,15 +459,17 @@ class CalibConfig(Options):
     # with an existing cache and no recorded data that is here, quantize from the cache alone, without accuracy
     data: str | None = data_field(recorded=True)
     num_images: int = option(512, help="class-stratified calibration images (from the training split)")
-    method: str = option("entropy", help="entropy (KL), minmax or percentile (99.999th)", choices=CALIB_METHODS)
+    method: str = option("entropy", help=f"entropy (KL), minmax or percentile ({CALIB_PERCENTILE:g}th)",
+                         choices=CALIB_METHODS)
     target: str = option("tensorrt", help="tensorrt: symmetric S8S8 Q/DQ; cpu: the faster measured form",
                          choices=CALIB_TARGETS)
     cache: str | None = option(None, help="calibration cache to reuse (no data read), or to write if missing",
                                default_text="<out stem>.calib.json")
     val_limit: int | None = val_limit_field(help="val images for the INT8-vs-FP32 accuracy figures")
     batch_size: int = option(32, help="images per calibration / evaluation batch", bounds=(1, None))
-    timing_seconds: float = option(2.0, help="cpu target: time each form this long at batch 1 and 8 (chosen by "
-                                             "batch 8)")
+    timing_seconds: float = option(2.0, help=f"cpu target: time each form this long at batch "
+                                             f"{' and '.join(map(str, CALIB_TIMED_BATCHES))} (chosen by batch "
+                                             f"{CALIB_CHOOSING_BATCH})")
     form: str | None = option(None, choices=CPU_FORMS, default_text="both, the faster is kept",
                               help="cpu target: write this INT8 form without comparing (tensorrt has one form)")
 
@@ -472,8 +484,8 @@ def check_profile(min_batch: int, opt_batch: int, max_batch: int) -> None:
     _check((1 <= min_batch <= opt_batch <= max_batch,
             f"batch sizes must satisfy 1 <= --min-batch ({min_batch}) <= --opt-batch ({opt_batch}) <= --max-batch "
             f"({max_batch})"),
-           (max_batch <= 4096, f"--max-batch {max_batch} is beyond any device's memory for a classifier; use "
-                               "4096 or less"))
+           (max_batch <= MAX_BATCH, f"--max-batch {max_batch} is beyond any device's memory for a classifier; use "
+                                    f"{MAX_BATCH} or less"))
 
 
 def parse_size(text: str | int) -> int:
@@ -707,8 +719,8 @@ class BenchmarkConfig(Options):
                 "give at least one model to benchmark (--models) or a --baseline (or --device-results to add to a "
                 "report)"),
                (bool(self.batch_sizes) and min(self.batch_sizes) >= 1, "--batch-sizes must be positive integers"),
-               (max(self.batch_sizes, default=1) <= MAX_BENCHMARK_BATCH,
-                f"--batch-sizes above {MAX_BENCHMARK_BATCH} images are no deployment batch, and their inputs alone "
+               (max(self.batch_sizes, default=1) <= MAX_BATCH,
+                f"--batch-sizes above {MAX_BATCH} images are no deployment batch, and their inputs alone "
                 "take gigabytes at 224 px; time the batch sizes you will serve"),
                (self.seconds > 0 and self.warmup >= 0 and self.e2e_batch >= 1 and self.rounds >= 1,
                 "--seconds must be > 0, --rounds >= 1, --warmup >= 0 and --e2e-batch >= 1"),

@@ -18,6 +18,7 @@ from ..checkpoint import load_checkpoint
 from ..configs import SearchConfig
 from ..data import load_data
 from ..evaluate import check_model_fits_data
+from .space import trial_devices
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def baseline_figures(study: Any, cfg: SearchConfig, teacher: Path, data: str) ->
 
     bcfg = benchmark_report.BenchmarkConfig(models=(), baseline=str(teacher), out=str(Path(cfg.out) / "baseline"),
                                             data=data, batch_sizes=(cfg.timed_batch,),
-                                            device="cuda" if cfg.target == "tensorrt" else "cpu", rounds=cfg.rounds,
+                                            device=trial_devices(cfg).measure, rounds=cfg.rounds,
                                             seconds=cfg.seconds, val_limit=cfg.val_limit, progress=cfg.progress)
     row = benchmark_report.run(bcfg).manifest["rows"][0]
     b = str(cfg.timed_batch)
@@ -67,7 +68,7 @@ def shared_student(cfg: SearchConfig, teacher: Path, data: str) -> Path | None:
     fixed = {"teacher": str(teacher), "out": str(student), "data": data, "image_size": cfg.image_size,
              "train_limit": cfg.train_limit, "val_limit": cfg.val_limit}
     dcfg = pipeline.stage_config("distill", options, fixed, progress=cfg.progress,
-                                 device="cuda" if cfg.target == "tensorrt" else "auto")
+                                 device=trial_devices(cfg).train)
     logger.info("distilling the shared student %s once (the preset's distill options)", student)
     distill.run(dataclasses.replace(dcfg, resume=last_checkpoint_path(student).is_file()))
     return student

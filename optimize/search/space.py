@@ -6,6 +6,7 @@ run and the chosen trial's recipe (``best.yaml``) runs again with ``cli.py pipel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,24 @@ import yaml
 from ..artifacts import atomic_path
 from ..configs import CALIB_METHODS, PRESETS, CalibConfig, PruneConfig, SearchConfig
 from ..pipeline import STAGES
+
+
+@dataclass(frozen=True)
+class TrialDevices:
+    """Where a search's models are trained (the shared student, each trial's fine-tuning) and where they are
+    measured (the teacher's figures, each trial's benchmark)."""
+
+    train: str
+    measure: str
+
+
+def trial_devices(cfg: SearchConfig) -> TrialDevices:
+    """A TensorRT target's trials train and are measured on CUDA (its engines run nowhere else); a CPU target's
+    train wherever is fastest and are measured on the CPU, whatever training ran on (a pipeline benchmarks where
+    it trained unless told)."""
+    if cfg.target == "tensorrt":
+        return TrialDevices(train="cuda", measure="cuda")
+    return TrialDevices(train="auto", measure="cpu")
 
 
 def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
@@ -74,13 +93,11 @@ def _defaults(config: type, names: tuple[str, ...]) -> dict[str, Any]:
 def trial_recipe(params: dict[str, Any], cfg: SearchConfig, *, teacher: Path, student: Path | None,
                  data: str) -> dict[str, Any]:
     """The pipeline recipe a trial runs (and ``best.yaml`` holds), merged over ``cfg.preset`` by the pipeline."""
+    devices = trial_devices(cfg)
     recipe: dict[str, Any] = {"data": data, "image_size": cfg.image_size, "train_limit": cfg.train_limit,
-                              "val_limit": cfg.val_limit, "device": "cuda" if cfg.target == "tensorrt" else "auto",
-                              "teacher": str(teacher.resolve())}
-    # the target's device, whatever training ran on (a pipeline benchmarks where it trained unless told)
+                              "val_limit": cfg.val_limit, "device": devices.train, "teacher": str(teacher.resolve())}
     bench = {"batch_sizes": [cfg.timed_batch], "rounds": cfg.rounds, "seconds": cfg.seconds,
-             "max_accuracy_drop": cfg.max_accuracy_drop, "input_sizes": [],
-             "device": "cuda" if cfg.target == "tensorrt" else "cpu"}
+             "max_accuracy_drop": cfg.max_accuracy_drop, "input_sizes": [], "device": devices.measure}
     stages: dict[str, Any] = {"export": {}, "benchmark": bench}
     if cfg.space == "training":
         stages.update(distill=dict(params), prune=False, calibrate=False, **{"build-engine": False})

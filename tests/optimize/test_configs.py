@@ -124,10 +124,17 @@ def test_the_batch_profile_rule_accepts_equal_bounds():
         check_profile(0, 1, 1)
 
 
+def test_an_engine_profile_and_a_benchmark_stop_at_the_same_batch():
+    """One largest batch (configs.MAX_BATCH): a profile may reach it, and so may the batches a benchmark times."""
+    check_profile(1, 8, configs.MAX_BATCH)
+    with pytest.raises(ConfigError, match=f"--max-batch {configs.MAX_BATCH + 1} .* use {configs.MAX_BATCH} or less"):
+        check_profile(1, 8, configs.MAX_BATCH + 1)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"models": ()}, "give at least one model to benchmark"),
     ({"batch_sizes": (1, 0)}, "--batch-sizes must be positive integers"),
-    ({"batch_sizes": (configs.MAX_BENCHMARK_BATCH + 1,)}, "--batch-sizes above 4096 images are no deployment batch"),
+    ({"batch_sizes": (configs.MAX_BATCH + 1,)}, "--batch-sizes above 4096 images are no deployment batch"),
     ({"rounds": 0}, "--rounds >= 1"),
     ({"min_speedup": 0}, "--min-speedup must be > 0, not 0"),
     ({"input_size": 4}, "--input-size must be at least 8 pixels"),

@@ -10,7 +10,8 @@ import pytest
 
 import cli
 from conftest import ROOT
-from optimize import configs
+from calib import ranges
+from optimize import calibrate, configs
 from optimize.data import default_preprocessing
 from optimize.errors import ConfigError
 from optimize.options import flag_of
@@ -150,3 +151,16 @@ def test_help_states_each_data_presets_input_side_and_augmentation(tmp_path):
     for data, name in ((configs.FASHION_MNIST, "fashion-mnist"), (str(tmp_path), "folders")):
         preset = default_preprocessing(data)
         assert f"{preset.image_size} for {name}" in train_help and f"{preset.train_augment} for {name}" in train_help
+
+
+def test_calibrate_help_states_the_percentile_and_batches_the_code_uses():
+    """The percentile cut --help states is the one calibrate collects with, and calib.ranges' own default (the
+    library keeps one, since calib/ may not read optimize/); the cpu target's timed and choosing batches."""
+    assert ranges.RangeOptions().percentile == configs.CALIB_PERCENTILE
+    assert all(calibrate.range_options(m).percentile == configs.CALIB_PERCENTILE for m in configs.CALIB_METHODS)
+    assert calibrate.range_options("percentile") == ranges.DEFAULTS["percentile"]
+    assert configs.CALIB_CHOOSING_BATCH in configs.CALIB_TIMED_BATCHES
+    calibrate_help = _help("calibrate")
+    assert f"percentile ({configs.CALIB_PERCENTILE:g}th)" in calibrate_help
+    batches = " and ".join(map(str, configs.CALIB_TIMED_BATCHES))
+    assert f"at batch {batches} (chosen by batch {configs.CALIB_CHOOSING_BATCH})" in calibrate_help

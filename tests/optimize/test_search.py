@@ -174,8 +174,10 @@ def test_every_kind_of_trial_recipe_is_a_valid_pipeline_recipe(trained, tmp_path
         assert "prune" not in configs and "calibrate" not in configs and "distill" not in configs
     else:
         assert configs["prune"].method == params["method"]
-    if target == "tensorrt":
-        assert configs["benchmark"].device == "cuda"
+    devices = search.space.trial_devices(cfg)
+    assert recipe["device"] == devices.train and configs["benchmark"].device == devices.measure
+    assert devices == (search.space.TrialDevices("cuda", "cuda") if target == "tensorrt"
+                       else search.space.TrialDevices("auto", "cpu"))
     assert configs["benchmark"].batch_sizes == ((1,) if objective == "latency" else (8,))
     if params.get("precision", "").startswith("q"):
         assert configs["calibrate"].form == params["precision"] and configs["calibrate"].target == "cpu"
