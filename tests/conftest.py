@@ -158,6 +158,21 @@ def exported_onnx(trained, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def benchmark_report_dir(trained, exported_onnx, tmp_path_factory) -> Path:
+    """``benchmark`` of ``trained`` against ``exported_onnx`` via the CLI: its report folder.
+
+    Session-scoped here rather than in tests/optimize/benchmark/: its report and device-rows tests both read it,
+    and under ``--dist loadfile`` a module-scoped fixture would measure again for each file. (A conftest.py in that
+    folder would also take the module name ``conftest`` from this one, and every ``from conftest import`` with it.)
+    """
+    out = tmp_path_factory.mktemp("bench") / "report"
+    run_cli("-q", "benchmark", "--baseline", trained, "--models", exported_onnx, "--val-limit", "128",
+            "--batch-sizes", "1", "4", "--rounds", "3", "--seconds", "0.05", "--warmup", "1", "--threads", "2",
+            "--min-speedup", "0.5", "--out", out, check=True)
+    return out
+
+
 def fashion_arrays(split: str = "train"):
     prefix = "train" if split == "train" else "t10k"
     with gzip.open(FMNIST / f"{prefix}-images-idx3-ubyte.gz") as fh:

@@ -122,34 +122,7 @@ def test_recipe_not_utf8_is_one_line(tmp_path):
     assert str(recipe) in line and "UTF-8" in line, line
 
 
-# -- 4. a lock naming a live process that is not a pipeline ----------------------------------------------------
-
-@pytest.mark.parametrize("content", ["1", json.dumps({"pid": 1, "start": 1, "host": os.uname().nodename})])
-def test_lock_of_another_process_is_stale(tmp_path, content):
-    from optimize import lock
-
-    out = tmp_path / "runs"
-    out.mkdir()
-    (out / lock.LOCK_FILE).write_text(content)
-    with lock.locked(out):
-        held = json.loads((out / lock.LOCK_FILE).read_text())
-        assert held["pid"] == os.getpid()
-    assert not (out / lock.LOCK_FILE).exists()
-
-
-def test_lock_of_a_live_pipeline_is_respected(tmp_path):
-    from optimize import lock
-
-    out = tmp_path / "runs"
-    out.mkdir()
-    with lock.locked(out):
-        child = subprocess.run([sys.executable, "-c", (
-            "import sys; from pathlib import Path; from optimize import lock\n"
-            f"with lock.locked(Path({str(out)!r})): pass")], cwd=ROOT, capture_output=True, text=True)
-        assert child.returncode != 0 and "ConfigError: another pipeline" in child.stderr, child.stderr
-
-
-# -- 5. messages that name the real problem ----------------------------------------------------------------
+# -- 4. messages that name the real problem ----------------------------------------------------------------
 
 def test_one_class_folder_says_two_classes_needed(tmp_path):
     data = _make_folder(tmp_path / "data", {0: "tshirt"})

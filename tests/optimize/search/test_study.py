@@ -1,7 +1,7 @@
-"""`cli.py search`: an optuna study over the compression recipe, each trial a pipeline run, measured on the CPU.
+"""The study (optimize/search/study.py) through ``cli.py search``: resumed after a kill without redoing trials, shared
+by two processes on SQLite and by two workers on a real PostgreSQL, the setup checked before it opens.
 
-Tiny on purpose: the session's 16-px ResNet-18 serves as teacher and student, 256 training / 128 val images, one
-timing round of 0.05 s. The figures mean nothing; the study's bookkeeping (resume, sharing, the report) is the point.
+Each trial is a pipeline run measured on the CPU, with the tiny options of search_cli.py.
 """
 
 from __future__ import annotations
@@ -18,19 +18,12 @@ import pytest
 import yaml
 
 from conftest import ROOT, error_line, run_main, skip_locally_fail_in_ci
+from search_cli import search_args
 
 try:
     import optuna
 except ImportError:
     skip_locally_fail_in_ci("optuna is a dependency of edgeopt: pip install -e .", module=True)
-
-FAST = ["--preset", "quick", "--train-limit", "256", "--val-limit", "128", "--rounds", "1", "--seconds", "0.05",
-        "--max-accuracy-drop", "50"]
-
-
-def search_args(teacher: Path, out: Path, trials: int, *extra: str) -> list[str]:
-    return ["search", "--teacher", str(teacher), "--student", str(teacher), "--out", str(out), "--trials", str(trials),
-            *FAST, *extra]
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -139,96 +132,6 @@ def test_bad_search_options_are_one_line_errors_and_write_nothing(trained, image
     assert proc.returncode == 2 and "class" in error_line(proc)
     assert not out.exists()
 
-
-@pytest.mark.parametrize("target, space, params", [
-    ("tensorrt", "compression", {"method": "2:4", "finetune_epochs": 1, "alpha": 0.5, "temperature": 4.0,
-                                 "precision": "int8", "calib_method": "minmax", "calib_images": 256}),
-    ("tensorrt", "compression", {"method": "l1-channel", "amount": 0.3, "steps": 2, "finetune_epochs": 0,
-                                 "precision": "fp16"}),
-    ("cpu", "compression", {"method": "none", "precision": "fp32"}),
-    ("cpu-latency", "compression", {"method": "l1-channel", "amount": 0.5, "steps": 1, "finetune_epochs": 0,
-                                    "precision": "qdq-s8s8", "calib_method": "entropy", "calib_images": 128}),
-    ("cpu", "training", {"lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "label_smoothing": 0.1}),
-])
-def test_every_kind_of_trial_recipe_is_a_valid_pipeline_recipe(trained, tmp_path, target, space, params):
-    """Trial recipes are planned by the pipeline itself: a key a stage does not take would be refused here."""
-    from optimize import pipeline, search
-
-    target, _, objective = target.partition("-")
-    cfg = search.SearchConfig(teacher=str(trained), out=str(tmp_path), target=target, space=space, preset="quick",
-                              objective=objective or "throughput")
-    recipe = search.trial_recipe(params, cfg, teacher=trained, student=None if space == "training" else trained,
-                                 data="fashion-mnist")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    # planned as for the machine it will run on (a TensorRT trial's benchmark runs on CUDA, which this one lacks)
-    _, steps = pipeline.plan(pipeline.PipelineConfig(out=str(tmp_path / "run"), preset="quick", recipe=str(path)),
-                             here=False)
-    names = [name for name, _ in steps]
-    assert names[-1] == "benchmark" and "export" in names
-    configs = dict(steps)
-    if space == "training":
-        assert configs["distill"].loop.lr == 1e-3 and configs["distill"].loop.batch_size == 64
-        assert "prune" not in configs
-    elif params["method"] == "none":
-        assert "prune" not in configs and "calibrate" not in configs and "distill" not in configs
-    else:
-        assert configs["prune"].method == params["method"]
-    devices = search.space.trial_devices(cfg)
-    assert recipe["device"] == devices.train and configs["benchmark"].device == devices.measure
-    assert devices == (search.space.TrialDevices("cuda", "cuda") if target == "tensorrt"
-                       else search.space.TrialDevices("auto", "cpu"))
-    assert configs["benchmark"].batch_sizes == ((1,) if objective == "latency" else (8,))
-    if params.get("precision", "").startswith("q"):
-        assert configs["calibrate"].form == params["precision"] and configs["calibrate"].target == "cpu"
-
-
-def test_a_training_space_trial_runs_through_distill(trained, tmp_path):
-    out = tmp_path / "train-space"
-    proc = run_main("-q", "search", "--teacher", trained, "--out", out, "--trials", "1", "--space", "training", *FAST)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((out / "search.json").read_text())
-    (trial,) = report["trials"]
-    assert trial["state"] == "COMPLETE" and set(trial["params"]) == {"lr", "batch_size", "weight_decay",
-                                                                      "label_smoothing"}
-    assert (Path(trial["folder"]) / "student.pth").is_file()
-    # the chosen trial's figures and recipe are the trial's own, not a default or another run's
-    chosen, recipe = report["chosen"], yaml.safe_load((out / "best.yaml").read_text())
-    assert chosen["within"] and (chosen["top1"], chosen["speed"]) == (trial["top1"], trial["speed"])
-    assert recipe["stages"]["distill"]["lr"] == trial["params"]["lr"]
-    assert recipe["stages"]["distill"]["label_smoothing"] == trial["params"]["label_smoothing"]
-
-
-
-def test_choose_takes_the_most_accurate_trial_within_noise_of_the_fastest(tmp_path):
-    """The rule of the benchmark's final artifact, with the tie-break for accuracy: the trial the study keeps."""
-    from dataclasses import replace
-
-    from optimize import search
-    from optimize.timing import Spread
-
-    def trial(number: int, top1: float, speed: float) -> dict:
-        return {"number": number, "top1": top1, "speed": speed,
-                "spread": Spread.of([speed * 0.99, speed, speed * 1.01]).to_dict()}
-
-    baseline = {"top1": 0.90}
-    cfg = search.SearchConfig(teacher=str(tmp_path / "t.pth"), out=str(tmp_path), max_accuracy_drop=1.0)
-    over, lead, close, far = trial(0, 0.885, 2000.0), trial(1, 0.892, 1000.0), trial(2, 0.898, 995.0), trial(
-        3, 0.899, 800.0)
-    # (a) trial 0 is the fastest but 1.5 pt down; (b) 1 leads 2 by noise only: the more accurate 2 is kept
-    assert search.choose([over, lead, close, far], baseline, cfg) == {**close, "within": True, "fastest": 1}
-    assert search.choose([over, lead, far], baseline, cfg) == {**lead, "within": True, "fastest": 1}
-    # searching the training options: one architecture, so every speed is a tie and the most accurate wins
-    assert search.choose([over, lead, close, far], baseline, replace(cfg, space="training"))["number"] == 3
-    # latency: lower is faster
-    fast, slow = trial(4, 0.892, 2.0), trial(5, 0.898, 2.01)
-    latency = replace(cfg, objective="latency")
-    assert search.choose([fast, slow, trial(6, 0.899, 3.0)], baseline, latency) == {**slow, "within": True,
-                                                                                      "fastest": 4}
-    # (c) none within the budget: the most accurate, said so
-    assert search.choose([over, trial(7, 0.87, 5000.0)], baseline, cfg) == {**over, "within": False,
-                                                                            "fastest": None}
-    assert search.choose([], baseline, cfg) is None
 
 # -- a fleet's shared study on a real PostgreSQL -------------------------------------------------------------
 
