@@ -79,6 +79,13 @@ def _runtime(runner) -> str:
     return f"onnxruntime {ort.__version__} CPUExecutionProvider"
 
 
+def _encoding(entries: list[dict[str, Any]]) -> str:
+    """How the written images are encoded, read from the files themselves: each image's own side picks PNG or
+    JPEG, so a small model fed large photos gets JPEG files whatever its input size."""
+    kinds = {"png" if e["file"].endswith(".png") else f"jpeg quality {JPEG_QUALITY}" for e in entries}
+    return " and ".join(sorted(kinds))
+
+
 def _write_images(raw, folder: Path, transform: Callable) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Write each val image of ``raw`` under ``folder/images/``; returns their entries and the host's tensors, made
     from the written files (so a JPEG's losses are in the reference too)."""
@@ -168,7 +175,7 @@ def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int,
     np.save(folder / "tensors.npy", x[:PARITY_IMAGES[small]])
     reference = {
         "format": ACCEPTANCE_FORMAT, "version": 1, "data": data_name, "images": entries,
-        "class_names": class_names, "encoding": "png" if small else f"jpeg quality {JPEG_QUALITY}",
+        "class_names": class_names, "encoding": _encoding(entries),
         "host": host, "fp32": fp32,
         "budget": {"max_accuracy_drop_pt": max_accuracy_drop,
                    "min_agreement": min(MIN_AGREEMENT_FLOOR, 1 - 2 * max_accuracy_drop / 100)},

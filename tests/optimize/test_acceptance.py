@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from optimize.acceptance import ACCEPTANCE_FORMAT, PARITY_IMAGES, parity_tolerance, write_acceptance_set
+from optimize.configs import SMALL_IMAGE
 from optimize.errors import DataError
 from optimize.preprocess import load_image
 
@@ -91,3 +92,21 @@ def test_a_model_of_other_classes_is_refused_before_anything_is_written(tiny_onn
         write_acceptance_set(tmp_path, tiny_onnx.path, data="fashion-mnist", count=8, max_accuracy_drop=1.0,
                              batch_sizes=(1,))
     assert not (tmp_path / "check").exists()
+
+
+def test_large_photos_for_a_small_model_are_labelled_as_the_jpeg_files_they_are(tiny_onnx, tmp_path):
+    """Each image's own side picks its encoding: a small model fed photos above SMALL_IMAGE gets JPEG files, and
+    reference.json says JPEG (it used to say PNG, reading the model's input side instead)."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for name in tiny_onnx.class_names:
+        (root / "val" / name).mkdir(parents=True)
+        (root / "train" / name).mkdir(parents=True)
+        pixels = rng.integers(0, 256, (SMALL_IMAGE + 16, SMALL_IMAGE + 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(root / "val" / name / "0.png")
+        Image.fromarray(pixels, "RGB").save(root / "train" / name / "0.png")
+    summary = write_acceptance_set(tmp_path / "work", tiny_onnx.path, data=str(root), count=100,
+                                   max_accuracy_drop=5.0, batch_sizes=(1,))
+    reference = json.loads((tmp_path / "work" / "check" / "reference.json").read_text())
+    assert all(e["file"].endswith(".jpg") for e in reference["images"])
+    assert reference["encoding"] == summary["encoding"] == "jpeg quality 95"
