@@ -91,8 +91,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, stem: str,
     }
     if extra:
         payload.update(extra)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # through a file object: given a path, torch.save names the archive's records after the (random) temp
+        # file, and the same weights hashed differently on every run
+        torch.save(payload, f)
     return Path(path)
 
 

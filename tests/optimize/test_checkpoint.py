@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -129,3 +130,15 @@ def test_bad_checkpoints_give_one_line_errors(trained, tmp_path):
         proc = run_main("-q", "evaluate", "--model", path)
         assert proc.returncode == 2, name
         assert str(path) in error_line(proc), name
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    """A checkpoint's sha256 (what later stages' manifests record as their input) depends on its content only, not
+    on the temporary file it was written through or the name it gets."""
+    torch.manual_seed(0)
+    model = build_resnet("resnet18", 10).eval()
+    kwargs = dict(arch="resnet18", stem="cifar", class_names=FASHION_MNIST_CLASSES,
+                  preprocessing=fashion_mnist_preset(image_size=16), metrics={"val_top1": 0.5})
+    first = save_checkpoint(tmp_path / "a.pth", model, **kwargs)
+    second = save_checkpoint(tmp_path / "b" / "other-name.pth", model, **kwargs)
+    assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
