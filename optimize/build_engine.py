@@ -41,7 +41,7 @@ from .onnx_model import OnnxModel
 from .openvino_backend import SUFFIX, import_openvino
 from .runners import OnnxRuntimeRunner, default_threads
 from .tensorrt_backend import EngineBuilder, Profile, check_dla, import_tensorrt, trt_version
-from .timing import Race, Spread, cpu_facts, race
+from .timing import Race, cpu_facts, race
 
 logger = logging.getLogger(__name__)
 
@@ -116,31 +116,24 @@ def _build_onnxruntime(cfg: BuildConfig, src: Path, out: Path, metadata: Mapping
     return facts
 
 
-def faster_form(optimized: Spread, original: Spread) -> dict[str, Any]:
-    """Which of the optimized model and its input to keep: the higher median img/s (the optimized one on a tie).
-
-    The comparison (ratio optimized / input, its range over the rounds, ``faster``/``slower``/``within noise``)
-    goes into the manifest, so a reader sees when the choice was within noise.
-    """
-    return _kept_facts(Race.of({"optimized": optimized, "input": original}))
-
-
-def _kept_facts(timed: Race) -> dict[str, Any]:
-    """The manifest's record of the race between the optimized model and its input."""
+def kept_facts(timed: Race) -> dict[str, Any]:
+    """The manifest's record of the race between the optimized model and its input: which one is kept (the higher
+    median img/s), and the comparison (ratio optimized / input, its range over the rounds, ``faster`` / ``slower``
+    / ``within noise``), so a reader sees when the choice was within noise."""
     return {"kept": timed.kept, **timed.comparison, "optimized_img_per_s": timed.spreads["optimized"].to_dict(),
             "input_img_per_s": timed.spreads["input"].to_dict()}
 
 
 def time_optimized_against_input(optimized: Path, original: Path, *, batch: int, rounds: int, seconds: float,
                                  threads: int | None) -> dict[str, Any]:
-    """Both models on ONNX Runtime's CPU provider at ``batch``, interleaved rounds; :func:`faster_form` of them."""
+    """Both models on ONNX Runtime's CPU provider at ``batch``, interleaved rounds; :func:`kept_facts` of them."""
     runs = {}
     for name, path in (("optimized", optimized), ("input", original)):
         runner = OnnxRuntimeRunner(path, threads=threads)
         x = runner.prepare(np.random.default_rng(0).standard_normal(
             (batch, 3, runner.image_size, runner.image_size)).astype(np.float32))
         runs[name] = functools.partial(runner.run, x)  # the CPU provider returns finished: nothing to synchronise
-    result = _kept_facts(race(runs, batch=batch, rounds=rounds, seconds=seconds))
+    result = kept_facts(race(runs, batch=batch, rounds=rounds, seconds=seconds))
     result.update(batch=batch, rounds=rounds, seconds=seconds, machine=cpu_facts())
     return result
 

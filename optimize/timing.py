@@ -9,8 +9,8 @@ file) is measured here the same way:
 - then ``rounds`` rounds; in each, every candidate gets one window of ``seconds``, the candidates taking turns in
   an order rotated by one each round, so drift of the machine hits all of them alike;
 - a figure is the median over the rounds, its spread the lowest and highest round (:class:`Spread`);
-- two figures are "within noise" of each other when their ranges overlap: neither beats the other in every
-  round, so the run cannot rank them;
+- two figures are "within noise" of each other when their ranges overlap (neither beats the other in every
+  round, so the run cannot rank them) or come within :data:`NOISE_FLOOR` of each other;
 - a choice between two ways of running one model is a :func:`race` of the two: both timed so, the faster kept.
 
 Example::
@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -193,13 +192,9 @@ def race(runs: dict[str, Callable[[], Any]], *, batch: int, rounds: int, seconds
     for run in runs.values():
         for _ in range(warmup):
             run()
-    windows = {name: functools.partial(_window, run, batch) for name, run in runs.items()}
+    windows = {name: (lambda s, run=run: time_throughput(run, batch=batch, seconds=s)) for name, run in runs.items()}
     figures = interleaved(windows, rounds=rounds, seconds=seconds)
     return Race.of({name: Spread.of(figures[name]) for name in runs}, ties=ties)
-
-
-def _window(run: Callable[[], Any], batch: int, seconds: float) -> float:
-    return time_throughput(run, batch=batch, seconds=seconds)
 
 
 # Instruction sets that decide how fast INT8 and BF16 run on a CPU (x86 flags of /proc/cpuinfo; Arm "Features":
