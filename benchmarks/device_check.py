@@ -96,7 +96,6 @@ def cuda_runtime_step(runs: Path) -> Callable[[bool], dict[str, Any]]:
             return {"skipped": "dry run (needs a GPU)", "class": CudaRuntime.__name__}
         import torch
 
-
         cuda = CudaRuntime()
         runner = open_runner(runs / "teacher.pth", device="cuda")
         x = np.random.default_rng(0).standard_normal((8, 3, runner.image_size, runner.image_size)).astype(np.float32)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results_doc import write_section
+from optimize.search.report import REPORT_JSON as SEARCH_JSON, REPORT_MD as SEARCH_MD
 from optimize.benchmark import report
 from optimize.timing import Spread, compare
 
@@ -120,7 +121,7 @@ def section(args: argparse.Namespace, chosen: dict[str, Any], preset_final: str,
         lines += [args.note, ""]
     lines += ["### The side-by-side run", "", demote(report.render_markdown(measured.rep)).rstrip(), "",
               "### The search's report", "",
-              demote("\n".join(ln for ln in (args.search / "report.md").read_text().splitlines()
+              demote("\n".join(ln for ln in (args.search / SEARCH_MD).read_text().splitlines()
                                if not ln.startswith("!["))).rstrip()]
     return "\n".join(lines)
 
@@ -128,7 +129,7 @@ def section(args: argparse.Namespace, chosen: dict[str, Any], preset_final: str,
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    found = json.loads((args.search / "search.json").read_text())
+    found = json.loads((args.search / SEARCH_JSON).read_text())
     chosen = next(t for t in found["trials"] if t["number"] == found["chosen"]["number"])
     preset_report = json.loads((report.report_folder(args.preset_run) / report.REPORT_JSON).read_text())
     preset_row = next(r for r in preset_report["rows"] if r["name"] == preset_report["final"]["artifact"])

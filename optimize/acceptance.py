@@ -34,7 +34,7 @@ from .data import load_data
 from .errors import PackageError
 from .onnx_model import OnnxModel
 from .openvino_backend import available
-from .preprocess import load_image
+from .preprocess import Preprocessing, load_image
 from .runners import open_runner
 from .timing import cpu_facts
 
@@ -72,7 +72,6 @@ def _predict(runner, x: np.ndarray) -> np.ndarray:
 
 def _runtime(runner) -> str:
     if runner.backend == "openvino":
-
         return f"openvino {available()} CPU ({runner.hint} hint, f32 float math)"
     import onnxruntime as ort
 
@@ -119,10 +118,10 @@ def _fp32_reference(model: OnnxModel, model_path: Path, served: Path | None, x: 
             "top1": float((fp32_pred == labels).mean())}
 
 
-def _val_images(model: OnnxModel, model_path: Path, data: str, count: int) -> tuple[str, Any]:
-    """The data's name and up to ``count`` of its val images, untransformed, after checking the model's classes are
-    the data's."""
-    preprocessing, class_names = model.preprocessing()
+def _val_images(model: OnnxModel, model_path: Path, data: str, count: int, preprocessing: Preprocessing,
+                class_names: list[str]) -> tuple[str, Any]:
+    """The data's name and up to ``count`` of its val images, untransformed, after checking the model's classes
+    (``class_names``, read with ``preprocessing`` from its metadata) are the data's."""
     splits = load_data(data, preprocessing, val_limit=count, augment=False, val_only=True)
     splits.check_model(model_path, class_names, model.num_classes)
     raw = splits.val.without_transform()
@@ -164,7 +163,7 @@ def write_acceptance_set(work: Path, model_path: Path, *, data: str, count: int,
     """
     model = OnnxModel.read(model_path)
     preprocessing, class_names = model.preprocessing()
-    data_name, raw = _val_images(model, model_path, data, count)
+    data_name, raw = _val_images(model, model_path, data, count, preprocessing, class_names)
     folder = work / "check"
     small = preprocessing.image_size <= SMALL_IMAGE
     entries, x = _write_images(raw, folder, preprocessing.eval_transform())

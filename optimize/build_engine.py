@@ -170,11 +170,11 @@ def _build_openvino(cfg: BuildConfig, source: OnnxModel, out: Path, preprocessin
     """The OpenVINO IR (``out`` and its .bin) for ``cfg.precision``; (engine facts, calibration figures)."""
 
     figures: dict[str, Any] = {}
+    threads = cfg.threads or default_threads()
     if cfg.precision == "int8":
         model, figures, check = _openvino_int8(cfg, source, preprocessing, class_names)
         if check is not None:
             fp32_model, val = check
-            threads = cfg.threads or default_threads()
             fp32_pred, labels = calibrate.predictions(ovb.infer_function(fp32_model, threads=threads), val)
             int8_pred, _ = calibrate.predictions(ovb.infer_function(model, threads=threads), val)
             figures.update(top1_fp32=float((fp32_pred == labels).mean()), top1_int8=float((int8_pred == labels).mean()),
@@ -185,7 +185,6 @@ def _build_openvino(cfg: BuildConfig, source: OnnxModel, out: Path, preprocessin
     else:
         model = ovb.convert(source.path)
     ovb.save(model, out)
-    threads = cfg.threads or default_threads()
     facts: dict[str, Any] = {**ovb.cpu_facts(), "weights": ovb.weights_path(out).name,
                              "weights_sha256": sha256_file(ovb.weights_path(out)), "threads": threads,
                              "inference_precision": "f32", "hint": "LATENCY", "hint_comparison": None}

@@ -36,7 +36,7 @@ import onnx
 from .artifacts import (Artifact, atomic_path, calibration_cache_path, check_not_input, prepare_output,
                                 resolve_data, write_json, write_manifest)
 from .batcher import ImageBatcher
-from .configs import (CALIB_CHOOSING_BATCH, CALIB_PERCENTILE, CALIB_TIMED_BATCHES, CPU_FORMS, FASHION_MNIST,
+from .configs import (CALIB_CHOOSING_BATCH, CALIB_TIMED_BATCHES, CPU_FORMS, FASHION_MNIST,
                       CalibConfig, available_cores)
 from .data import DataSplits, load_data
 from .errors import CalibrationError, DataError
@@ -49,12 +49,6 @@ from calib import qdq, ranges
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "edgeopt-calibration-cache"
-
-
-def range_options(method: str) -> ranges.RangeOptions:
-    """How ``method``'s ranges are collected: calib.ranges' measured default for it, with the percentile cut that
-    --help states (configs.CALIB_PERCENTILE; calib/ may not read optimize/, so it is passed in)."""
-    return dataclasses.replace(ranges.DEFAULTS[method], percentile=CALIB_PERCENTILE)
 
 
 def _ort():
@@ -254,7 +248,7 @@ def _calibrate(inputs: _Inputs, prepared: Path, work: Path) -> tuple[Path, int |
     if not batcher.count:
         raise CalibrationError(f"--num-images {cfg.num_images} gives no full batch of --batch-size "
                                f"{cfg.batch_size}; calibrate on more images or lower --batch-size")
-    options = range_options(cfg.method)
+    options = ranges.DEFAULTS[cfg.method]  # its percentile is --help's (configs.CALIB_PERCENTILE; a test ties them)
     logger.info("calibrating on %d training images (%s, %s)", batcher.count, cfg.method, options)
     feeds = ({inputs.model.input.name: batch} for batch, _ in batcher)
     ranges.save(ranges.collect(prepared, feeds, method=cfg.method, work=work, options=options), ort_cache)
@@ -316,7 +310,7 @@ def _write_int8(inputs: _Inputs, candidates: dict[str, dict[str, Any]], ort_cach
     if num_images is not None:
         method = inputs.cfg.method
         write_json(inputs.cache_path, {"format": CACHE_FORMAT, "version": 1, "method": method,
-                                       "collection": dataclasses.asdict(range_options(method)),
+                                       "collection": dataclasses.asdict(ranges.DEFAULTS[method]),
                                        "num_images": num_images, "onnx": inputs.src.name,
                                        "onnx_sha256": inputs.model.sha256,
                                        "preprocessing": inputs.preprocessing.to_dict(),

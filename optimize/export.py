@@ -36,7 +36,7 @@ from .configs import ExportConfig
 from .data import default_preprocessing, load_data
 from .errors import ConfigError, EdgeoptError
 from .evaluate import check_model_fits_data
-from .opsets import DEFAULT_OPSET, DYNAMO_OPSET, check_opset, opset_range  # noqa: F401 - re-exported
+from .opsets import DEFAULT_OPSET, DYNAMO_OPSET
 from .preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)

@@ -81,7 +81,6 @@ def backends() -> dict[str, dict[str, Any]]:
     import onnxruntime as ort
     import torch
 
-
     found: dict[str, dict[str, Any]] = {}
     found["torch"] = ({"available": True, "version": torch.__version__, "cuda": torch.version.cuda,
                        "cudnn": torch.backends.cudnn.version()} if cuda_available()

@@ -346,8 +346,11 @@ class EarlyStop:
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
-    epochs_run: int = 0
     early_stop: EarlyStop | None = None  # None: the run went through all its epochs
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
 
     @property
     def stopped_early(self) -> bool:
@@ -729,7 +732,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: LoopConfig, *, loss_fn: LossF
         logger.info("early stop: %s", stop.reason)
         if writer:
             writer.save_stop(stop)
-    return FitResult(state.history, state.best, len(state.history), stop)
+    return FitResult(state.history, state.best, stop)
 
 
 def non_finite(model: nn.Module) -> list[str]:

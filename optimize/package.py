@@ -49,6 +49,7 @@ from .errors import ConfigError, OutputError, PackageError
 from .fp16 import to_fp16_onnx
 from .onnx_model import OnnxModel
 from .openvino_backend import copy_ir, weights_path
+from .preprocess import Preprocessing
 from .runners import backend_of
 from .tensorrt_backend import MIN_VERSION, Profile
 
@@ -417,9 +418,9 @@ def _write_models(cfg: PackageConfig, source: _Source, work: Path, profile: Prof
 
 
 def _bundle_payload(source: _Source, work: Path, name: str, profile: Profile, *, precision: str, qdq: bool,
-                    platform: str, cache: Path | None, acceptance: dict[str, Any] | None) -> dict[str, Any]:
+                    platform: str, cache: Path | None, acceptance: dict[str, Any] | None,
+                    preprocessing: Preprocessing, class_names: list[str]) -> dict[str, Any]:
     """``bundle.json``: what the bundle holds and how it was made, with every file written so far in ``work``."""
-    preprocessing, class_names = source.model.preprocessing()
     return {
         "format": BUNDLE_FORMAT, "version": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -465,7 +466,8 @@ def run(cfg: PackageConfig) -> Artifact:
                        f"model_repository/{name}/1/model.plan" if platform == "tensorrt_plan" else "")
         acceptance = _write_acceptance(cfg, source, work, profile)
         payload = _bundle_payload(source, work, name, profile, precision=precision, qdq=qdq, platform=platform,
-                                  cache=cache, acceptance=acceptance)
+                                  cache=cache, acceptance=acceptance, preprocessing=preprocessing,
+                                  class_names=class_names)
         write_json(work / "bundle.json", payload)
         _place(work, out)
     except BaseException as e:

@@ -239,11 +239,15 @@ class _Planner:
         """The recipe's steps in pipeline order, each reading the model the steps before it wrote."""
         teacher = self._teacher_path()
         model = self._given_student() or teacher
-        steps = [step for step in (self._teacher_step(teacher),) if step]
-        for make in (self._distill_step, self._prune_step):
-            if (step := make(model, teacher)) is not None:  # the next stage starts from what this one wrote
-                steps.append(step)
-                model = step.outputs[0]
+        steps: list[_Step] = []
+        if (step := self._teacher_step(teacher)) is not None:
+            steps.append(step)
+        if (step := self._distill_step(teacher)) is not None:  # the next stage starts from what this one wrote
+            steps.append(step)
+            model = step.outputs[0]
+        if (step := self._prune_step(model, teacher)) is not None:
+            steps.append(step)
+            model = step.outputs[0]
         steps.append(export := self._export_step(model))
         onnx_path, int8_path = export.outputs[0], None
         if (calibrate_step := self._calibrate_step(onnx_path)) is not None:
@@ -280,7 +284,7 @@ class _Planner:
         return _Step("teacher", "teacher", tcfg, [], [teacher],
                      lambda resume, c=tcfg: train.run(dataclasses.replace(c, resume=resume)), True)
 
-    def _distill_step(self, _model: Path, teacher: Path) -> _Step | None:
+    def _distill_step(self, teacher: Path) -> _Step | None:
         """A student distilled from the teacher (a recipe that names its student has no distill stage)."""
         if (opts := self.options("distill")) is None:
             return None

@@ -131,11 +131,6 @@ def keep_two_of_four(scores: torch.Tensor) -> torch.Tensor:
     return mask.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
 
 
-def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
-    """2:4 mask of a conv weight by magnitude: the 2 largest |w| of each group of 4 input channels kept."""
-    return keep_two_of_four(weight.detach().abs())
-
-
 # -- pruners: one per method, the same face -------------------------------------------------------------
 
 class Pruner(abc.ABC):

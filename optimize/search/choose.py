@@ -16,7 +16,6 @@ def completed_rows(study: Any, cfg: SearchConfig) -> list[dict[str, Any]]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
-
 def choose(rows: list[dict[str, Any]], baseline: dict[str, Any], cfg: SearchConfig) -> dict[str, Any] | None:
     """The chosen trial: the fastest within the budget, but among the trials within the budget whose speed cannot
     be told from the fastest's (their throughput ranges overlap, as ``benchmark`` says "within noise") the most

@@ -18,7 +18,7 @@ from ..checkpoint import load_checkpoint
 from ..configs import SearchConfig
 from ..data import load_data
 from ..evaluate import check_model_fits_data
-from .space import trial_devices
+from .space import objective_speed, trial_devices
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,7 @@ def baseline_figures(study: Any, cfg: SearchConfig, teacher: Path, data: str) ->
                                             device=trial_devices(cfg).measure, rounds=cfg.rounds,
                                             seconds=cfg.seconds, val_limit=cfg.val_limit, progress=cfg.progress)
     row = benchmark_report.run(bcfg).manifest["rows"][0]
-    b = str(cfg.timed_batch)
-    baseline = {"artifact": str(teacher), "top1": row["top1"],
-                "speed": row["latency_ms"].get(b) if cfg.objective == "latency" else row["throughput"].get(b),
+    baseline = {"artifact": str(teacher), "top1": row["top1"], "speed": objective_speed(row, cfg),
                 "file_bytes": row["file_bytes"], "macs": row.get("macs")}
     study.set_user_attr("baseline", baseline)
     return baseline

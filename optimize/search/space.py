@@ -35,6 +35,12 @@ def trial_devices(cfg: SearchConfig) -> TrialDevices:
     return TrialDevices(train="auto", measure="cpu")
 
 
+def objective_speed(row: dict[str, Any], cfg: SearchConfig) -> float | None:
+    """The speed a benchmark report row has for the study's objective at its timed batch: latency (ms) or img/s."""
+    b = str(cfg.timed_batch)
+    return row["latency_ms"].get(b) if cfg.objective == "latency" else row["throughput"].get(b)
+
+
 def suggest(trial: Any, cfg: SearchConfig) -> dict[str, Any]:
     """The trial's parameters (optuna's suggestions; conditional ones only where they apply)."""
     if cfg.space == "training":
@@ -137,7 +143,6 @@ def _target_stages(params: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
 
 def _in_pipeline_order(stages: dict[str, Any]) -> dict[str, Any]:
     return {name: stages[name] for name in STAGES if name in stages}
-
 
 
 def write_recipe(path: Path, recipe: dict[str, Any], header: str = "") -> None:

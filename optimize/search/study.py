@@ -97,7 +97,6 @@ def fail_dead_trials(study: Any, storage: Any) -> list[int]:
     """
     from optuna.trial import TrialState
 
-
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")

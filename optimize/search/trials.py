@@ -22,7 +22,7 @@ from .choose import choose, completed_rows
 from ..configs import SearchConfig
 from ..errors import EdgeoptError, SearchError
 from ..lock import process_record
-from .space import suggest, trial_recipe, write_recipe
+from .space import objective_speed, suggest, trial_recipe, write_recipe
 from .study import counts, fail_dead_trials, load_optuna
 
 logger = logging.getLogger(__name__)
@@ -219,10 +219,10 @@ def trial_figures(folder: Path, cfg: SearchConfig) -> dict[str, Any]:
     final = bench.get("final") or {}
     row = next((r for r in bench["rows"] if r["name"] == final.get("artifact")), None)
     if row is None:
-        raise SearchError(f"{path} names no final artifact; see its report.md")
+        raise SearchError(f"{path} names no final artifact; see its {benchmark_report.REPORT_MD}")
     b = str(cfg.timed_batch)
-    speed = row["latency_ms"].get(b) if cfg.objective == "latency" else row["throughput"].get(b)
-    return {"top1": row["top1"], "speed": speed, "artifact": row["path"], "file_bytes": row["file_bytes"],
-            "macs": row.get("macs"), "params_count": row.get("params"), "spread": row["throughput_spread"].get(b),
+    return {"top1": row["top1"], "speed": objective_speed(row, cfg), "artifact": row["path"],
+            "file_bytes": row["file_bytes"], "macs": row.get("macs"), "params_count": row.get("params"),
+            "spread": row["throughput_spread"].get(b),
             "teacher_top1": next((r["top1"] for r in bench["rows"] if r["role"] == "baseline"), None)}
 

@@ -11,7 +11,7 @@ import pytest
 import cli
 from conftest import ROOT
 from calib import ranges
-from optimize import calibrate, configs
+from optimize import configs
 from optimize.data import default_preprocessing
 from optimize.errors import ConfigError
 from optimize.options import flag_of
@@ -157,8 +157,7 @@ def test_calibrate_help_states_the_percentile_and_batches_the_code_uses():
     """The percentile cut --help states is the one calibrate collects with, and calib.ranges' own default (the
     library keeps one, since calib/ may not read optimize/); the cpu target's timed and choosing batches."""
     assert ranges.RangeOptions().percentile == configs.CALIB_PERCENTILE
-    assert all(calibrate.range_options(m).percentile == configs.CALIB_PERCENTILE for m in configs.CALIB_METHODS)
-    assert calibrate.range_options("percentile") == ranges.DEFAULTS["percentile"]
+    assert all(ranges.DEFAULTS[m].percentile == configs.CALIB_PERCENTILE for m in configs.CALIB_METHODS)
     assert configs.CALIB_CHOOSING_BATCH in configs.CALIB_TIMED_BATCHES
     calibrate_help = _help("calibrate")
     assert f"percentile ({configs.CALIB_PERCENTILE:g}th)" in calibrate_help

@@ -14,8 +14,8 @@ from optimize.checkpoint import load_checkpoint
 from optimize.configs import PRUNE_METHODS, PruneConfig
 from optimize.errors import CheckpointError
 from optimize.models import build_resnet
-from optimize.prune import (PRUNERS, ChannelPruner, TwoFourPruner, UnstructuredPruner, count_macs_params, l1_scores,
-                            prunable_layers, two_four_mask)
+from optimize.prune import (PRUNERS, ChannelPruner, TwoFourPruner, UnstructuredPruner, count_macs_params,
+                            keep_two_of_four, l1_scores, prunable_layers)
 
 
 def _prune(student, out, *args):
@@ -92,7 +92,7 @@ def test_two_four_pattern_in_every_eligible_conv(student, tmp_path):
 
 def test_two_four_mask_keeps_the_two_largest():
     w = torch.tensor([0.1, -0.9, 0.5, 0.2, 3.0, -4.0, 0.0, 1.0]).reshape(1, 8, 1, 1)
-    assert two_four_mask(w).flatten().tolist() == [0, 1, 1, 0, 1, 1, 0, 0]
+    assert keep_two_of_four(w.abs()).flatten().tolist() == [0, 1, 1, 0, 1, 1, 0, 0]
 
 
 # -- pruners and scorers: every method has a pruner, and the scorer it is given decides what goes ----------------
